@@ -1,0 +1,16 @@
+"""The PGNM objective (SPEC section 4): one scalar, one backward, both optimisers step."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pgnm_loss(S: torch.Tensor, logits: torch.Tensor, target: torch.Tensor):
+    """``loss = mean_b(S[b]) * CE`` as published; returns ``(loss, ce)``.
+
+    The policy is trained by REINFORCE with reward -CE and no baseline (gradient through S), and
+    the classifier's CE gradient is scaled by mean(S) (about log G^2 at the start). Both are part
+    of the method; CE is computed in float32 whatever the autocast dtype.
+    """
+    ce = F.cross_entropy(logits.float(), target)
+    return S.float().mean() * ce, ce
