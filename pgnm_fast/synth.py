@@ -160,7 +160,8 @@ def _mr(rng, n, x, y, anatomy, label, pat, edge):
         leg = _sig((0.55 * pat["ax"] - np.abs(u)) / w) * _sig((1.3 - np.abs(v)) / w)
         img = leg * (0.36 + 0.22 * _sig((np.abs(u) - 0.45 * pat["ax"]) / w))
         for cy, ry in ((-0.6, 0.53), (0.63, 0.53)):  # femur above, tibia below the joint gap
-            q = ((u / (0.3 * pat["ax"])) ** 4 + ((v - cy) / ry) ** 4) ** 0.25
+            qa, qb = (u / (0.3 * pat["ax"])) ** 2, ((v - cy) / ry) ** 2
+            q = np.sqrt(np.sqrt(qa * qa + qb * qb))  # a superellipse, power 4
             img = img + _sig((1 - q) / 0.03) * (0.06 - img)   # dark cortex
             img = img + _sig((0.9 - q) / 0.03) * (0.7 - img)  # bright fatty marrow
         lx, ly = _u(rng, -0.35, 0.35, n), _u(rng, -0.2, 0.2, n)
@@ -235,7 +236,8 @@ def _plan(images, seed):
     """Per class: image count, patient of each image, split of each patient, patient numbers."""
     k = len(CLASS_SPECS)
     if images < 3 * k:
-        raise ValueError(f"make_synthetic needs at least {3 * k} images (3 per class), got {images}")
+        raise ValueError(f"make_synthetic needs at least {3 * k} images (3 per class), "
+                         f"got {images}")
     counts = [images // k + (i < images % k) for i in range(k)]
     plans, npat = [], 0
     for ci, n in enumerate(counts):
@@ -270,7 +272,9 @@ def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
         raise DataError(f"{out}: synthetic data needs an empty or absent folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = {"train": [], "val": [], "test": []}
-    for ci, (spec, (patient_of, split_of, pids)) in enumerate(zip(CLASS_SPECS, _plan(images, seed))):
+    made = set()
+    plans = _plan(images, seed)
+    for ci, (spec, (patient_of, split_of, pids)) in enumerate(zip(CLASS_SPECS, plans)):
         modality, anatomy, label = spec
         pixels = _render(np.random.default_rng([seed, ci, 3]), spec, patient_of, size)
         stem = "-".join(p for p in (modality.lower(), anatomy, label) if p)
@@ -288,8 +292,10 @@ def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
             else:
                 rel = f"{split}/{cname}/{fname}"
             path = out / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img, mode="L").save(path, format="PNG")
+            if path.parent not in made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made.add(path.parent)
+            Image.fromarray(img).save(path, format="PNG")
     if layout == "radimagenet":
         for split, split_rows in rows.items():
             with open(out / f"RadiologyAI_{split}.csv", "w", newline="") as f:
@@ -327,6 +333,9 @@ def ensure_default_data(log=print, images: int = 2400, seed: int = 0, size: int 
     if (root / INFO_FILE).is_file():
         log(f"Reusing the synthetic data set at {root}")
         return root
+    if root.exists():
+        raise DataError(f"{root}: exists but holds no complete synthetic data set ({INFO_FILE} "
+                        f"missing); delete it to regenerate")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:

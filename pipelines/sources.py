@@ -19,7 +19,8 @@ there, ahead of the others, with :func:`register_layout`):
     flat folders names it (``CT__abdomen__normal``, ``US__liver``), so both layouts of one data
     set give the same classes in the same order; otherwise the ``label`` column is used.
 ``folders``
-    Flat class folders ``<root>/{train,val,test}/<class>/*.<image extension>``.
+    Flat class folders ``<root>/{train,val,test}/<class>/*.<image extension>`` (names starting
+    with a dot, such as ``.ipynb_checkpoints`` or ``._x.png``, are skipped).
 
 Problems raise :class:`pgnm_fast.errors.DataError` with one line naming the path. A split that is
 absent (no CSV / no folder) is left out of ``source.splits`` and raises only when asked for.
@@ -238,13 +239,15 @@ def _detect_radimagenet(path: Path, image_root=None, class_from="auto"):
 class FolderSource(DataSource):
     def _read(self, name):
         split_dir = self.root / name
-        classes = sorted(d for d in os.listdir(split_dir) if (split_dir / d).is_dir())
+        classes = sorted(e.name for e in os.scandir(split_dir)
+                         if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise DataError(f"{split_dir}: no class folders")
         files, names = [], []
         for c in classes:
             imgs = sorted(e.name for e in os.scandir(split_dir / c)
-                          if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+                          if e.is_file() and not e.name.startswith(".")
+                          and e.name.lower().endswith(IMAGE_EXTENSIONS))
             if not imgs:
                 raise DataError(f"{split_dir / c}: empty class folder (no image files)")
             files += [str(split_dir / c / f) for f in imgs]

@@ -107,8 +107,8 @@ def test_train_transform_crops_then_resizes_bilinear():
     torch.testing.assert_close(out, _norm(want)[None], rtol=0, atol=1e-6)
     whole = ClassificationPresetTrain(crop_size=32, hflip_prob=0.0, scale=(1, 1), ratio=(1, 1))
     sq = _img(80, 80, 2)
-    torch.testing.assert_close(whole(sq), _norm(sq.resize((32, 32), Image.Resampling.BILINEAR))[None],
-                               rtol=0, atol=1e-6)
+    want = _norm(sq.resize((32, 32), Image.Resampling.BILINEAR))[None]
+    torch.testing.assert_close(whole(sq), want, rtol=0, atol=1e-6)
     three = ClassificationPresetTrain(crop_size=32, channels=3)(sq)
     assert three.shape == (3, 32, 32) and torch.equal(three[0], three[2])
 

@@ -86,11 +86,14 @@ def test_class_names_from_the_label_column(synth_root, tmp_path):
     assert custom.split("train").labels.tolist() == [1, 0]
 
 
-def test_folder_layout(synth_folders_root):
-    src = open_source(synth_folders_root)
+def test_folder_layout(folders_copy):
+    (folders_copy / "val" / ".ipynb_checkpoints").mkdir()  # hidden folders and files: skipped
+    (folders_copy / "val" / "US__cyst" / "._resource-fork.png").write_bytes(b"\0\1")
+    src = open_source(folders_copy)
     assert src.layout == "folders" and src.splits == ["train", "val", "test"]
     assert src.classes == synth.CLASSES
     sp = src.split("val")
+    assert not any(Path(f).name.startswith(".") for f in sp.files)
     for f, y in zip(sp.files, sp.labels):
         assert Path(f).parent.name == sp.classes[y] and Path(f).parent.parent.name == "val"
 

@@ -58,7 +58,8 @@ def test_classes_splits_and_patients(synth_root):
     n = {s: len(_csv_rows(synth_root, s)) for s in ("train", "val", "test")}
     assert sum(n.values()) == 260
     # 5 patients per class here (1 val, 1 test), so looser than at the default scale
-    assert 0.5 <= n["train"] / 260 <= 0.8 and all(0.08 <= n[s] / 260 <= 0.3 for s in ("val", "test"))
+    assert 0.5 <= n["train"] / 260 <= 0.8
+    assert all(0.08 <= n[s] / 260 <= 0.3 for s in ("val", "test"))
 
 
 def test_large_set_split_fractions(tmp_path):
@@ -130,8 +131,8 @@ def test_default_data_root_follows_the_environment(monkeypatch, tmp_path):
     assert root.parent == tmp_path / "c1"
     assert root.name == f"synth-v{synth.GENERATOR_VERSION}-seed0-n2400-96px"
     monkeypatch.delenv("PGNM_FAST_CACHE")
-    assert synth.default_data_root(images=100, seed=4, size=32).parent == tmp_path / "xdg" / "pgnm-fast"
-    assert "seed4-n100-32px" in synth.default_data_root(images=100, seed=4, size=32).name
+    other = synth.default_data_root(images=100, seed=4, size=32)
+    assert other.parent == tmp_path / "xdg" / "pgnm-fast" and "seed4-n100-32px" in other.name
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert synth.default_data_root().parent == tmp_path / "home" / ".cache" / "pgnm-fast"
@@ -177,3 +178,11 @@ def test_make_synthetic_refuses_bad_arguments(tmp_path):
         synth.make_synthetic(tmp_path / "few", images=20, size=32)
     with pytest.raises(ValueError, match="layout"):
         synth.make_synthetic(tmp_path / "x", images=52, size=32, layout="zip")
+
+
+def test_ensure_default_data_refuses_a_foreign_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("PGNM_FAST_CACHE", str(tmp_path))
+    root = synth.default_data_root(images=52, seed=2, size=32)
+    (root / "radiology_ai").mkdir(parents=True)
+    with pytest.raises(DataError, match="no complete synthetic data set"):
+        synth.ensure_default_data(log=lambda m: None, images=52, seed=2, size=32)
