@@ -1,0 +1,133 @@
+"""The plain PyTorch loader: PIL decode + SPEC section 1 transforms in DataLoader workers.
+
+The fallback where DALI is missing and the baseline of the pipeline benchmarks. Yields
+``(images, labels)``: float32 ``[N, C, H, W]`` normalised, int64 ``[N]``.
+
+Sampling:
+
+- Train: an :class:`EpochSampler` (a ``DistributedSampler`` with ``num_replicas=world_size``,
+  also for one process) shuffles by ``(seed, epoch)``, and the loader drops the last partial
+  batch, so every batch has the same shape. Call ``loader.sampler.set_epoch(epoch)`` at the start
+  of each epoch (resuming at epoch e then replays epoch e's order); if it is not called, each new
+  pass over the loader moves to the next epoch by itself, so no two epochs repeat an order.
+  Across ranks the sampler pads, as ``DistributedSampler`` does: the permutation is extended by
+  its own first ``ceil(N / world_size) * world_size - N`` indices, so those few images are seen
+  twice per epoch.
+- Eval: no shuffle, every image kept (no ``drop_last``). With ``world_size > 1`` an
+  :class:`EvalShardSampler` gives rank r the indices ``r, r + world_size, ...``: each image
+  exactly once over all ranks, no padding, so shard lengths differ by at most one (gather the
+  results with a size-aware collective, or pad them yourself).
+
+Augmentation randomness comes from torch's generator inside each worker, which DataLoader seeds
+from the loader's own generator (seeded by ``seed`` and ``rank``), so a run is reproducible for a
+given ``workers`` count. With ``workers=0`` the main process's global torch generator is used.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from pgnm_fast.errors import DataError
+
+from .sources import Split
+from .transforms import MEAN, STD, build_transform, load_grey
+
+
+class ImageDecodeError(DataError):
+    """A file that cannot be decoded. Raised in a DataLoader worker, PyTorch rebuilds it in the
+    main process from a message that carries the worker's traceback; this keeps only the
+    original one-line message, so the CLI can print it as is."""
+
+    def __init__(self, message: str = ""):
+        if "Original Traceback" in message:
+            marker = f"{type(self).__name__}: "
+            tail = [ln for ln in message.splitlines() if marker in ln]
+            if tail:
+                message = tail[-1].split(marker, 1)[1]
+        super().__init__(message)
+
+
+class ImageDataset(Dataset):
+    """``(transform(grey image), label)`` for each file of a :class:`Split`."""
+
+    def __init__(self, split: Split, transform):
+        self.files, self.labels, self.transform = split.files, split.labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            img = load_grey(self.files[i])
+        except DataError as e:
+            raise ImageDecodeError(str(e)) from None
+        return self.transform(img), int(self.labels[i])
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by seed and epoch) that moves to the next epoch by
+    itself when ``set_epoch`` was not called between two passes."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=False)
+        self._passes, self._epoch_set = 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._epoch_set = True
+
+    def __iter__(self):
+        # A generator: a multi-worker DataLoader calls iter() twice on its first pass and drops
+        # one of them unstarted, so the epoch is decided on the first next(), not on iter().
+        if self._passes and not self._epoch_set:
+            self.epoch += 1
+        self._passes, self._epoch_set = self._passes + 1, False
+        yield from super().__iter__()
+
+
+class EvalShardSampler(Sampler):
+    """Indices ``rank, rank + world_size, ...`` in order: each index once over all ranks."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def set_epoch(self, epoch: int) -> None:  # same order every epoch; here for a uniform API
+        pass
+
+
+def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int = 224,
+                 resize_size: int = 256, channels: int = 1, workers: int = 2, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
+                 device=None, mean: float = MEAN, std: float = STD) -> DataLoader:
+    """A DataLoader over ``split`` (module docstring for sampling and seeding).
+
+    ``device``: where the batches will go; a CUDA device turns on pinned memory (the loader
+    itself yields CPU tensors). ``drop_last``: None means True for train, False for eval.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    transform = build_transform(train, crop_size=crop_size, resize_size=resize_size,
+                                channels=channels, mean=mean, std=std)
+    dataset = ImageDataset(split, transform)
+    if train:
+        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+        per_rank = math.ceil(len(dataset) / world_size)
+        if per_rank < batch_size and (drop_last is None or drop_last):
+            raise DataError(f"the {split.name} split has {len(dataset)} images, fewer than one "
+                            f"batch of {batch_size} per process ({world_size} processes)")
+    else:
+        sampler = EvalShardSampler(len(dataset), world_size, rank)
+    pin = device is not None and torch.device(device).type == "cuda"
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=train if drop_last is None else drop_last, pin_memory=pin,
+                      persistent_workers=workers > 0, generator=generator)

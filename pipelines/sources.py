@@ -1,0 +1,298 @@
+"""Data sources: one interface over the data layouts of SPEC section 1.
+
+``open_source(path)`` detects the layout and returns a :class:`DataSource`; ``source.split(name)``
+gives a :class:`Split` (absolute file paths and int64 labels over ``source.classes``), which the
+plain PyTorch loader, and later the DALI pipelines and the packer, consume.
+
+Layouts, tried in the order of ``LAYOUTS`` (a packed uint8 cache with a manifest is to be added
+there, ahead of the others, with :func:`register_layout`):
+
+``radimagenet``
+    RadImageNet as distributed: split files ``RadiologyAI_{train,val,test}.csv`` with columns
+    ``filename,label``. ``filename`` is relative to the folder that holds ``radiology_ai/`` (rows
+    read ``radiology_ai/CT/<anatomy>/<label>/<file>.png`` or ``radiology_ai/US/<label>/...``).
+    ``path`` may be the folder holding the CSVs, the ``radiology_ai`` folder, or its parent; the
+    CSVs may sit beside ``radiology_ai/`` or inside it. File names are resolved against the CSV
+    folder or its parent (whichever holds the files), or ``image_root`` if given.
+    Class names: with ``class_from="auto"`` (default), when every train row follows the
+    ``radiology_ai/...`` pattern the class is taken from the path as the authors' conversion to
+    flat folders names it (``CT__abdomen__normal``, ``US__liver``), so both layouts of one data
+    set give the same classes in the same order; otherwise the ``label`` column is used.
+``folders``
+    Flat class folders ``<root>/{train,val,test}/<class>/*.<image extension>`` (names starting
+    with a dot, such as ``.ipynb_checkpoints`` or ``._x.png``, are skipped).
+
+Problems raise :class:`pgnm_fast.errors.DataError` with one line naming the path. A split that is
+absent (no CSV / no folder) is left out of ``source.splits`` and raises only when asked for.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import numpy as np
+
+from pgnm_fast.errors import DataError
+
+SPLITS = ("train", "val", "test")
+CSV_NAME = "RadiologyAI_{}.csv"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".webp")
+MAX_LISTED = 3  # how many offending rows an error message lists
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``files[i]`` (absolute path) has class ``classes[labels[i]]``."""
+
+    name: str
+    files: list[str]
+    labels: np.ndarray  # int64
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class DataSource:
+    """A data set in some layout. Subclasses implement ``_read(split) -> (files, class_names)``."""
+
+    root: Path
+    layout: str
+    splits: list[str]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted class names of the train split; every split is labelled in this order."""
+        if "classes" not in self._cache:
+            if "train" not in self.splits:
+                raise DataError(f"{self.root}: no train split, so no class list")
+            self._cache["classes"] = sorted(set(self._names("train")[1]))
+        return self._cache["classes"]
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            present = ", ".join(self.splits) or "none"
+            raise DataError(f"{self.root}: no {name!r} split in this {self.layout} data set "
+                            f"(present: {present})")
+        files, names = self._names(name)
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted(set(names) - index.keys())
+        if unknown:
+            raise DataError(f"{self._where(name)}: {len(unknown)} label(s) absent from the train "
+                            f"split: {', '.join(unknown[:MAX_LISTED])}")
+        labels = np.fromiter((index[c] for c in names), dtype=np.int64, count=len(names))
+        return Split(name, files, labels, list(self.classes))
+
+    def _names(self, name):
+        key = ("split", name)
+        if key not in self._cache:
+            files, names = self._read(name)
+            if not files:
+                raise DataError(f"{self._where(name)}: the {name} split is empty")
+            self._cache[key] = (files, names)
+        return self._cache[key]
+
+    def _read(self, name: str) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+    def _where(self, name: str) -> Path:
+        return self.root / name
+
+
+# ----------------------------------------------------------------------------- RadImageNet CSVs
+def _class_from_path(filename: str) -> str | None:
+    """``radiology_ai/CT/abd/normal/x.png`` -> ``CT__abd__normal``; ``.../US/liver/x.png`` ->
+    ``US__liver``; None for a path of another shape."""
+    parts = PurePosixPath(filename.replace("\\", "/")).parts
+    if "radiology_ai" not in parts:
+        return None
+    k = parts.index("radiology_ai")
+    rest = parts[k + 1:]
+    if len(rest) == 4 and rest[0] in ("CT", "MR"):
+        return "__".join(rest[:3])
+    if len(rest) == 3 and rest[0] == "US":
+        return "__".join(rest[:2])
+    return None
+
+
+def _existing_files(paths: list[Path]) -> set[str]:
+    """The subset of ``paths`` that exist as files, found by listing their folders (one
+    directory scan per folder instead of one stat per file: fast for a million rows)."""
+    by_dir: dict[Path, set[str]] = {}
+    for p in paths:
+        by_dir.setdefault(p.parent, set())
+    found = set()
+    for d in by_dir:
+        try:
+            with os.scandir(d) as it:
+                found.update(os.path.join(d, e.name) for e in it if e.is_file())
+        except OSError:
+            pass
+    return found
+
+
+@dataclass
+class RadImageNetSource(DataSource):
+    csv_dir: Path = None
+    image_root: Path | None = None
+    class_from: str = "auto"
+
+    def _where(self, name):
+        return self.csv_dir / CSV_NAME.format(name)
+
+    def _rows(self, name):
+        path = self._where(name)
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path}: empty file, expected a header 'filename,label'")
+                cols = [h.strip() for h in header]
+                if "filename" not in cols or "label" not in cols:
+                    raise DataError(f"{path}: columns are {','.join(cols)!r}, expected "
+                                    f"'filename,label'")
+                fi, li = cols.index("filename"), cols.index("label")
+                rows = []
+                for line, row in enumerate(reader, start=2):
+                    if not row:
+                        continue
+                    if len(row) <= max(fi, li) or not row[fi].strip() or not row[li].strip():
+                        raise DataError(f"{path}: row {line} has no filename or no label: "
+                                        f"{','.join(row)!r}")
+                    rows.append((line, row[fi].strip(), row[li].strip()))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a UTF-8 CSV file ({e.reason})") from None
+        except csv.Error as e:
+            raise DataError(f"{path}: malformed CSV ({e})") from None
+        return path, rows
+
+    def _base(self, rows) -> Path:
+        """The folder the ``filename`` column is relative to."""
+        if self.image_root is not None:
+            return self.image_root
+        bases = [self.csv_dir, self.csv_dir.parent]
+        sample = [r[1] for r in rows[:16]]
+        hits = [sum((b / f).is_file() for f in sample) for b in bases]
+        return bases[int(np.argmax(hits))]
+
+    def _read(self, name):
+        path, rows = self._rows(name)
+        if not rows:
+            return [], []
+        base = self._base(rows)
+        files = [base / r[1] for r in rows]
+        found = _existing_files(files)
+        missing = [(r[0], r[1]) for r, p in zip(rows, files) if str(p) not in found]
+        if missing:
+            first = "; ".join(f"row {line}: {fn}" for line, fn in missing[:MAX_LISTED])
+            raise DataError(f"{path}: {len(missing)} of {len(rows)} rows name files missing "
+                            f"under {base} (first: {first})")
+        if self.class_from == "auto":
+            if name == "train" or "train" not in self.splits:
+                from_path = all(_class_from_path(r[1]) for r in rows)
+                self.class_from = "path" if from_path else "label"
+            else:
+                self._names("train")  # decides class_from from the train split
+        if self.class_from == "path":
+            names = [_class_from_path(r[1]) for r in rows]
+            bad = [(r[0], r[1]) for r, c in zip(rows, names) if c is None]
+            if bad:
+                raise DataError(f"{path}: row {bad[0][0]}: {bad[0][1]} is not of the form "
+                                f"radiology_ai/<CT|MR>/<anatomy>/<label>/<file> or "
+                                f"radiology_ai/US/<label>/<file>")
+        else:
+            names = [r[2] for r in rows]
+        return [str(p) for p in files], names
+
+
+def _detect_radimagenet(path: Path, image_root=None, class_from="auto"):
+    candidates = [path]
+    if path.is_file() and path.name.startswith("RadiologyAI_") and path.suffix == ".csv":
+        candidates = [path.parent]
+    elif path.name == "radiology_ai":
+        candidates.append(path.parent)
+    else:
+        candidates.append(path / "radiology_ai")
+    for d in candidates:
+        present = [s for s in SPLITS if (d / CSV_NAME.format(s)).is_file()]
+        if present:
+            if "train" not in present:
+                raise DataError(f"{d}: has {CSV_NAME.format(present[0])} but no "
+                                f"{CSV_NAME.format('train')}")
+            if class_from not in ("auto", "path", "label"):
+                raise DataError(f"class_from must be auto, path or label, got {class_from!r}")
+            root = d.parent if d.name == "radiology_ai" else d
+            return RadImageNetSource(root=root, layout="radimagenet", splits=present, csv_dir=d,
+                                     image_root=Path(image_root) if image_root else None,
+                                     class_from=class_from)
+    return None
+
+
+# ----------------------------------------------------------------------------- class folders
+@dataclass
+class FolderSource(DataSource):
+    def _read(self, name):
+        split_dir = self.root / name
+        classes = sorted(e.name for e in os.scandir(split_dir)
+                         if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise DataError(f"{split_dir}: no class folders")
+        files, names = [], []
+        for c in classes:
+            imgs = sorted(e.name for e in os.scandir(split_dir / c)
+                          if e.is_file() and not e.name.startswith(".")
+                          and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not imgs:
+                raise DataError(f"{split_dir / c}: empty class folder (no image files)")
+            files += [str(split_dir / c / f) for f in imgs]
+            names += [c] * len(imgs)
+        return files, names
+
+
+def _detect_folders(path: Path, **_):
+    if not (path / "train").is_dir():
+        return None
+    return FolderSource(root=path, layout="folders",
+                        splits=[s for s in SPLITS if (path / s).is_dir()])
+
+
+# ----------------------------------------------------------------------------- detection
+# (name, detect). detect(path, **options) returns a DataSource, None if the layout is not there,
+# or raises DataError if it is there but broken. The packed uint8 cache (a folder with a
+# manifest) goes first in this list: ("packed", _detect_packed), a detector that looks for the
+# manifest and imports the packer's reader only when it finds one. Its DataSource subclass
+# implements _read() from the manifest (file names as record keys) so that Split and everything
+# downstream stay the same; a DALI pipeline consumes Split.files / Split.labels directly.
+LAYOUTS: list[tuple[str, Callable]] = [("radimagenet", _detect_radimagenet),
+                                       ("folders", _detect_folders)]
+
+
+def register_layout(name: str, detect: Callable, first: bool = True) -> None:
+    """Add a layout detector (see ``LAYOUTS``); detectors earlier in the list win."""
+    entry = (name, detect)
+    LAYOUTS.insert(0, entry) if first else LAYOUTS.append(entry)
+
+
+def open_source(path, *, image_root=None, class_from: str = "auto") -> DataSource:
+    """Detect the layout at ``path`` and return its :class:`DataSource` (see module docstring).
+
+    ``image_root`` (RadImageNet CSVs only): the folder ``filename`` is relative to, when the CSVs
+    sit apart from the images. ``class_from``: ``auto``, ``path`` or ``label`` (CSVs only).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    path = path.resolve()
+    for _name, detect in LAYOUTS:
+        source = detect(path, image_root=image_root, class_from=class_from)
+        if source is not None:
+            source.classes  # noqa: B018 - read and check the train split now
+            return source
+    raise DataError(f"{path}: not a known data layout (expected RadiologyAI_train.csv, a "
+                    f"radiology_ai/ folder with it, or train/<class>/ image folders)")

@@ -1,0 +1,32 @@
+"""Shared fixtures: one small synthetic data set per session, in both layouts."""
+import shutil
+
+import pytest
+
+from pgnm_fast.synth import make_synthetic
+
+SYNTH = dict(images=260, seed=3, size=48)  # 20 images per class, 13 classes
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """The RadImageNet layout (RadiologyAI_*.csv + radiology_ai/), generated once; read only."""
+    return make_synthetic(tmp_path_factory.mktemp("synth") / "rin", layout="radimagenet", **SYNTH)
+
+
+@pytest.fixture(scope="session")
+def synth_folders_root(tmp_path_factory):
+    """The same images and splits in the class-folder layout; read only."""
+    return make_synthetic(tmp_path_factory.mktemp("synth") / "folders", layout="folders", **SYNTH)
+
+
+@pytest.fixture
+def synth_copy(synth_root, tmp_path):
+    """A private, writable copy of the RadImageNet-layout set, for tests that break it."""
+    return shutil.copytree(synth_root, tmp_path / "rin")
+
+
+@pytest.fixture
+def folders_copy(synth_folders_root, tmp_path):
+    """A private, writable copy of the class-folder set."""
+    return shutil.copytree(synth_folders_root, tmp_path / "folders")
