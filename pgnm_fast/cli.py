@@ -1,0 +1,159 @@
+"""`pgnm-fast`: train (heated or baseline), finetune, eval, synth, validate.
+
+Flag names follow torchvision's classification reference scripts where they apply. A user mistake
+(missing data, bad checkpoint, unknown model, ...) prints one ``Error:`` line and exits non-zero.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .config import IMPLS, PRESETS
+from .errors import PgnmError
+from .models import model_names
+from .schedules import SCHEDULERS
+
+
+def _one_line(e: Exception) -> str:
+    """The user-facing line of an error; one re-raised from a DataLoader worker carries the
+    worker's traceback in its message, whose last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PgnmError as e:
+            err = click.ClickException(_one_line(e))
+            err.exit_code = e.exit_code
+            raise err from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pgnm-fast")
+def main():
+    """PGNM pretraining for medical image classifiers: heated stage, fine-tune, evaluation."""
+
+
+def training_options(f):
+    """The flags `train` and `finetune` share (torchvision reference names)."""
+    options = [
+        click.option("--data", type=str, default=None,
+                     help="RadImageNet root (CSV splits) or class-folder root; default: the "
+                          "embedded synthetic data set (made once in a cache folder)."),
+        click.option("--out", "--output-dir", "out", type=str, default=None,
+                     help="Run folder for last.pt, best.pt, metrics.jsonl (default runs/<stage>-<time>)."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
+                     help="tiny: minutes on a CPU; paper: the authors' schedules."),
+        click.option("--model", type=click.Choice(model_names()), default=None, help="Classifier."),
+        click.option("--epochs", type=int, default=None),
+        click.option("-b", "--batch-size", type=int, default=None, help="Images per process."),
+        click.option("--lr", type=float, default=None),
+        click.option("--momentum", type=float, default=None),
+        click.option("--wd", "--weight-decay", "weight_decay", type=float, default=None),
+        click.option("--lr-scheduler", type=click.Choice(SCHEDULERS), default=None),
+        click.option("--lr-step-size", type=int, default=None),
+        click.option("--lr-gamma", type=float, default=None),
+        click.option("--lr-warmup-epochs", type=int, default=None),
+        click.option("--lr-warmup-decay", type=float, default=None),
+        click.option("--train-crop-size", type=int, default=None),
+        click.option("--val-resize-size", type=int, default=None),
+        click.option("--val-crop-size", type=int, default=None),
+        click.option("-j", "--workers", type=int, default=None, help="Data-loading processes."),
+        click.option("--amp/--no-amp", default=None, help="bf16 autocast (CUDA or CPU)."),
+        click.option("--graphs/--no-graphs", default=None, help="CUDA-graph-captured step (GPU)."),
+        click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under torchrun."),
+        click.option("--seed", type=int, default=None),
+        click.option("--print-freq", type=int, default=None, help="Log every N steps."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True),
+    ]
+    return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+def _split(kwargs):
+    run = {k: kwargs.pop(k) for k in ("data", "out", "preset", "device")}
+    return run, kwargs
+
+
+@main.command()
+@training_options
+@click.option("--no-policy", is_flag=True, help="Baseline: the same classifier without masks.")
+@click.option("--policy-model", type=click.Choice(model_names()), default=None)
+@click.option("--policy-lr", type=float, default=None, help="Default: --lr / 10.")
+@click.option("--grid", type=int, default=None, help="Mask grid G (G x G cells).")
+@click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")
+@click.option("--resume", type=str, default=None, help="Continue a run from its last.pt.")
+def train(no_policy, resume, **kwargs):
+    """Heated stage (policy + noise masks), or with --no-policy the baseline."""
+    from .stages import run_stage
+    run, overrides = _split(kwargs)
+    run_stage("baseline" if no_policy else "heated", overrides=overrides, resume=resume,
+              log=click.echo, **run)
+
+
+@main.command()
+@click.option("--from", "init_from", type=str, required=True,
+              help="Checkpoint of the heated (or baseline) stage.")
+@training_options
+@click.option("--resume", type=str, default=None, help="Continue a fine-tune run from its last.pt.")
+def finetune(init_from, resume, **kwargs):
+    """Fine-tune a classifier without masks (the policy is dropped); linear warm-up."""
+    from .stages import run_stage
+    run, overrides = _split(kwargs)
+    run_stage("finetune", overrides=overrides, resume=resume, init_from=init_from,
+              log=click.echo, **run)
+
+
+@main.command("eval")
+@click.option("--checkpoint", type=str, required=True)
+@click.option("--data", type=str, default=None, help="Default: the data the checkpoint was trained on.")
+@click.option("--split", type=str, default="test", show_default=True)
+@click.option("--json", "json_path", type=str, default=None, help="Write the metrics to this file.")
+@click.option("-b", "--batch-size", type=int, default=None)
+@click.option("-j", "--workers", type=int, default=None)
+@click.option("--amp/--no-amp", default=False)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+def evaluate(checkpoint, data, split, json_path, batch_size, workers, amp, device):
+    """Top-1/5, balanced accuracy, macro precision/recall/F1 and one-vs-one ROC-AUC."""
+    from .evaluate import evaluate_checkpoint
+    from .metrics import format_metrics
+    metrics = evaluate_checkpoint(checkpoint, data, split, json_path, batch_size, workers, device,
+                                  amp, log=click.echo, warn=lambda s: click.echo(s, err=True))
+    click.echo(f"{split}: {format_metrics(metrics)}")
+    if json_path:
+        click.echo(f"metrics written to {json_path}")
+
+
+@main.command()
+@click.option("--out", type=str, required=True, help="Folder to write the data set into.")
+@click.option("--images", type=int, default=2400, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=int, default=96, show_default=True, help="Image side in pixels.")
+@click.option("--layout", type=click.Choice(["radimagenet", "folders"]), default="radimagenet",
+              show_default=True)
+def synth(out, images, seed, size, layout):
+    """Write a synthetic RadImageNet-like data set (CT/MR/US-like images, CSV splits)."""
+    from .synth import make_synthetic
+    root = make_synthetic(out, images=images, seed=seed, size=size, layout=layout)
+    click.echo(f"wrote {images} synthetic images ({layout} layout) to {root}")
+
+
+def _register_optional():
+    try:
+        from .validate import validate
+    except ImportError:  # the kernel validation arrives with the kernels
+        return
+    main.add_command(validate)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""One training step per stage, one epoch loop, one evaluation loop (torchvision's split).
+
+The steps keep their metrics on the device (a running sum tensor) and never call ``.item()``: the
+epoch loop reads them every ``print_freq`` steps, together with the masker's non-finite flag.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import PgnmError
+from .objective import pgnm_loss
+
+# Running sums kept on the device: loss, ce, mean S, correct top-1, images.
+N_STATS = 5
+
+
+class TrainingDiverged(PgnmError):
+    """The policy produced NaN/inf parameters or the loss became non-finite."""
+
+    exit_code = 3
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA or CPU (no loss scaling needed for bf16)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def unwrap(module):
+    return module.module if hasattr(module, "module") else module
+
+
+class HeatedStep:
+    """SPEC sections 3-5: policy -> a~, b~ -> sample + score -> mask -> classifier -> mean(S)*CE;
+    one backward, both optimisers step, then the EMA of the policy's base buffers."""
+
+    def __init__(self, model, policy, masker, optimizer, policy_optimizer, amp: bool, device,
+                 ema_sync=None):
+        self.model, self.policy, self.masker = model, policy, masker
+        self.optimizer, self.policy_optimizer = optimizer, policy_optimizer
+        self.amp, self.device = amp, device
+        self.ema_sync = ema_sync  # all-reduces the head means across ranks when distributed
+
+    def __call__(self, images, target, stats):
+        with autocast(self.device, self.amp):
+            out = self.policy(images)
+            m, S = self.masker.sample_score(out.a_tilde, out.b_tilde)
+            logits = self.model(self.masker.apply(images, m))
+        loss, ce = pgnm_loss(S, logits, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.policy_optimizer.step()
+        h_a, h_b = out.h_a.detach(), out.h_b.detach()
+        if self.ema_sync is not None:  # every rank moves its buffers by the global batch mean
+            h_a = self.ema_sync(h_a.mean(0, keepdim=True))
+            h_b = self.ema_sync(h_b.mean(0, keepdim=True))
+        unwrap(self.policy).update_base(h_a, h_b)
+        _accumulate(stats, loss, ce, S.detach().mean(), logits, target)
+
+
+class PlainStep:
+    """Baseline and fine-tune: cross-entropy on clean images, no policy."""
+
+    def __init__(self, model, optimizer, amp: bool, device):
+        self.model, self.optimizer, self.amp, self.device = model, optimizer, amp, device
+
+    def __call__(self, images, target, stats):
+        with autocast(self.device, self.amp):
+            logits = self.model(images)
+        ce = F.cross_entropy(logits.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        ce.backward()
+        self.optimizer.step()
+        _accumulate(stats, ce, ce, ce.new_zeros(()), logits, target)
+
+
+def _accumulate(stats, loss, ce, s_mean, logits, target):
+    bs = target.shape[0]
+    correct = (logits.detach().argmax(1) == target).sum()
+    stats[:4] += torch.stack([loss.detach() * bs, ce.detach() * bs, s_mean * bs, correct.float()])
+    stats[4] += bs
+
+
+def train_one_epoch(step, loader, device, epoch: int, global_step: int, print_freq: int,
+                    log_step, masker=None, show_progress: bool = True, channels_last: bool = False):
+    """Run one epoch; every ``print_freq`` steps read the device stats (one sync), check them and
+    the masker's non-finite flag, and hand a record to ``log_step``. Returns (global_step, record)."""
+    stats = torch.zeros(N_STATS, device=device)
+    window = torch.zeros(N_STATS, device=device)
+    bar = tqdm(total=len(loader) * loader.batch_size, unit="img", unit_scale=True, leave=False,
+               desc=f"epoch {epoch}", disable=None if show_progress else True,  # None: TTY only
+               mininterval=1.0)
+    t_window, first = time.perf_counter(), global_step
+    last = None
+    for i, (images, target) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = target.to(device, non_blocking=True)
+        step(images, target, window)
+        global_step += 1
+        bar.update(target.shape[0])
+        if (i + 1) % print_freq == 0 or i + 1 == len(loader):
+            last = _read_window(window, masker, epoch, first, global_step, time.perf_counter() - t_window)
+            log_step(last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_top1']:.3f}")
+            stats += window
+            window.zero_()
+            t_window, first = time.perf_counter(), global_step
+    bar.close()
+    if last is None:
+        raise PgnmError("the training loader yielded no batch: the train split is smaller than "
+                        "one batch (lower --batch-size)")
+    total = stats.tolist()
+    n = max(total[4], 1.0)
+    return global_step, {"loss": total[0] / n, "ce": total[1] / n, "S": total[2] / n,
+                         "train_top1": total[3] / n, "images": int(total[4])}
+
+
+def _read_window(window, masker, epoch, first, global_step, seconds):
+    values = window.tolist()  # the one host sync of the window
+    bad_policy = masker is not None and bool(masker.nonfinite)
+    if bad_policy or not all(np.isfinite(values)):
+        what = "the policy produced non-finite Beta parameters (a~ or b~)" if bad_policy \
+            else "the loss became non-finite"
+        raise TrainingDiverged(f"training stopped at epoch {epoch}, steps {first + 1}-{global_step}: "
+                               f"{what}; last.pt keeps the previous epoch (try a lower --lr)")
+    n = max(values[4], 1.0)
+    return {"kind": "step", "epoch": epoch, "step": global_step, "loss": values[0] / n,
+            "ce": values[1] / n, "S": values[2] / n, "train_top1": values[3] / n,
+            "img_s": values[4] / max(seconds, 1e-9)}
+
+
+@torch.inference_mode()
+def predict(model, loader, device, amp: bool = False, policy=None, masker=None,
+            show_progress: bool = False, desc: str = "eval", channels_last: bool = False):
+    """Softmax scores and labels over a loader. With ``policy`` and ``masker`` (heated stage)
+    every batch is masked with masks drawn from the unconditional Beta(exp A_a, exp A_b)."""
+    model.eval()
+    probs, labels = [], []
+    for images, target in tqdm(loader, desc=desc, leave=False, mininterval=1.0,
+                               disable=None if show_progress else True):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            if policy is not None:
+                a_tilde, b_tilde = unwrap(policy).unconditional(images.shape[0])
+                m, _ = masker.sample_score(a_tilde, b_tilde)
+                images = masker.apply(images, m)
+            logits = model(images)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(target.cpu())
+    model.train()
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()

@@ -1,0 +1,291 @@
+"""The PGNM stages end to end: heated (policy + masks), baseline (no policy), fine-tune.
+
+Everything that can be wrong with the user's input (data, checkpoint, flags, run folder) is checked
+before the run folder is touched; the folder then holds ``last.pt``, ``best.pt`` (by validation
+macro F1), ``metrics.jsonl`` and ``config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import TrainConfig, config_from_dict, make_config
+from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
+from .errors import ConfigError, DataError
+from .kernels import make_masker
+from .metrics import classification_metrics, format_metrics, json_safe
+from .models import PolicyNet, create_model, model_names
+from .pipelines.loader import build_loader
+from .pipelines.sources import open_source
+from .schedules import build_lr_scheduler, build_policy_lr_scheduler
+
+
+@dataclasses.dataclass
+class Run:
+    """What one stage needs, assembled and checked before anything is written."""
+    cfg: TrainConfig
+    info: DistInfo
+    data_root: Path
+    classes: list
+    train_split: object
+    val_split: object
+    out: Path
+    resume_state: dict | None = None
+    init_state: dict | None = None
+
+
+def resolve_data(data, states, cfg: TrainConfig, log) -> Path:
+    if data is not None:
+        return Path(data)
+    for state in states:
+        if state is not None and state.get("data"):
+            return Path(state["data"])
+    from .synth import ensure_default_data
+    return ensure_default_data(log=log, images=cfg.synth_images, size=cfg.synth_size)
+
+
+def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
+                init_from=None, device=None, log=print) -> Run:
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    resume_state = ckpt_io.load_checkpoint(resume) if resume else None
+    init_state = ckpt_io.load_checkpoint(init_from) if init_from else None
+    if resume_state is not None:
+        if resume_state["stage"] != stage:
+            raise ConfigError(f"--resume {resume} is a {resume_state['stage']} checkpoint, not {stage}")
+        cfg = config_from_dict(resume_state["config"]).replace(**overrides).check()
+    else:
+        if init_state is not None:
+            if overrides.get("model", init_state["model_name"]) != init_state["model_name"]:
+                raise ConfigError(f"--model {overrides['model']} differs from the checkpoint's "
+                                  f"{init_state['model_name']} in {init_from}")
+            overrides["model"] = init_state["model_name"]
+        cfg = make_config(stage, preset, **overrides)
+    for name in {cfg.model, cfg.policy_model}:
+        if name not in model_names():
+            raise ConfigError(f"unknown model {name!r} (choose from {', '.join(model_names())})")
+    info = init_distributed(device)
+    data_root = resolve_data(data, (resume_state, init_state), cfg, log)
+    source = open_source(data_root)
+    train_split = source.split("train")
+    if "val" not in source.splits:
+        raise DataError(f"data at {data_root} has no val split (the run selects best.pt on it)")
+    val_split = source.split("val")
+    classes = list(source.classes)
+    if resume_state is not None and list(resume_state["classes"]) != classes:
+        raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
+    run_dir = Path(out) if out else (Path(resume).parent if resume else
+                                     Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if resume is None and (run_dir / "last.pt").exists():
+        raise ConfigError(f"run folder {run_dir} already holds a run (last.pt): continue it with "
+                          f"--resume {run_dir / 'last.pt'} or choose another --out")
+    if len(train_split) < cfg.batch_size * info.world_size:
+        raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
+                        f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
+    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state)
+
+
+def _load_classifier(model, state: dict, classes: list, log) -> None:
+    """Weights of a previous stage into the classifier; a new head when the classes differ."""
+    weights = state["model"]
+    if list(state["classes"]) != list(classes):
+        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise ConfigError(f"checkpoint weights do not fit {state['model_name']}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        log(f"classes differ from the checkpoint's ({len(state['classes'])} -> {len(classes)}): "
+            f"new classifier head, trunk loaded")
+    else:
+        model.load_state_dict(weights)
+
+
+def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
+              init_from=None, device=None, log=print, show_progress=True) -> Path:
+    """Train one stage; returns the run folder."""
+    run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
+    try:
+        return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
+    finally:
+        cleanup(run.info)
+
+
+@dataclasses.dataclass
+class Parts:
+    """The modules and optimisers of one stage (the policy ones are None without a policy)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: object
+    policy: torch.nn.Module | None = None
+    masker: torch.nn.Module | None = None
+    policy_optimizer: torch.optim.Optimizer | None = None
+
+
+def _build(run: Run, log) -> Parts:
+    cfg, info, dev = run.cfg, run.info, run.info.device
+    model = create_model(cfg.model, len(run.classes), in_chans=cfg.channels)
+    if run.init_state is not None:
+        _load_classifier(model, run.init_state, run.classes, log)
+    model.to(dev)
+    policy = masker = None
+    if cfg.policy:
+        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model).to(dev)
+        masker = make_masker(cfg.impl, cfg.grid, cfg.train_crop_size,
+                             seed=cfg.seed + 1000 * info.rank).to(dev)
+    if info.distributed:
+        model = _distribute(model, cfg, info)
+        policy = _distribute(policy, cfg, info) if policy is not None else None
+    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, **sgd)
+    if policy is None:
+        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev))
+    policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
+    step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
+                      ema_sync=all_reduce_mean if info.distributed else None)
+    return Parts(model, optimizer, step, policy, masker, policy_optimizer)
+
+
+def _distribute(module, cfg, info):
+    if cfg.sync_bn:
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    ddp = dict(device_ids=[info.local_rank]) if info.device.type == "cuda" else {}
+    return torch.nn.parallel.DistributedDataParallel(module, **ddp)
+
+
+def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
+    """Load a --resume checkpoint; returns (start_epoch, global_step, best_f1). Learning rates
+    are not restored: the schedulers are rebuilt from the config at the resumed epoch."""
+    s, cfg = run.resume_state, run.cfg
+    if s is None:
+        return 0, 0, -math.inf
+    unwrap(parts.model).load_state_dict(s["model"])
+    pairs = [(parts.optimizer, "optimizer", cfg.lr)]
+    if parts.policy is not None:
+        unwrap(parts.policy).load_state_dict(s["policy"])
+        parts.masker.load_state_dict(s["masker"])
+        pairs.append((parts.policy_optimizer, "policy_optimizer", cfg.effective_policy_lr()))
+    for optimizer, key, lr in pairs:
+        optimizer.load_state_dict(s[key])  # momentum buffers
+        for group in optimizer.param_groups:
+            group.pop("initial_lr", None)
+            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if run.info.world_size == 1:
+        torch.set_rng_state(s["rng"])
+    start_epoch = s["epoch"] + 1
+    if start_epoch >= cfg.epochs:
+        raise ConfigError(f"the run in {run.out} already finished its {cfg.epochs} epochs: "
+                          f"raise --epochs to go on")
+    log(f"resumed from epoch {s['epoch']} (step {s['step']}) of {run.out}")
+    return start_epoch, s["step"], s.get("best_f1", -math.inf)
+
+
+def _loaders(run: Run):
+    cfg, info = run.cfg, run.info
+    common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
+                  channels=cfg.channels, workers=cfg.workers)
+    train = build_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
+                         rank=info.rank, world_size=info.world_size, **common)
+    val = build_loader(run.val_split, train=False, crop_size=cfg.val_crop_size, **common)
+    return train, val
+
+
+def _train(run: Run, log, show_progress) -> Path:
+    cfg, info, dev = run.cfg, run.info, run.info.device
+    torch.manual_seed(cfg.seed + info.rank)
+    if cfg.graphs:
+        log("--graphs: CUDA graphs need a GPU; running eagerly" if dev.type != "cuda" else
+            "--graphs: CUDA-graph capture is not in this version yet; running eagerly")
+    parts = _build(run, log)
+    start_epoch, global_step, best_f1 = _restore(run, parts, log)
+    schedulers = [build_lr_scheduler(parts.optimizer, cfg, start_epoch)]
+    if parts.policy is not None:
+        schedulers.append(build_policy_lr_scheduler(parts.policy_optimizer, cfg, start_epoch))
+    train_loader, val_loader = _loaders(run)
+    if info.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(
+            dict(dataclasses.asdict(cfg), data=str(run.data_root)), indent=2) + "\n")
+    write = MetricsLog(run.out / "metrics.jsonl").write if info.is_main else (lambda record: None)
+    log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
+        + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
+        + f") on {dev}, {len(run.train_split)} train / {len(run.val_split)} val images from "
+          f"{run.data_root}, {cfg.epochs} epochs of batch {cfg.batch_size}"
+        + (f" x {info.world_size}" if info.distributed else "") + f" -> {run.out}")
+
+    t0, images_seen, best_epoch, last_val = time.perf_counter(), 0, None, None
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        lrs = {"lr": parts.optimizer.param_groups[0]["lr"]}
+        if parts.policy_optimizer is not None:
+            lrs["policy_lr"] = parts.policy_optimizer.param_groups[0]["lr"]
+        t_epoch = time.perf_counter()
+        global_step, train_stats = train_one_epoch(
+            parts.step, train_loader, dev, epoch, global_step, cfg.print_freq,
+            log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
+            show_progress=show_progress and info.is_main)
+        images_seen += train_stats["images"] * info.world_size
+        for scheduler in schedulers:
+            scheduler.step()
+        if info.is_main:
+            probs, labels = predict(unwrap(parts.model), val_loader, dev, cfg.amp,
+                                    policy=parts.policy, masker=parts.masker)
+            last_val, _ = classification_metrics(probs, labels, run.classes)
+            f1 = last_val["f1_macro"]
+            improved = not math.isnan(f1) and f1 > best_f1
+            if improved:
+                best_f1, best_epoch = f1, epoch
+            state = _state(run, epoch, global_step, parts, best_f1, last_val)
+            ckpt_io.save_checkpoint(state, run.out / "last.pt")
+            if improved:
+                ckpt_io.save_checkpoint(state, run.out / "best.pt")
+            write(dict(kind="epoch", epoch=epoch, step=global_step,
+                       seconds=time.perf_counter() - t_epoch, **lrs,
+                       **{k if k.startswith("train_") else f"train_{k}": v
+                          for k, v in train_stats.items()}, val=json_safe(last_val)))
+            mask_note = " (unconditional masks)" if parts.policy is not None else ""
+            log(f"epoch {epoch}: loss {train_stats['loss']:.4f} train_top1 "
+                f"{train_stats['train_top1']:.4f} | val{mask_note} {format_metrics(last_val)}")
+        barrier(info)
+
+    seconds = time.perf_counter() - t0
+    if info.is_main and last_val is not None:
+        best = f"best val f1_macro {best_f1:.4f}" + (f" (epoch {best_epoch})" if best_epoch is not None else "")
+        log(f"{cfg.stage} stage done: {cfg.epochs - start_epoch} epochs, {global_step} steps, "
+            f"{images_seen / max(seconds, 1e-9):.0f} img/s, {best}, final val top1 "
+            f"{last_val['top1']:.4f} -> {run.out / 'best.pt'}")
+    return run.out
+
+
+def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
+           val_metrics: dict) -> dict:
+    cfg = run.cfg
+    state = {
+        "stage": cfg.stage, "epoch": epoch, "step": global_step, "model_name": cfg.model,
+        "num_classes": len(run.classes), "in_chans": cfg.channels, "classes": list(run.classes),
+        "model": unwrap(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "config": dataclasses.asdict(cfg), "data": str(run.data_root), "best_f1": best_f1,
+        "val_metrics": json_safe(val_metrics), "rng": torch.get_rng_state(),
+    }
+    if parts.policy is not None:
+        state.update(policy=unwrap(parts.policy).state_dict(), policy_model=cfg.policy_model,
+                     masker=parts.masker.state_dict(),
+                     policy_optimizer=parts.policy_optimizer.state_dict())
+    return state
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step and per epoch, appended and flushed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,114 @@
+"""The stages end to end through the CLI, on a small synthetic set (CPU, seconds each)."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pgnm_fast.checkpoint import load_checkpoint
+from pgnm_fast.cli import main
+from pgnm_fast.metrics import METRIC_KEYS
+from pgnm_fast.synth import make_synthetic
+
+SMALL = ["--epochs", "2", "-b", "16", "--train-crop-size", "32", "--val-resize-size", "36",
+         "--val-crop-size", "32", "-j", "0", "--print-freq", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("synth"), images=240, seed=11, size=40)
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def records(run_dir, kind):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
+    out = tmp_path / "heated"
+    r = cli("train", "--data", data, "--out", out, "--grid", "8", "--impl", "reference", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "metrics.jsonl", "config.json"}
+    last = load_checkpoint(out / "last.pt")
+    assert last["stage"] == "heated" and last["epoch"] == 1 and "policy" in last
+    assert set(last["val_metrics"]) == set(METRIC_KEYS)
+    steps, epochs = records(out, "step"), records(out, "epoch")
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert steps[-1]["step"] == last["step"] and all(s["S"] > 0 for s in steps)
+    assert "policy_lr" in steps[0] and "heated stage done" in r.output
+    # the policy's base buffers moved by the EMA during training
+    base = last["policy"]["base_alpha"]
+    assert base.shape == (1, 64) and not torch.equal(base, torch.zeros_like(base))
+
+
+def test_interrupted_run_resumes_from_its_step_and_matches_an_uninterrupted_run(
+        data, tmp_path, monkeypatch):
+    common = ["--data", data, "--grid", "8", "--impl", "reference", *SMALL]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert cli("train", "--out", whole, *common).exit_code == 0
+    import pgnm_fast.stages as stages
+    real = stages.train_one_epoch
+
+    def ctrl_c_in_epoch_1(step, loader, device, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(step, loader, device, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_one_epoch", ctrl_c_in_epoch_1)
+    first = cli("train", "--out", part, *common)
+    assert first.exit_code != 0  # interrupted: click reports "Aborted!"
+    monkeypatch.setattr(stages, "train_one_epoch", real)
+    one = load_checkpoint(part / "last.pt")
+    assert one["epoch"] == 0
+    r = cli("train", "--resume", part / "last.pt")
+    assert r.exit_code == 0, r.output
+    assert "resumed from epoch 0" in r.output
+    resumed, full = load_checkpoint(part / "last.pt"), load_checkpoint(whole / "last.pt")
+    assert resumed["epoch"] == 1 and resumed["step"] == 2 * one["step"] == full["step"]
+    steps = [s["step"] for s in records(part, "step")]
+    assert steps == sorted(steps) and steps[-1] == full["step"]
+    for key in full["model"]:
+        torch.testing.assert_close(resumed["model"][key], full["model"][key], msg=key)
+    torch.testing.assert_close(resumed["policy"]["base_alpha"], full["policy"]["base_alpha"])
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", "--out", out, "--data", data, "--no-policy", *SMALL, "--epochs", "1",
+               "--lr-scheduler", "steplr", "--lr-step-size", "1", "--lr-gamma", "0.5",
+               "--lr-warmup-epochs", "0").exit_code == 0
+    r = cli("train", "--no-policy", "--resume", out / "last.pt", "--epochs", "3")
+    assert r.exit_code == 0, r.output
+    lrs = [e["lr"] for e in records(out, "epoch")]
+    assert lrs == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_finetune_and_eval_a_heated_checkpoint(data, tmp_path):
+    heated, ft = tmp_path / "heated", tmp_path / "ft"
+    assert cli("train", "--data", data, "--out", heated, "--grid", "8", "--impl", "reference",
+               *SMALL).exit_code == 0
+    r = cli("finetune", "--from", heated / "best.pt", "--out", ft, *SMALL, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    state = load_checkpoint(ft / "last.pt")
+    assert state["stage"] == "finetune" and "policy" not in state
+    assert records(ft, "step")[0]["lr"] < 0.01 * 1.0001  # warm-up starts at 1% of the lr
+    out_json = tmp_path / "test.json"
+    r = cli("eval", "--checkpoint", ft / "best.pt", "--json", out_json, "-j", "0")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(out_json.read_text())
+    assert list(metrics) == list(METRIC_KEYS)
+    assert metrics["n_images"] > 0 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+
+
+def test_baseline_has_no_policy(data, tmp_path):
+    out = tmp_path / "base"
+    r = cli("train", "--no-policy", "--data", data, "--out", out, *SMALL, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    state = load_checkpoint(out / "last.pt")
+    assert state["stage"] == "baseline" and "policy" not in state
+    assert all(s["S"] == 0 for s in records(out, "step"))
