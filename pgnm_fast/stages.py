@@ -152,7 +152,7 @@ def _build(run: Run, log) -> Parts:
 
 
 def _distribute(module, cfg, info):
-    if cfg.sync_bn:
+    if cfg.sync_bn and info.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     ddp = dict(device_ids=[info.local_rank]) if info.device.type == "cuda" else {}
     return torch.nn.parallel.DistributedDataParallel(module, **ddp)

@@ -112,3 +112,59 @@ def test_baseline_has_no_policy(data, tmp_path):
     state = load_checkpoint(out / "last.pt")
     assert state["stage"] == "baseline" and "policy" not in state
     assert all(s["S"] == 0 for s in records(out, "step"))
+
+
+def test_amp_and_graphs_flags_on_the_cpu(data, tmp_path):
+    out = tmp_path / "amp"
+    r = cli("train", "--data", data, "--out", out, "--grid", "8", "--impl", "reference", "--amp",
+            "--graphs", *SMALL, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "--graphs: CUDA graphs need a GPU; running eagerly" in r.output
+    steps = records(out, "step")
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert load_checkpoint(out / "last.pt")["config"]["amp"] is True
+
+
+def test_nonfinite_policy_output_stops_with_the_step_named(data, tmp_path, monkeypatch):
+    """NaN in a~ at the 3rd step: the masker's device flag is read with the metrics (every 4
+    steps here) and the run stops with exit 3 and the step range, last.pt untouched."""
+    from pgnm_fast.models.policy import PolicyNet
+    real = PolicyNet.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x):
+        out = real(self, x)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out = out._replace(a_tilde=out.a_tilde.clone().fill_(float("nan")))
+        return out
+
+    monkeypatch.setattr(PolicyNet, "forward", poisoned)
+    out = tmp_path / "nan"
+    r = cli("train", "--data", data, "--out", out, "--grid", "8", "--impl", "reference", *SMALL)
+    assert r.exit_code == 3, r.output
+    line = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert len(line) == 1 and "steps 1-4" in line[0] and "non-finite Beta parameters" in line[0]
+    assert not (out / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(data, tmp_path):
+    """DistributedDataParallel over gloo: 2 processes, each a half of every epoch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "-m", "pgnm_fast", "train", "--data", str(data), "--out", str(out),
+                        "--grid", "8", "--impl", "reference", *SMALL, "--epochs", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    state = load_checkpoint(out / "last.pt")
+    from pgnm_fast.pipelines.sources import open_source
+    n_train = len(open_source(data).split("train"))
+    assert state["step"] == (n_train + 1) // 2 // 16  # per-rank batches of one epoch
+    assert "x 2" in p.stdout
