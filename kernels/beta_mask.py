@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .special import digamma_pos, lgamma_pos, log1p
+from .special import cast_for_store, digamma_pos, lgamma_pos, log1p
 
 ROUNDS = 8
 TINY = float(torch.finfo(torch.float32).tiny)
@@ -150,8 +150,8 @@ def _score_backward_kernel(gs_ptr, s_ptr, logp_ptr, sa_ptr, sb_ptr, ga_ptr, gb_p
     w = g * tl.exp(tl.load(logp_ptr + offs, mask=inside, other=0.0) - s)
     ga = w * tl.load(sa_ptr + offs, mask=inside, other=0.0)
     gb = w * tl.load(sb_ptr + offs, mask=inside, other=0.0)
-    tl.store(ga_ptr + offs, ga.to(ga_ptr.dtype.element_ty), mask=inside)
-    tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=inside)
+    tl.store(ga_ptr + offs, cast_for_store(ga, ga_ptr), mask=inside)
+    tl.store(gb_ptr + offs, cast_for_store(gb, gb_ptr), mask=inside)
 
 
 # Launch settings for compiled runs, chosen without a GPU at hand from ptxas register counts

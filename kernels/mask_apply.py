@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .special import cast_for_store
+
 
 @triton.jit
 def _mask_apply_kernel(x_ptr, y_ptr, m_ptr, ah_ptr, aw_ptr, hs_ptr, ws_ptr,
@@ -49,7 +51,7 @@ def _mask_apply_kernel(x_ptr, y_ptr, m_ptr, ah_ptr, aw_ptr, hs_ptr, ws_ptr,
             if BLOCK3D:
                 y = x.to(tl.float32) * mask[:, :, None]
                 tl.store(y_ptr + img * syb + rows[:, None, None] * syh + cols[None, :, None] * syw
-                         + ch[None, None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=inside)
+                         + ch[None, None, :] * syc, cast_for_store(y, y_ptr), mask=inside)
             else:  # one channel at a time (NCHW: unit stride along W)
                 inside = (rows < H)[:, None] & (cols < W)[None, :]
                 for c in range(C):
@@ -57,7 +59,7 @@ def _mask_apply_kernel(x_ptr, y_ptr, m_ptr, ah_ptr, aw_ptr, hs_ptr, ws_ptr,
                                 mask=inside, other=0.0)
                     y = x.to(tl.float32) * mask
                     tl.store(y_ptr + img * syb + c * syc + rows[:, None] * syh + cols[None, :] * syw,
-                             y.to(y_ptr.dtype.element_ty), mask=inside)
+                             cast_for_store(y, y_ptr), mask=inside)
 
 
 # Launch settings for compiled runs (the interpreter ignores them), chosen without a GPU at hand

@@ -47,3 +47,17 @@ def digamma_pos(x):
     series = zi2 * (0.08333333333333333 - zi2 * (0.008333333333333333
                                                   - zi2 * (0.003968253968253968 - zi2 * 0.004166666666666667)))
     return tl.log(z) - 0.5 * zi - series - shift
+
+
+@triton.jit
+def cast_for_store(x, ptr):
+    """float32 x in the element type of ``ptr``, rounded to nearest even.
+
+    bfloat16 is rounded here with integer arithmetic (the result is exactly representable, so the
+    final conversion is exact): the Triton interpreter truncates float32 -> bfloat16, while
+    compiled code and torch round to nearest even; this way all three agree."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(ptr.dtype.element_ty)

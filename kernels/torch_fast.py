@@ -10,7 +10,7 @@ image). Differences, all invisible in distribution:
   Philox: the CPU path and the Triton kernel draw different masks for the same state;
 - after the first round only the still-rejected cells draw again (on the CPU that saves the work
   of the 7 rounds the kernel evaluates branch-free);
-- lgamma and digamma are torch's own.
+- lgamma is torch's own; digamma is the kernels' series (torch's CPU digamma is slow).
 
 Reading ``step`` with ``tolist()`` is free on the CPU; on a GPU it would be a host sync, which is
 why CUDA uses the Triton kernel.
@@ -45,31 +45,46 @@ def _uniform_open(shape, gen, device):
     return 1.0 - torch.rand(shape, generator=gen, device=device)
 
 
+def _proposal(x, u, d, c, log_d):
+    """One Marsaglia-Tsang proposal per element: (log of d (1 + c x)^3, accepted?)."""
+    y = c * x
+    ok = y > -1
+    y = y.masked_fill_(~ok, 0.0)  # rejected anyway where y <= -1; keeps log1p finite
+    t = torch.log1p(y)
+    thr = 0.5 * x * x + d * (3.0 * t - y * (3.0 + y * (3.0 + y)))
+    return log_d + 3.0 * t, ok & (u.log_() < thr)
+
+
 def log_gamma_sample(k: torch.Tensor, gen: torch.Generator, rounds: int = ROUNDS) -> torch.Tensor:
-    """log G, G ~ Gamma(k, 1) per element of the float32 tensor k (flat), Marsaglia-Tsang in log space."""
+    """log G, G ~ Gamma(k, 1) per element of the flat float32 tensor k: Marsaglia-Tsang in log
+    space, the alpha < 1 boost, at most ``rounds`` proposals (only rejected cells draw again)."""
+    n, dev = k.numel(), k.device
     boost = k < 1
-    kk = torch.where(boost, k + 1, k)
-    d = kk - 1.0 / 3.0
+    d = k + boost.to(k.dtype) - 1.0 / 3.0
     c = torch.rsqrt(9.0 * d)
     log_d = d.log()
-    out = log_d.clone()  # value of a cell whose proposals are all rejected (probability < 3e-11)
-    todo = torch.arange(k.numel(), device=k.device)
-    for _ in range(rounds):
-        x = torch.randn(todo.numel(), generator=gen, device=k.device)
-        u = _uniform_open(todo.numel(), gen, k.device)
-        dt, ct = d[todo], c[todo]
-        y = ct * x
-        ok = y > -1
-        y = torch.where(ok, y, torch.zeros_like(y))
-        t = torch.log1p(y)
-        thr = 0.5 * x * x + dt * (3.0 * t - y * (3.0 + y * (3.0 + y)))
-        acc = ok & (u.log() < thr)
-        out[todo[acc]] = log_d[todo[acc]] + 3.0 * t[acc]
-        todo = todo[~acc]
+    cand, acc = _proposal(torch.randn(n, generator=gen, device=dev), _uniform_open(n, gen, dev), d, c, log_d)
+    out = torch.where(acc, cand, log_d)  # log d: a cell whose proposals all fail (p < 3e-11)
+    todo = (~acc).nonzero().squeeze(1)
+    for _ in range(rounds - 1):
         if todo.numel() == 0:
             break
-    u = _uniform_open(k.numel(), gen, k.device)
-    return out + torch.where(boost, u.log() / k, torch.zeros_like(k))
+        cand, acc = _proposal(torch.randn(todo.numel(), generator=gen, device=dev),
+                              _uniform_open(todo.numel(), gen, dev), d[todo], c[todo], log_d[todo])
+        out[todo[acc]] = cand[acc]
+        todo = todo[~acc]
+    return out.addcmul_(_uniform_open(n, gen, dev).log_().div_(k), boost)
+
+
+def digamma(x: torch.Tensor) -> torch.Tensor:
+    """psi(x), x > 0, float32: the series of :func:`.special.digamma_pos` (torch's CPU digamma is
+    several times slower)."""
+    small = x < 4.0
+    z = torch.where(small, x + 4.0, x)
+    shift = (1.0 / x + 1.0 / (x + 1.0) + 1.0 / (x + 2.0) + 1.0 / (x + 3.0)).mul_(small)
+    zi2 = (1.0 / z) ** 2
+    series = zi2 * (1.0 / 12 - zi2 * (1.0 / 120 - zi2 * (1.0 / 252 - zi2 / 240)))
+    return z.log() - 0.5 / z - series - shift
 
 
 def sample_score(a_tilde: torch.Tensor, b_tilde: torch.Tensor, state: torch.Tensor, flag: torch.Tensor):
@@ -77,19 +92,18 @@ def sample_score(a_tilde: torch.Tensor, b_tilde: torch.Tensor, state: torch.Tens
     with torch.autocast(a_tilde.device.type, enabled=False):
         a = a_tilde.float()
         b = b_tilde.float()
-        alpha, beta = a.exp(), b.exp()
-        gen = generator_for(state)
-        lga = log_gamma_sample(alpha.reshape(-1), gen).view_as(alpha)
-        lgb = log_gamma_sample(beta.reshape(-1), gen).view_as(beta)
-        ad = (lga - lgb).abs()
-        small = torch.exp(-ad - torch.log1p(torch.exp(-ad)))
-        m = torch.where(lga > lgb, 1.0 - small, small).clamp_(TINY, ONE_MINUS)
+        params = torch.stack([a, b]).exp_()  # alpha, beta
+        alpha, beta = params[0], params[1]
+        lg = log_gamma_sample(params.view(-1), generator_for(state)).view_as(params)
+        ad = (lg[0] - lg[1]).abs_()
+        small = torch.exp(-ad - torch.log1p(torch.exp(-ad)))  # the smaller of m and 1 - m
+        m = torch.where(lg[0] > lg[1], 1.0 - small, small).clamp_(TINY, ONE_MINUS)
         log_m, log_1m = m.log(), torch.log1p(-m)
-        psi_ab = torch.digamma(alpha + beta)
-        logp = ((alpha - 1) * log_m + (beta - 1) * log_1m
-                - torch.lgamma(alpha) - torch.lgamma(beta) + torch.lgamma(alpha + beta))
-        sa = alpha * (log_m - torch.digamma(alpha) + psi_ab)
-        sb = beta * (log_1m - torch.digamma(beta) + psi_ab)
+        args = torch.cat([params, (alpha + beta).unsqueeze(0)])  # alpha, beta, alpha + beta
+        lgam, psi = torch.lgamma(args), digamma(args)
+        logp = (alpha - 1) * log_m + (beta - 1) * log_1m - lgam[0] - lgam[1] + lgam[2]
+        sa = alpha * (log_m - psi[0] + psi[2])
+        sb = beta * (log_1m - psi[1] + psi[2])
         s = torch.logsumexp(logp, dim=1)
         bad = ~(torch.isfinite(a).all() & torch.isfinite(b).all() & torch.isfinite(s).all())
         flag.logical_or_(bad)
