@@ -64,8 +64,8 @@ def _mt_round(x, u, d, c, log_d, lg, done):
 
 @triton.jit
 def _beta_sample_score_kernel(a_ptr, b_ptr, state_ptr, m_ptr, logp_ptr, sa_ptr, sb_ptr, s_ptr, flag_ptr,
-                              N, stride_ar, stride_ac, stride_br, stride_bc,
-                              ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+                              stride_ar, stride_ac, stride_br, stride_bc,
+                              N: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     seed = tl.load(state_ptr)
     step = tl.load(state_ptr + 1)
@@ -172,9 +172,9 @@ def sample_score(a_tilde, b_tilde, state, flag, out, block: int | None = None, n
     m, logp, sa, sb, s = out
     rows, n = a_tilde.shape
     _beta_sample_score_kernel[(rows,)](
-        a_tilde, b_tilde, state, m, logp, sa, sb, s, flag.view(torch.uint8), n,
+        a_tilde, b_tilde, state, m, logp, sa, sb, s, flag.view(torch.uint8),
         a_tilde.stride(0), a_tilde.stride(1), b_tilde.stride(0), b_tilde.stride(1),
-        ROUNDS=ROUNDS, BLOCK=_block(n, block), num_warps=num_warps or NUM_WARPS)
+        N=n, ROUNDS=ROUNDS, BLOCK=_block(n, block), num_warps=num_warps or NUM_WARPS)
 
 
 def score_backward(grad_s, s, logp, sa, sb, grad_a, grad_b):

@@ -22,9 +22,9 @@ from .special import cast_for_store
 
 @triton.jit
 def _mask_apply_kernel(x_ptr, y_ptr, m_ptr, ah_ptr, aw_ptr, hs_ptr, ws_ptr,
-                       B, C, H, W, G,
+                       B, H, W, G,
                        sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-                       BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                       C: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                        CP: tl.constexpr, IMAGES: tl.constexpr, BLOCK3D: tl.constexpr):
     tw = tl.program_id(0)
     th = tl.program_id(1)
@@ -83,9 +83,9 @@ def apply(images, out, m, plan_h, plan_w, starts_h, starts_w, a_h, a_w,
     launch = (triton.cdiv(width, plan_w.tile), triton.cdiv(height, plan_h.tile), triton.cdiv(batch, per))
     _mask_apply_kernel[launch](
         images, out, m, a_h, a_w, starts_h, starts_w,
-        batch, channels, height, width, grid,
+        batch, height, width, grid,
         *images.stride(), *out.stride(),
-        BH=plan_h.tile, BW=plan_w.tile, KH=plan_h.width, KW=plan_w.width,
+        C=channels, BH=plan_h.tile, BW=plan_w.tile, KH=plan_h.width, KW=plan_w.width,
         CP=triton.next_power_of_2(channels), IMAGES=per, BLOCK3D=block3d,
         num_warps=num_warps or NUM_WARPS)
     return out

@@ -3,6 +3,7 @@ TRITON_INTERPRET unset: decorated functions are interpreted otherwise). Prints o
 variant and exits non-zero on the first failure. Used by tests/test_kernels_compile.py."""
 import sys
 
+from triton import next_power_of_2 as triton_next_pow2
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
@@ -15,18 +16,19 @@ def variants():
     for dt in ("fp32", "bf16", "fp16"):
         yield ("sample_score", dt), beta_mask._beta_sample_score_kernel, {
             "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "state_ptr": "*i64", "m_ptr": F32, "logp_ptr": F32,
-            "sa_ptr": F32, "sb_ptr": F32, "s_ptr": F32, "flag_ptr": "*u8", "N": "i32", "stride_ar": "i32",
+            "sa_ptr": F32, "sb_ptr": F32, "s_ptr": F32, "flag_ptr": "*u8", "stride_ar": "i32",
             "stride_ac": "i32", "stride_br": "i32", "stride_bc": "i32"}, \
-            {"ROUNDS": beta_mask.ROUNDS, "BLOCK": beta_mask.BLOCK}, beta_mask.NUM_WARPS
+            {"N": 4096, "ROUNDS": beta_mask.ROUNDS, "BLOCK": beta_mask.BLOCK}, beta_mask.NUM_WARPS
         yield ("score_backward", dt), beta_mask._score_backward_kernel, {
             "gs_ptr": F32, "s_ptr": F32, "logp_ptr": F32, "sa_ptr": F32, "sb_ptr": F32,
             "ga_ptr": f"*{dt}", "gb_ptr": f"*{dt}", "N": "i32", "stride_gs": "i32"}, {"BLOCK": 1024}, 4
-    for dt, channels, block3d in (("bf16", 1, False), ("fp32", 4, False), ("bf16", 4, True), ("fp16", 2, True)):
+    for dt, channels, block3d in (("bf16", 1, False), ("fp32", 3, False), ("bf16", 3, True), ("fp16", 2, True)):
         yield ("apply", dt, channels, block3d), mask_apply._mask_apply_kernel, {
             "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "m_ptr": F32, "ah_ptr": F32, "aw_ptr": F32,
-            "hs_ptr": "*i32", "ws_ptr": "*i32", "B": "i32", "C": "i32", "H": "i32", "W": "i32", "G": "i32",
+            "hs_ptr": "*i32", "ws_ptr": "*i32", "B": "i32", "H": "i32", "W": "i32", "G": "i32",
             **{name: "i32" for name in ("sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw")}}, \
-            {"BH": 32, "BW": 32, "KH": 16, "KW": 16, "CP": channels, "IMAGES": 2, "BLOCK3D": block3d}, \
+            {"C": channels, "BH": 32, "BW": 32, "KH": 16, "KW": 16, "CP": triton_next_pow2(channels), "IMAGES": 2,
+             "BLOCK3D": block3d}, \
             mask_apply.NUM_WARPS
 
 
