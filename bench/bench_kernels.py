@@ -28,8 +28,8 @@ BATCHES = (32, 64, 256) if ON_GPU or os.environ.get("PGNM_BENCH_FULL") else (32,
 IMAGE_DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 
-APPLY_CONFIGS = [  # (tile, images per program, warps)
-    (32, 1, 4), (32, 2, 8), (32, 4, 8), (32, 1, 8), (64, 1, 8), (64, 2, 16)]
+APPLY_CONFIGS = [  # (tile, images per program, warps); the default is (32, 4, 8)
+    (32, 4, 8), (32, 2, 8), (32, 8, 8), (32, 4, 4), (64, 2, 16), (64, 4, 8)]
 SAMPLE_CONFIGS = [(256, 8), (512, 8), (1024, 16), (2048, 16)]  # (block, warps)
 
 

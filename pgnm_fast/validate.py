@@ -346,3 +346,7 @@ def validate(device, json_path, seed, quick):
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=1)
     sys.exit(0 if result["passed"] else 1)
+
+
+if __name__ == "__main__":  # python -m pgnm_fast.validate --device cuda --json FILE
+    validate()

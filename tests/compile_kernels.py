@@ -22,13 +22,13 @@ def variants():
         yield ("score_backward", dt), beta_mask._score_backward_kernel, {
             "gs_ptr": F32, "s_ptr": F32, "logp_ptr": F32, "sa_ptr": F32, "sb_ptr": F32,
             "ga_ptr": f"*{dt}", "gb_ptr": f"*{dt}", "N": "i32", "stride_gs": "i32"}, {"BLOCK": 1024}, 4
-    for dt, channels, block3d in (("bf16", 1, False), ("fp32", 3, False), ("bf16", 3, True), ("fp16", 2, True)):
-        yield ("apply", dt, channels, block3d), mask_apply._mask_apply_kernel, {
+    for dt, channels in (("bf16", 1), ("fp32", 3), ("bf16", 3), ("fp16", 2)):
+        yield ("apply", dt, channels), mask_apply._mask_apply_kernel, {
             "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "m_ptr": F32, "ah_ptr": F32, "aw_ptr": F32,
             "hs_ptr": "*i32", "ws_ptr": "*i32", "B": "i32", "H": "i32", "W": "i32", "G": "i32",
             **{name: "i32" for name in ("sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw")}}, \
-            {"C": channels, "BH": 32, "BW": 32, "KH": 16, "KW": 16, "CP": triton_next_pow2(channels), "IMAGES": 2,
-             "BLOCK3D": block3d}, \
+            {"C": channels, "BH": 32, "BW": 32, "KH": 16, "KW": 16, "CP": triton_next_pow2(channels),
+             "IMAGES": mask_apply.IMAGES_PER_PROGRAM}, \
             mask_apply.NUM_WARPS
 
 
