@@ -150,6 +150,9 @@ class FastMasker(torch.nn.Module):
                              f"with B = {images.shape[0]} as in the images")
         self._check_device("images", images)
         self._check_device("m", m)
+        if self.a_h.dtype != torch.float32:
+            raise ValueError(f"the masker's apply matrices were cast to {self.a_h.dtype}: move the masker with "
+                             f".to(device) only (its math is float32 whatever the image dtype)")
         if not self._use_triton(images.device):
             return torch_fast.apply(images, m, self.a_h, self.a_w)
         _, mask_apply = _triton_modules()

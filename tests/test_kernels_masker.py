@@ -50,6 +50,12 @@ def test_to_moves_every_buffer_and_auto_picks_the_torch_path_off_cuda():
         FastMasker(8, 32, backend="cuda")
 
 
+def test_casting_the_masker_to_another_dtype_is_refused_clearly():
+    masker = FastMasker(8, 32).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"cast to torch.bfloat16: move the masker with .to\(device\) only"):
+        masker.apply(torch.randn(1, 1, 32, 32), torch.rand(1, 64))
+
+
 def test_cpu_fast_path_sampler_follows_the_beta_law():
     """The torch path's sampler at n = 16384 (level 1e-3 per test, 4 tests)."""
     masker = FastMasker(64, 224, seed=4, backend="torch")
