@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the mask-step kernels, in one go, on a machine with a CUDA device:
 #
-#     bash bench/run_gpu.sh            # tests, validate, bench (about 5 minutes on an H100)
+#     bash bench/run_gpu.sh            # tests, validate, bench (under 10 minutes, each step time-boxed)
 #     bash bench/run_gpu.sh bench      # or any of: tests validate bench
 #
 # 1. tests:    the kernel tests, compiled on the GPU (test_kernels_*, the GPU-only ones included)
@@ -60,14 +60,14 @@ run() {  # run NAME TIMEOUT CMD...: time-boxed, status kept, output kept
 for step in $steps; do
     case $step in
         tests)
-            run tests 300 "$PY" -m pytest tests/test_kernels_special.py tests/test_kernels_beta_mask.py \
+            run tests 240 "$PY" -m pytest tests/test_kernels_special.py tests/test_kernels_beta_mask.py \
                 tests/test_kernels_mask_apply.py tests/test_kernels_masker.py tests/test_kernels_gpu.py \
                 tests/test_reference.py -q -rs -p no:cacheprovider --junitxml="$raw/$device-tests.xml" ;;
         validate)
-            run validate 180 "$PY" -m pgnm_fast.validate --device "$target" --json "$raw/$device-validate.json" ;;
+            run validate 100 "$PY" -m pgnm_fast.validate --device "$target" --json "$raw/$device-validate.json" ;;
         bench)
-            run bench 360 "$PY" -m pytest bench/bench_kernels.py --benchmark-only -q -p no:cacheprovider \
-                --benchmark-max-time=0.25 --benchmark-min-rounds=5 --benchmark-json="$raw/$device-bench.json" ;;
+            run bench 240 "$PY" -m pytest bench/bench_kernels.py --benchmark-only -q -p no:cacheprovider \
+                --benchmark-max-time=0.2 --benchmark-min-rounds=5 --benchmark-json="$raw/$device-bench.json" ;;
         *) echo "run_gpu.sh: unknown step '$step' (tests, validate, bench)" >&2; exit 2 ;;
     esac
 done

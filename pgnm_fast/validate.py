@@ -336,11 +336,14 @@ def format_table(result: dict) -> str:
               help="write every number and 'passed' to this file")
 @click.option("--seed", type=int, default=None, help="seed of the random inputs (default: fresh)")
 @click.option("--quick", is_flag=True, help="a smaller sweep")
-def validate(device, json_path, seed, quick):
+@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+              help="fast path to check: auto = Triton on CUDA, torch on the CPU (triton on the CPU needs "
+                   "TRITON_INTERPRET=1)")
+def validate(device, json_path, seed, quick, backend):
     """Check the fast mask step against the reference; exit 0 only if every check passes."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise click.UsageError("--device cuda: no CUDA device is available")
-    result = run_validation(device=device, seed=seed, quick=quick)
+    result = run_validation(device=device, seed=seed, quick=quick, backend=backend)
     click.echo(format_table(result))
     if json_path:
         with open(json_path, "w") as fh:
