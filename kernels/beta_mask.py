@@ -34,8 +34,6 @@ import triton.language as tl
 from .special import cast_for_store, digamma_pos, lgamma_pos, log1p
 
 ROUNDS = 8
-TINY = float(torch.finfo(torch.float32).tiny)
-ONE_MINUS = 1.0 - 2.0 ** -24  # largest float32 below 1
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

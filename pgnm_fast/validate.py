@@ -239,8 +239,8 @@ def check_apply(device, backend, gen, quick):
         y_ref = ref.apply_mask(x, m).double().cpu()
         bound = C_APPLY * EPS32 * xd.abs() * mask64 + rounding_bound(dtype, exact) + 1e-30
         bound_ref = 2 * bound + 2 * C_APPLY * EPS32 * xd.abs()  # the reference conv has its own rounding
-        layout_ok = (y.dtype == x.dtype and y.shape == x.shape
-                     and y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        layout_ok = y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous(memory_format=fmt)
         row = {"grid": grid, "crop": [height, width], "channels": channels, "dtype": str(dtype).replace("torch.", ""),
                "channels_last": channels_last, "layout_kept": bool(layout_ok),
                "vs_exact": error_summary(y.cpu(), exact, bound, rel_floor=1.0),

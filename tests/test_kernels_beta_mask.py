@@ -5,15 +5,22 @@ level 0.01 / (number of tests) (Bonferroni, family-wise false alarm below 1%), s
 deterministic. At that level and n a one-sample KS test rejects any law whose CDF is 0.023 away
 (0.033 for the two-sample test); the wrong samplers below are shown rejected by the same tests.
 """
+import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from kernel_helpers import DEVICE, requires_triton
 from pgnm_fast.kernels import FastMasker, masker as masker_mod, reference as ref
 from pgnm_fast.validate import error_summary, ks_float32, ks_two_sample, rounding_bound, score_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton on CUDA when there is a GPU, else the same Triton code under the interpreter (tests/conftest.py)
+TRITON_RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+requires_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
 pytestmark = requires_triton
 

@@ -4,13 +4,20 @@ Bounds (pgnm_fast.validate): against float64 ``x * (A m A^T)``, 32 eps32 |x| mas
 dtype's rounding (half an ulp); against the reference's float32 upsample + blur + multiply, twice
 that plus the reference's own float32 rounding.
 """
+import importlib.util
+import os
+
 import pytest
 import torch
 
-from kernel_helpers import DEVICE, TRITON_RUNNABLE
 from pgnm_fast.kernels import FastMasker, masker as masker_mod, reference as ref
 from pgnm_fast.kernels.mask_plan import axis_plan
 from pgnm_fast.validate import C_APPLY, EPS32, error_summary, rounding_bound
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton on CUDA when there is a GPU, else the same Triton code under the interpreter (tests/conftest.py)
+TRITON_RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="no Triton runtime")),
             "torch"]

@@ -1,16 +1,22 @@
 """make_masker, the FastMasker module and ``pgnm-fast validate`` (CPU: the torch fast path, and the
 Triton code under the interpreter)."""
+import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from kernel_helpers import DEVICE, TRITON_RUNNABLE
 from pgnm_fast.errors import ConfigError
 from pgnm_fast.kernels import FastMasker, ReferenceMasker, make_masker
 from pgnm_fast.validate import ks_float32, run_validation, validate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton on CUDA when there is a GPU, else the same Triton code under the interpreter (tests/conftest.py)
+TRITON_RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def test_make_masker_builds_either_implementation():

@@ -1,6 +1,11 @@
-"""Compile every Triton kernel variant for NVIDIA targets without a GPU (run as a script, with
-TRITON_INTERPRET unset: decorated functions are interpreted otherwise). Prints one line per
-variant and exits non-zero on the first failure. Used by tests/test_kernels_compile.py."""
+"""Compile every Triton kernel variant for NVIDIA targets, no GPU needed:
+
+    python -m pgnm_fast.kernels.compile_check [90 80 ...]
+
+with TRITON_INTERPRET unset (decorated functions are interpreted otherwise). It goes through
+Triton's whole pipeline down to a cubin (its bundled ptxas), so it catches what the interpreter
+cannot: loop-carried types, dot shapes, layouts. Prints one line per variant and stops with an
+error at the first failure. Used by tests/test_kernels_compile.py."""
 import sys
 
 from triton import next_power_of_2 as triton_next_pow2
