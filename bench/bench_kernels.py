@@ -30,7 +30,7 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 
 APPLY_CONFIGS = [  # (tile, images per program, warps); the default is (32, 4, 8)
     (32, 4, 8), (32, 2, 8), (32, 8, 8), (32, 4, 4), (64, 2, 16), (64, 4, 8)]
-SAMPLE_CONFIGS = [(256, 8), (512, 8), (1024, 16), (2048, 16)]  # (block, warps)
+SAMPLE_CONFIGS = [(256, 8), (512, 8), (512, 16), (1024, 16), (1024, 32)]  # (block, warps); default (1024, 16)
 
 
 def _setup(impl, batch, channels, layout="nchw", masker=None):
