@@ -14,6 +14,7 @@ from .config import IMPLS, PRESETS
 from .errors import PgnmError
 from .models import model_names
 from .schedules import SCHEDULERS
+from .validate import validate
 
 
 def _one_line(e: Exception) -> str:
@@ -145,15 +146,7 @@ def synth(out, images, seed, size, layout):
     click.echo(f"wrote {images} synthetic images ({layout} layout) to {root}")
 
 
-def _register_optional():
-    try:
-        from .validate import validate
-    except ImportError:  # the kernel validation arrives with the kernels
-        return
-    main.add_command(validate)
-
-
-_register_optional()
+main.add_command(validate)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,9 +9,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .kernels import IMPLS
 
 STAGES = ("heated", "baseline", "finetune")
-IMPLS = ("fast", "reference")
 
 
 @dataclass

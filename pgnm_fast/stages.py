@@ -168,7 +168,8 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
     pairs = [(parts.optimizer, "optimizer", cfg.lr)]
     if parts.policy is not None:
         unwrap(parts.policy).load_state_dict(s["policy"])
-        parts.masker.load_state_dict(s["masker"])
+        if s["config"].get("impl") == cfg.impl:  # same implementation: continue its mask stream
+            parts.masker.load_state_dict(s["masker"])
         pairs.append((parts.policy_optimizer, "policy_optimizer", cfg.effective_policy_lr()))
     for optimizer, key, lr in pairs:
         optimizer.load_state_dict(s[key])  # momentum buffers

@@ -46,9 +46,10 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
     assert base.shape == (1, 64) and not torch.equal(base, torch.zeros_like(base))
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_interrupted_run_resumes_from_its_step_and_matches_an_uninterrupted_run(
-        data, tmp_path, monkeypatch):
-    common = ["--data", data, "--grid", "8", "--impl", "reference", *SMALL]
+        data, tmp_path, monkeypatch, impl):
+    common = ["--data", data, "--grid", "8", "--impl", impl, *SMALL]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert cli("train", "--out", whole, *common).exit_code == 0
     import pgnm_fast.stages as stages
