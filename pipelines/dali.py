@@ -1,0 +1,431 @@
+"""DALI pipelines: SPEC section 1 transforms from PNG files or a packed cache, GPU or CPU-only.
+
+One graph for both variants, only device placement differs (``device`` a CUDA device: decode
+with the ``mixed`` decoder where DALI can, everything after it on the GPU; ``device=None`` or a
+CPU device: every operator on the CPU, ``device_id=None``):
+
+- train: decode -> slice(top, left, h, w) -> resize(crop x crop, linear, antialias) ->
+  crop_mirror_normalize(mirror, mean, std);
+- eval: decode -> resize(torchvision's shorter-side size) -> slice(centre crop, zero padding
+  for an image smaller than the crop) -> crop_mirror_normalize.
+
+Every random draw is made in Python (numpy), from ``(seed, rank, epoch)``, by the rules of
+:class:`pgnm_fast.pipelines.transforms.RandomResizedCrop` (area uniform in ``scale``, log-ratio
+uniform in ``ratio``, 10 tries, torchvision's centre-crop fallback; flip with p = 0.5), and fed
+to DALI with the data through one external source. DALI only computes, so an epoch is a pure
+function of ``(seed, rank, epoch)``: a resumed run replays the interrupted epoch's batches bit
+for bit on the same device kind and DALI version (GPU and CPU results differ by float rounding).
+The sample order is the plain loader's (:class:`~pgnm_fast.pipelines.loader.EpochSampler` for
+train, :class:`~pgnm_fast.pipelines.loader.EvalShardSampler` for eval), so both loaders visit
+the same images in the same order for a given seed.
+
+Interpolation: the crop is cut out first and then resized, as torchvision does for PIL images.
+DALI's linear resize equals PIL's bilinear up to rounding (at most 1 grey level) when enlarging
+or keeping the size; when shrinking both low-pass filter, with slightly different filter
+shapes (a few grey levels on pixel noise, well under one on average). Decoding is bit-exact.
+
+Batches: train batches have a fixed shape and the last partial batch is dropped; eval pads its
+last batch inside DALI (repeating the last image) and drops the padding before yielding, so
+every image is seen exactly once. Output: ``(images, labels)``, images ``[N, C, H, W]`` float32
+or bf16 normalised (``channels_last`` gives NHWC memory), ``C`` 1 or 3 (copies of the grey
+channel), labels int64; on ``device`` (the CPU variant yields CPU tensors). ``static=True``
+writes every batch into the same two tensors (``loader.buffers``): the fixed addresses a
+captured CUDA graph replays on.
+
+On the CPU, DALI's resize does per-image set-up work on the pipeline's own thread, so the CPU
+variant runs several pipelines round-robin (batch ``b`` on pipeline ``b mod P``), which keeps all
+cores busy.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pgnm_fast.errors import DataError
+
+from . import check
+from .loader import EpochSampler, EvalShardSampler
+from .sources import Split
+from .transforms import MEAN, STD, load_grey
+
+
+@functools.lru_cache(maxsize=1)
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` and its PyTorch plug-in import."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing CUDA libraries, ...)
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- parameters
+def random_resized_crop_params(height, width, rng: np.random.Generator, scale=(0.08, 1.0),
+                               ratio=(3.0 / 4.0, 4.0 / 3.0), attempts: int = 10):
+    """Vectorised ``RandomResizedCrop.get_params``: arrays ``(top, left, h, w)`` for images of
+    the given sizes (the same rule, numpy's generator instead of torch's)."""
+    height = np.asarray(height, np.int64)
+    width = np.asarray(width, np.int64)
+    n = len(height)
+    area = (height * width).astype(np.float64)[:, None]
+    target = area * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = fits.argmax(1)
+    found = fits.any(1)
+    rows = np.arange(n)
+    # torchvision's fallback: the whole image, its aspect ratio clamped to `ratio`, centred
+    in_ratio = width / height
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = np.where(wide, np.rint(height * max(ratio)).astype(np.int64), width)
+    fh = np.where(narrow, np.rint(width / min(ratio)).astype(np.int64), height)
+    h = np.where(found, h[rows, first], fh)
+    w = np.where(found, w[rows, first], fw)
+    top = np.where(found, rng.integers(0, height - h + 1), (height - h) // 2)
+    left = np.where(found, rng.integers(0, width - w + 1), (width - w) // 2)
+    return top, left, h, w
+
+
+def eval_params(height, width, crop_size: int, resize_size: int):
+    """torchvision's ``Resize(resize_size)`` + ``CenterCrop(crop_size)`` as arrays: the resized
+    ``(rh, rw)`` and the crop's ``(top, left)`` in the resized image (negative: zero padding)."""
+    height = np.asarray(height, np.int64)
+    width = np.asarray(width, np.int64)
+    short, long = np.minimum(height, width), np.maximum(height, width)
+    new_long = (resize_size * long / short).astype(np.int64)  # int() of the float, as torchvision
+    rh = np.where(width <= height, new_long, resize_size)
+    rw = np.where(width <= height, resize_size, new_long)
+    top = np.where(crop_size > rh, -((crop_size - rh) // 2),
+                   np.rint((rh - crop_size) / 2.0).astype(np.int64))
+    left = np.where(crop_size > rw, -((crop_size - rw) // 2),
+                    np.rint((rw - crop_size) / 2.0).astype(np.int64))
+    return rh, rw, top, left
+
+
+# ----------------------------------------------------------------------------- samples
+class _PngSamples:
+    """Encoded PNG bytes per file; files that are not 8-bit grey PNGs are decoded by PIL
+    (``load_grey``) and re-encoded as 8-bit grey PNGs, so DALI applies the same rules."""
+
+    encoded = True
+
+    def __init__(self, files, scan: check.ScanResult, threads: int):
+        self.files, self.kind = files, scan.kind
+        self.height, self.width = scan.height, scan.width
+        self.threads, self._pool = threads, (None, None)
+
+    def _read(self, i):
+        if self.kind[i] == check.GREY8:
+            return np.fromfile(self.files[i], dtype=np.uint8)
+        buf = io.BytesIO()
+        load_grey(self.files[i]).save(buf, format="PNG", compress_level=0)
+        return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+    def read(self, indices):
+        pid, pool = self._pool
+        if pid != os.getpid():
+            pool = ThreadPoolExecutor(self.threads)
+            self._pool = (os.getpid(), pool)
+        return list(pool.map(self._read, indices))
+
+    def name(self, i):
+        return self.files[i]
+
+
+class _CacheSamples:
+    """Decoded pixels from a packed cache: views of the memory map, no copy, no decoding."""
+
+    encoded = False
+
+    def __init__(self, split):
+        self.cache, self.records = split.cache, split.records
+        self.height, self.width = split.heights, split.widths
+        self.files = split.files
+
+    def read(self, indices):
+        return [self.cache.image(self.records[i]) for i in indices]
+
+    def name(self, i):
+        return self.files[i]
+
+
+@dataclass
+class _Batch:
+    indices: np.ndarray  # into the split, padded to the batch size
+    valid: int           # leading entries that are real (eval pads the last batch)
+    anchor: np.ndarray   # (B, 2) int32 top, left
+    shape: np.ndarray    # (B, 2) int32 height, width of the slice
+    mirror: np.ndarray   # (B,) int32
+    size: np.ndarray     # (B, 2) float32 resize target (eval)
+
+
+class _Feed:
+    """The external-source callback of one pipeline: batches p, p + P, ... of the epoch."""
+
+    def __init__(self, samples, pipe_index: int, n_pipes: int, train: bool):
+        self.samples, self.p, self.n, self.train = samples, pipe_index, n_pipes, train
+        self.batches, self.k = [], 0
+
+    def start(self, batches):
+        self.batches, self.k = batches[self.p::self.n], 0
+
+    def stop(self):
+        self.k = len(self.batches)
+
+    def __call__(self):
+        if self.k >= len(self.batches):
+            raise StopIteration
+        b = self.batches[self.k]
+        self.k += 1
+        return (self.samples.read(b.indices), b.anchor, b.shape,
+                b.mirror if self.train else b.size)
+
+
+def _build_pipeline(feed, *, train, encoded, colour, crop_size, batch_size, threads,
+                    device_id, mean, std, channels_last, prefetch):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch)
+    def graph():
+        data, anchor, shape, last = fn.external_source(  # last: mirror (train), size (eval)
+            source=feed, num_outputs=4, batch=True,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32 if train else types.FLOAT],
+            layout=["" if encoded else "HWC", "", "", ""])
+        if encoded:
+            images = fn.decoders.image(data, device="mixed" if gpu else "cpu",
+                                       output_type=types.GRAY)
+        else:
+            images = data.gpu() if gpu else data
+            if colour:
+                images = fn.color_space_conversion(images, image_type=types.RGB,
+                                                   output_type=types.GRAY)
+        if train:
+            images = fn.slice(images, anchor, shape, axis_names="HW")
+            images = fn.resize(images, size=[crop_size, crop_size], antialias=True)
+        else:
+            images = fn.resize(images, size=last, antialias=True)
+            images = fn.slice(images, anchor, shape, axis_names="HW",
+                              out_of_bounds_policy="pad", fill_values=0)
+        return fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
+            mean=[mean * 255.0], std=[std * 255.0], mirror=last if train else 0)
+
+    pipe = graph()
+    pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """An iterable of ``(images, labels)`` batches through DALI (module docstring).
+
+    ``split``: a :class:`~pgnm_fast.pipelines.sources.Split` of image files or a
+    :class:`~pgnm_fast.pipelines.pack.PackedSplit`. ``device``: a CUDA device for the GPU
+    variant, None or ``"cpu"`` for the CPU-only one. ``threads``: CPU threads for DALI.
+    ``scan``: the split's :func:`~pgnm_fast.pipelines.check.scan` result (made here if absent);
+    a bad file raises a DataError naming it before the first batch (use
+    :func:`pgnm_fast.pipelines.make_loader` for ``on_bad_image="skip"``).
+    """
+
+    def __init__(self, split: Split, *, train: bool, batch_size: int, crop_size: int = 224,
+                 resize_size: int = 256, channels: int = 1, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device=None, threads: int = 2, pipelines: int | None = None,
+                 dtype=torch.float32, channels_last: bool = False, static: bool = False,
+                 prefetch: int = 2, scan: check.ScanResult | None = None, mean: float = MEAN,
+                 std: float = STD):
+        if not dali_available():
+            raise DataError("DALI is not installed (pip install nvidia-dali-cuda120); use the "
+                            "plain PyTorch loader (--loader torch)")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.split, self.train, self.batch_size = split, train, batch_size
+        self.crop_size, self.resize_size, self.channels = crop_size, resize_size, channels
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype, self.channels_last, self.static = dtype, channels_last, static
+        self.mean, self.std, self.prefetch = mean, std, prefetch
+        cpus = len(os.sched_getaffinity(0))
+        self.threads = max(1, min(threads, cpus))
+        gpu = self.device.type == "cuda"
+        self.n_pipes = 1 if gpu else (pipelines or min(self.threads, 4))
+        if hasattr(split, "cache"):
+            self.samples = _CacheSamples(split)
+            self.colour = split.cache.channels == 3
+        else:
+            scan = scan if scan is not None else check.scan(split.files)
+            if scan.bad:
+                i, reason = scan.bad[0]
+                raise DataError(f"{split.files[i]}: {reason}" + (
+                    f" (and {len(scan.bad) - 1} more bad files)" if len(scan.bad) > 1 else ""))
+            self.samples = _PngSamples(split.files, scan, min(8, 2 * cpus))
+            self.colour = False
+        n = len(split)
+        if train:
+            self.sampler = EpochSampler(range(n), num_replicas=world_size, rank=rank, seed=seed)
+            if len(self.sampler) < batch_size:
+                raise DataError(f"the {split.name} split has {n} images, fewer than one batch of "
+                                f"{batch_size} per process ({world_size} processes)")
+        else:
+            self.sampler = EvalShardSampler(n, world_size, rank)
+        self._pipes, self._feeds, self._dirty, self.buffers = None, None, False, None
+
+    # -- the trainer's loader contract
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def variant(self) -> str:
+        return "gpu" if self.device.type == "cuda" else "cpu"
+
+    # -- planning (pure numpy: a function of seed, rank and epoch)
+    def plan_epoch(self) -> list[_Batch]:
+        """The next epoch's batches (advances the sampler as one pass of the plain loader)."""
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        B, cs = self.batch_size, self.crop_size
+        if self.train:
+            order = order[:len(order) // B * B]
+            rng = np.random.default_rng([self.seed, self.rank, self.sampler.epoch])
+            top, left, h, w = random_resized_crop_params(
+                self.samples.height[order], self.samples.width[order], rng)
+            mirror = rng.random(len(order)) < 0.5
+            size = np.full((len(order), 2), cs, np.float32)
+            valid = [B] * (len(order) // B)
+        else:
+            valid = [min(B, len(order) - s) for s in range(0, len(order), B)]
+            pad = -len(order) % B
+            order = np.concatenate([order, np.repeat(order[-1:], pad)])
+            rh, rw, top, left = eval_params(self.samples.height[order],
+                                            self.samples.width[order], cs, self.resize_size)
+            h = w = np.full(len(order), cs, np.int64)
+            mirror = np.zeros(len(order), bool)
+            size = np.stack([rh, rw], 1).astype(np.float32)
+        anchor = np.stack([top, left], 1).astype(np.int32)
+        shape = np.stack([h, w], 1).astype(np.int32)
+        return [_Batch(order[s:s + B], v, anchor[s:s + B], shape[s:s + B],
+                       mirror[s:s + B].astype(np.int32), size[s:s + B])
+                for v, s in zip(valid, range(0, len(order), B))]
+
+    # -- running
+    def _pipelines(self):
+        if self._pipes is None:
+            device_id = None
+            if self.device.type == "cuda":
+                device_id = self.device.index if self.device.index is not None \
+                    else torch.cuda.current_device()
+            per_pipe = max(1, self.threads // self.n_pipes)
+            self._feeds = [_Feed(self.samples, p, self.n_pipes, self.train)
+                           for p in range(self.n_pipes)]
+            self._pipes = [_build_pipeline(
+                f, train=self.train, encoded=self.samples.encoded, colour=self.colour,
+                crop_size=self.crop_size, batch_size=self.batch_size, threads=per_pipe,
+                device_id=device_id, mean=self.mean, std=self.std,
+                channels_last=self.channels_last, prefetch=self.prefetch)
+                for f in self._feeds]
+        return self._pipes
+
+    def _drain(self):
+        """End the current epoch on every pipeline: drop prefetched batches, reset."""
+        if self._pipes is None:
+            return
+        for feed, pipe in zip(self._feeds, self._pipes):
+            feed.stop()
+            try:
+                while True:
+                    pipe.run()
+            except StopIteration:
+                pass
+            pipe.reset()
+        self._dirty = False
+
+    def _out_tensors(self):
+        B, C, S = self.batch_size, self.channels, self.crop_size
+        if self.static and self.buffers is not None:
+            return self.buffers
+        images = torch.empty((B, C, S, S), dtype=self.dtype, device=self.device,
+                             memory_format=torch.channels_last if self.channels_last
+                             else torch.contiguous_format)
+        labels = torch.empty(B, dtype=torch.int64, device=self.device)
+        if self.static:
+            self.buffers = (images, labels)
+        return images, labels
+
+    def _copy_out(self, tensor_list, batch: _Batch):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        images, labels = self._out_tensors()
+        tensor_list = tensor_list.as_tensor()  # dense: every sample is crop x crop
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        target = images.permute(0, 2, 3, 1) if self.channels_last else images  # DALI's layout
+        if self.channels == 1 and self.dtype == torch.float32 and target.is_contiguous():
+            feed_ndarray(tensor_list, target, cuda_stream=stream)
+        else:
+            shape = tuple(target.shape[:-1]) + (1,) if self.channels_last \
+                else (target.shape[0], 1) + tuple(target.shape[2:])
+            scratch = torch.empty(shape, dtype=torch.float32, device=self.device)
+            feed_ndarray(tensor_list, scratch, cuda_stream=stream)
+            target.copy_(scratch.expand(target.shape))
+        labels.copy_(torch.from_numpy(self.split.labels[batch.indices]), non_blocking=True)
+        n = batch.valid
+        return (images, labels) if n == self.batch_size else (images[:n], labels[:n])
+
+    def __iter__(self):
+        if self._dirty:  # an earlier pass was abandoned: flush what it prefetched
+            self._drain()
+        batches = self.plan_epoch()
+        pipes = self._pipelines()
+        for feed in self._feeds:
+            feed.start(batches)
+        self._dirty = True
+        return self._run(pipes, batches)
+
+    def _run(self, pipes, batches):
+        try:
+            for b, batch in enumerate(batches):
+                try:
+                    out = pipes[b % self.n_pipes].run()
+                except StopIteration:
+                    raise RuntimeError("DALI pipeline ended early") from None
+                except RuntimeError as e:
+                    self._pipes = None  # DALI invalidates a pipeline after an error
+                    self._dirty = False
+                    raise self._explain(e, batches[b:b + 1 + self.prefetch * self.n_pipes]) \
+                        from None
+                yield self._copy_out(out[0], batch)
+        finally:
+            if self._pipes is not None and self._dirty:
+                self._drain()
+
+    def _explain(self, error, batches) -> Exception:
+        """A DALI failure as a DataError naming the file, if PIL cannot read it either."""
+        for batch in batches:
+            for i in batch.indices[:batch.valid]:
+                name = self.samples.name(i)
+                try:
+                    load_grey(name) if self.samples.encoded else None
+                except DataError as e:
+                    return e
+        first = str(error).strip().splitlines()
+        return DataError(f"DALI failed on a batch of the {self.split.name} split "
+                         f"({first[0] if first else type(error).__name__})")
+
+    def __del__(self):
+        pool = getattr(getattr(self, "samples", None), "_pool", (None, None))[1]
+        if pool is not None:
+            pool.shutdown(wait=False)
