@@ -282,6 +282,9 @@ def _detect_folders(path: Path, skip_bad=False, **_):
 
 def _detect_packed(path: Path, **_):
     if not (path.is_dir() and (path / "manifest.json").is_file()):
+        if (path / ".partial").is_dir():
+            raise DataError(f"{path}: an interrupted pack (no manifest.json yet): run the same "
+                            f"pgnm-fast pack command again to finish it")
         return None
     from .pack import open_packed  # only when a manifest is there
     return open_packed(path)
