@@ -312,8 +312,8 @@ def test_pack_command_and_training_from_the_cache(synth_root, tmp_path):
     out = tmp_path / "run"
     r = runner.invoke(main, ["train", "--no-policy", "--data", str(good), "--out", str(out),
                              "--loader", "torch", "--epochs", "1", "-b", "16",
-                             "--train-crop-size", "32", "--val-resize-size", "36",
-                             "--val-crop-size", "32", "-j", "0"], catch_exceptions=False)
+                             "--train-crop-size", "16", "--val-resize-size", "18",
+                             "--val-crop-size", "16", "-j", "0"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert (out / "best.pt").exists() and str(good) in r.output
 
