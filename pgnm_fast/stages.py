@@ -188,9 +188,11 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
 
 def _loaders(run: Run, log=print):
     cfg, info = run.cfg, run.info
+    # static: DALI writes each batch into the same two tensors (no per-batch allocation); safe
+    # because a step has consumed (or queued on the stream) its batch before the next one
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, log=log)
+                  backend=cfg.loader, static=True, log=log)
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
                         rank=info.rank, world_size=info.world_size, **common)
     # validation runs on the main process only, over the whole split

@@ -38,6 +38,7 @@ cores busy.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -368,19 +369,16 @@ class DaliLoader:
         return images, labels
 
     def _copy_out(self, tensor_list, batch: _Batch):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        """DALI's output (a zero-copy DLPack view, ready: ``run`` synchronises with the host)
+        copied into the output tensors on the current stream, converting dtype, layout and
+        channel count in the same copy."""
         images, labels = self._out_tensors()
-        tensor_list = tensor_list.as_tensor()  # dense: every sample is crop x crop
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        target = images.permute(0, 2, 3, 1) if self.channels_last else images  # DALI's layout
-        if self.channels == 1 and self.dtype == torch.float32 and target.is_contiguous():
-            feed_ndarray(tensor_list, target, cuda_stream=stream)
-        else:
-            shape = tuple(target.shape[:-1]) + (1,) if self.channels_last \
-                else (target.shape[0], 1) + tuple(target.shape[2:])
-            scratch = torch.empty(shape, dtype=torch.float32, device=self.device)
-            feed_ndarray(tensor_list, scratch, cuda_stream=stream)
-            target.copy_(scratch.expand(target.shape))
+        with torch.cuda.device(self.device) if self.device.type == "cuda" \
+                else contextlib.nullcontext():
+            out = torch.from_dlpack(tensor_list.as_tensor())
+        if self.channels_last:
+            out = out.permute(0, 3, 1, 2)  # (B, H, W, 1) -> (B, 1, H, W) view
+        images.copy_(out.expand(images.shape))
         labels.copy_(torch.from_numpy(self.split.labels[batch.indices]), non_blocking=True)
         n = batch.valid
         return (images, labels) if n == self.batch_size else (images[:n], labels[:n])
