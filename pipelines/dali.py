@@ -30,7 +30,8 @@ every image is seen exactly once. Output: ``(images, labels)``, images ``[N, C, 
 or bf16 normalised (``channels_last`` gives NHWC memory), ``C`` 1 or 3 (copies of the grey
 channel), labels int64; on ``device`` (the CPU variant yields CPU tensors). ``static=True``
 writes every batch into the same two tensors (``loader.buffers``): the fixed addresses a
-captured CUDA graph replays on.
+captured CUDA graph replays on; the consumer must be done with a batch (or have queued its work
+on the current stream) when it asks for the next one, and must not keep the tensors.
 
 On the CPU, DALI's resize does per-image set-up work on the pipeline's own thread, so the CPU
 variant runs several pipelines round-robin (batch ``b`` on pipeline ``b mod P``), which keeps all
