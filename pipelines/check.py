@@ -59,8 +59,9 @@ def _png_probe(data: memoryview, nbytes: int) -> Probe:
                                                     f"chunk cut at byte {len(data)})")
         crc, = struct.unpack(">I", data[end - 4:end])
         if zlib.crc32(data[pos + 8:end - 4], zlib.crc32(ctype)) != crc:
-            return Probe(BAD, nbytes=nbytes, reason=f"corrupt PNG (CRC mismatch in the "
-                                                    f"{ctype.decode('latin-1')} chunk at byte {pos})")
+            name = ctype.decode("latin-1")
+            return Probe(BAD, nbytes=nbytes,
+                         reason=f"corrupt PNG (CRC mismatch in the {name} chunk at byte {pos})")
         if ihdr is None:
             if ctype != b"IHDR" or length != 13:
                 return Probe(BAD, nbytes=nbytes, reason="corrupt PNG (no IHDR chunk first)")

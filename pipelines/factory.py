@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 from PIL import Image
@@ -121,7 +122,15 @@ def make_loader(data, *, train: bool, batch_size: int, split: str | None = None,
     packed = hasattr(data, "cache")
     scan = None
     if not packed:
+        t0 = time.perf_counter()
         scan = check.scan(data.files)
+        if time.perf_counter() - t0 > 5:
+            log(f"checked {len(data.files)} image files in {time.perf_counter() - t0:.0f} s (a "
+                f"cache made by `pgnm-fast pack` needs no check)")
+        converted = int((scan.kind == check.CONVERT).sum())
+        if kind == "dali" and converted:
+            log(f"{converted} of {len(data.files)} {data.name} files are not 8-bit grey PNGs: PIL "
+                f"decodes them for DALI on the fly (`pgnm-fast pack` decodes them once)")
         if scan.bad:
             check.report_bad([(data.files[i], r) for i, r in scan.bad], on_bad_image, bad_list,
                              log)

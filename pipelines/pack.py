@@ -321,8 +321,9 @@ def _finish(source, plan, results, out, work, on_bad_image, log) -> dict:
         f.write("\n")
     shutil.rmtree(work, ignore_errors=True)
     gib = plan.total / 2 ** 30
-    log(f"packed {len(idx)} images ({', '.join(f'{k} {v}' for k, v in manifest['splits'].items())}; "
-        f"{'grey' if plan.channels == 1 else 'RGB'}, {gib:.2f} GiB) into {out}"
+    sizes = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items())
+    log(f"packed {len(idx)} images ({sizes}; {'grey' if plan.channels == 1 else 'RGB'}, "
+        f"{gib:.2f} GiB) into {out}"
         + (f"; skipped {len(skipped)} (listed in {out / SKIPPED})" if skipped else ""))
     return manifest
 

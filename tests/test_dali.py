@@ -17,11 +17,13 @@ from click.testing import CliRunner  # noqa: E402
 from pgnm_fast.cli import main  # noqa: E402
 from pgnm_fast.errors import DataError  # noqa: E402
 from pgnm_fast.pipelines import make_loader, open_source  # noqa: E402
-from pgnm_fast.pipelines.dali import DaliLoader, eval_params, random_resized_crop_params  # noqa: E402
+from pgnm_fast.pipelines.dali import (DaliLoader, eval_params,  # noqa: E402
+                                      random_resized_crop_params)
 from pgnm_fast.pipelines.loader import EpochSampler, build_loader  # noqa: E402
 from pgnm_fast.pipelines.pack import pack  # noqa: E402
-from pgnm_fast.pipelines.transforms import (MEAN, STD, CenterCrop, ClassificationPresetEval,  # noqa: E402
-                                            RandomResizedCrop, Resize, load_grey)
+from pgnm_fast.pipelines.transforms import (MEAN, STD, CenterCrop,  # noqa: E402
+                                            ClassificationPresetEval, RandomResizedCrop, Resize,
+                                            load_grey)
 
 LEVEL = 1e-3           # significance level of every statistical test here
 GREY = 1 / (255 * STD)  # one grey level in normalised units
@@ -353,10 +355,11 @@ def test_files_dali_cannot_decode_like_pil_are_converted_first(tmp_path):
     rng = np.random.default_rng(12)
     d = tmp_path / "train" / "x"
     d.mkdir(parents=True)
+    def colour():
+        return Image.fromarray(rng.integers(0, 256, (30, 26, 3), np.uint8))
+
     files = {"deep.png": Image.fromarray(rng.integers(0, 65535, (30, 26)).astype(np.uint16)),
-             "rgb.png": Image.fromarray(rng.integers(0, 256, (30, 26, 3), np.uint8)),
-             "palette.png": Image.fromarray(rng.integers(0, 256, (30, 26, 3), np.uint8)).convert("P"),
-             "photo.jpg": Image.fromarray(rng.integers(0, 256, (30, 26, 3), np.uint8))}
+             "rgb.png": colour(), "palette.png": colour().convert("P"), "photo.jpg": colour()}
     for name, im in files.items():
         im.save(d / name)
     split = open_source(tmp_path).split("train")
@@ -376,13 +379,15 @@ def test_train_runs_through_dali_from_a_root_and_a_cache(synth_root, packed, tmp
                                                          monkeypatch):
     plans = []
     real = DaliLoader.plan_epoch
-    monkeypatch.setattr(DaliLoader, "plan_epoch", lambda self: plans.append(self.train) or real(self))
+    monkeypatch.setattr(DaliLoader, "plan_epoch",
+                        lambda self: plans.append(self.train) or real(self))
     for name, data in (("root", synth_root), ("cache", packed)):
         out = tmp_path / name
-        r = CliRunner().invoke(main, ["train", "--no-policy", "--data", str(data), "--out", str(out),
-                                      "--epochs", "1", "-b", "32", "--train-crop-size", "16",
-                                      "--val-resize-size", "18", "--val-crop-size", "16", "-j", "1",
-                                      "--loader", "dali"], catch_exceptions=False)
+        r = CliRunner().invoke(main, ["train", "--no-policy", "--data", str(data), "--out",
+                                      str(out), "--epochs", "1", "-b", "32",
+                                      "--train-crop-size", "16", "--val-resize-size", "18",
+                                      "--val-crop-size", "16", "-j", "1", "--loader", "dali"],
+                               catch_exceptions=False)
         assert r.exit_code == 0, r.output
         assert (out / "best.pt").exists()
     assert plans == [True, False, True, False]  # one train and one val epoch each, via DALI

@@ -181,7 +181,8 @@ def _tiny_set(root, seed=0, classes=("a", "b", "c"), per_class=4, colour=False):
     for split in ("train", "val"):
         for c in classes:
             for i in range(per_class):
-                shape = (int(rng.integers(12, 21)), int(rng.integers(12, 21))) + ((3,) if colour else ())
+                shape = (int(rng.integers(12, 21)), int(rng.integers(12, 21)))
+                shape += (3,) if colour else ()
                 _png(root / split / c / f"{c}{i}.png", rng.integers(0, 256, shape, np.uint8))
     return root
 
@@ -272,8 +273,9 @@ def test_sixteen_bit_and_colour_images_in_a_grey_set_are_converted(tmp_path):
     assert manifest["channels"] == 1 and manifest["skipped"] == 0
     assert manifest["converted"] == {"deeper_than_8_bits": 1, "colour_to_grey": 1}
     cache = open_source(tmp_path / "c")
-    for name, want in (("deep.png", np.rint((deep - deep.min()) * 255.0 / (deep.max() - deep.min()))),
-                       ("rgb.png", np.asarray(Image.fromarray(rgb).convert("L")))):
+    window = np.rint((deep - deep.min()) * 255.0 / (deep.max() - deep.min()))
+    luma = np.asarray(Image.fromarray(rgb).convert("L"))
+    for name, want in (("deep.png", window), ("rgb.png", luma)):
         split = cache.split("train" if name == "deep.png" else "val")
         i = [Path(f).name for f in split.files].index(name)
         assert np.array_equal(split.cache.image(split.records[i])[:, :, 0], want.astype(np.uint8))
@@ -285,7 +287,8 @@ def test_an_all_colour_set_packs_as_rgb_and_reads_as_grey(tmp_path):
     src, cache = open_source(root).split("val"), open_source(tmp_path / "c").split("val")
     for i in range(len(src)):
         with Image.open(src.files[i]) as im:
-            assert np.array_equal(cache.cache.image(cache.records[i]), np.asarray(im.convert("RGB")))
+            want = np.asarray(im.convert("RGB"))
+            assert np.array_equal(cache.cache.image(cache.records[i]), want)
     kw = dict(train=False, batch_size=5, crop_size=12, resize_size=14, workers=0)
     for (xa, ya), (xb, yb) in zip(build_loader(src, **kw), build_cached_loader(cache, **kw)):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)  # the same grey by PIL's luma
