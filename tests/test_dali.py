@@ -263,6 +263,17 @@ def test_two_shards_cover_the_data_set_exactly_once_per_epoch(tmp_path, train):
         assert sorted(seen) == list(range(80))
 
 
+def test_shards_come_from_the_torchrun_environment(synth_root, monkeypatch):
+    split = open_source(synth_root).split("val")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for backend in ("dali", "torch"):
+        loader = make_loader(split, train=False, batch_size=8, crop_size=16, resize_size=18,
+                             workers=0, backend=backend, log=quiet)
+        ys = torch.cat([y for _, y in loader])
+        assert ys.tolist() == split.labels[1::2].tolist(), backend
+
+
 def test_epochs_are_reproducible_resumable_and_differ(synth_root):
     """Epoch e is a function of (seed, rank, e): a fresh loader set to epoch 1 reproduces the
     second epoch of a loader that ran epoch 0, also when that epoch was abandoned after one
