@@ -32,10 +32,6 @@ channel), labels int64; on ``device`` (the CPU variant yields CPU tensors). ``st
 writes every batch into the same two tensors (``loader.buffers``): the fixed addresses a
 captured CUDA graph replays on; the consumer must be done with a batch (or have queued its work
 on the current stream) when it asks for the next one, and must not keep the tensors.
-
-On the CPU, DALI's resize does per-image set-up work on the pipeline's own thread, so the CPU
-variant runs several pipelines round-robin (batch ``b`` on pipeline ``b mod P``), which keeps all
-cores busy.
 """
 from __future__ import annotations
 
@@ -172,14 +168,14 @@ class _Batch:
 
 
 class _Feed:
-    """The external-source callback of one pipeline: batches p, p + P, ... of the epoch."""
+    """The pipeline's external-source callback: the epoch's batches, one per call."""
 
-    def __init__(self, samples, pipe_index: int, n_pipes: int, train: bool):
-        self.samples, self.p, self.n, self.train = samples, pipe_index, n_pipes, train
+    def __init__(self, samples, train: bool):
+        self.samples, self.train = samples, train
         self.batches, self.k = [], 0
 
     def start(self, batches):
-        self.batches, self.k = batches[self.p::self.n], 0
+        self.batches, self.k = batches, 0
 
     def stop(self):
         self.k = len(self.batches)
@@ -243,7 +239,7 @@ class DaliLoader:
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, crop_size: int = 224,
                  resize_size: int = 256, channels: int = 1, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device=None, threads: int = 2, pipelines: int | None = None,
+                 world_size: int = 1, device=None, threads: int = 2,
                  dtype=torch.float32, channels_last: bool = False, static: bool = False,
                  prefetch: int = 2, scan: check.ScanResult | None = None, mean: float = MEAN,
                  std: float = STD):
@@ -262,8 +258,6 @@ class DaliLoader:
         self.mean, self.std, self.prefetch = mean, std, prefetch
         cpus = len(os.sched_getaffinity(0))
         self.threads = max(1, min(threads, cpus))
-        gpu = self.device.type == "cuda"
-        self.n_pipes = 1 if gpu else (pipelines or min(self.threads, 4))
         if hasattr(split, "cache"):
             self.samples = _CacheSamples(split)
             self.colour = split.cache.channels == 3
@@ -283,7 +277,7 @@ class DaliLoader:
                                 f"{batch_size} per process ({world_size} processes)")
         else:
             self.sampler = EvalShardSampler(n, world_size, rank)
-        self._pipes, self._feeds, self._dirty, self.buffers = None, None, False, None
+        self._pipe, self._feed, self._dirty, self.buffers = None, None, False, None
 
     # -- the trainer's loader contract
     def __len__(self) -> int:
@@ -326,35 +320,30 @@ class DaliLoader:
                 for v, s in zip(valid, range(0, len(order), B))]
 
     # -- running
-    def _pipelines(self):
-        if self._pipes is None:
+    def _pipeline(self):
+        if self._pipe is None:
             device_id = None
             if self.device.type == "cuda":
                 device_id = self.device.index if self.device.index is not None \
                     else torch.cuda.current_device()
-            per_pipe = max(1, self.threads // self.n_pipes)
-            self._feeds = [_Feed(self.samples, p, self.n_pipes, self.train)
-                           for p in range(self.n_pipes)]
-            self._pipes = [_build_pipeline(
-                f, train=self.train, encoded=self.samples.encoded, colour=self.colour,
-                crop_size=self.crop_size, batch_size=self.batch_size, threads=per_pipe,
+            self._feed = _Feed(self.samples, self.train)
+            self._pipe = _build_pipeline(
+                self._feed, train=self.train, encoded=self.samples.encoded, colour=self.colour,
+                crop_size=self.crop_size, batch_size=self.batch_size, threads=self.threads,
                 device_id=device_id, mean=self.mean, std=self.std,
                 channels_last=self.channels_last, prefetch=self.prefetch)
-                for f in self._feeds]
-        return self._pipes
+        return self._pipe
 
     def _drain(self):
-        """End the current epoch on every pipeline: drop prefetched batches, reset."""
-        if self._pipes is None:
-            return
-        for feed, pipe in zip(self._feeds, self._pipes):
-            feed.stop()
+        """End the current epoch: drop the batches DALI prefetched, reset the pipeline."""
+        if self._pipe is not None:
+            self._feed.stop()
             try:
                 while True:
-                    pipe.run()
+                    self._pipe.run()
             except StopIteration:
                 pass
-            pipe.reset()
+            self._pipe.reset()
         self._dirty = False
 
     def _out_tensors(self):
@@ -388,27 +377,24 @@ class DaliLoader:
         if self._dirty:  # an earlier pass was abandoned: flush what it prefetched
             self._drain()
         batches = self.plan_epoch()
-        pipes = self._pipelines()
-        for feed in self._feeds:
-            feed.start(batches)
+        pipe = self._pipeline()
+        self._feed.start(batches)
         self._dirty = True
-        return self._run(pipes, batches)
+        return self._run(pipe, batches)
 
-    def _run(self, pipes, batches):
+    def _run(self, pipe, batches):
         try:
             for b, batch in enumerate(batches):
                 try:
-                    out = pipes[b % self.n_pipes].run()
+                    out = pipe.run()
                 except StopIteration:
                     raise RuntimeError("DALI pipeline ended early") from None
                 except RuntimeError as e:
-                    self._pipes = None  # DALI invalidates a pipeline after an error
-                    self._dirty = False
-                    raise self._explain(e, batches[b:b + 1 + self.prefetch * self.n_pipes]) \
-                        from None
+                    self._pipe, self._dirty = None, False  # DALI drops a pipeline that failed
+                    raise self._explain(e, batches[b:b + 1 + self.prefetch]) from None
                 yield self._copy_out(out[0], batch)
         finally:
-            if self._pipes is not None and self._dirty:
+            if self._dirty:
                 self._drain()
 
     def _explain(self, error, batches) -> Exception:
