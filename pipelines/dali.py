@@ -5,7 +5,8 @@ with the ``mixed`` decoder where DALI can, everything after it on the GPU; ``dev
 CPU device: every operator on the CPU, ``device_id=None``):
 
 - train: decode -> slice(top, left, h, w) -> resize(crop x crop, linear, antialias) ->
-  crop_mirror_normalize(mirror, mean, std);
+  crop_mirror_normalize(mirror, mean, std); from a packed cache the crop is cut out of the
+  memory map in numpy and fed instead of the whole image (no decode, no slice);
 - eval: decode -> resize(torchvision's shorter-side size) -> slice(centre crop, zero padding
   for an image smaller than the crop) -> crop_mirror_normalize.
 
@@ -141,17 +142,33 @@ class _PngSamples:
 
 
 class _CacheSamples:
-    """Decoded pixels from a packed cache: views of the memory map, no copy, no decoding."""
+    """Decoded pixels from a packed cache: views of the memory map, no decoding."""
 
     encoded = False
 
     def __init__(self, split):
-        self.cache, self.records = split.cache, split.records
-        self.height, self.width = split.heights, split.widths
-        self.files = split.files
+        self.cache, self.files = split.cache, split.files
+        rec = split.cache.records[split.records]
+        self.height, self.width = rec["height"].astype(np.int64), rec["width"].astype(np.int64)
+        self.offset, self.channels = rec["offset"].astype(np.int64), split.cache.channels
+        self._flat = (None, None)
 
-    def read(self, indices):
-        return [self.cache.image(self.records[i]) for i in indices]
+    def _images(self, indices):
+        pid, flat = self._flat
+        if pid != os.getpid():  # a plain ndarray view of the map: cheap slicing
+            flat = np.asarray(self.cache.data)
+            self._flat = (os.getpid(), flat)
+        c = self.channels
+        for off, h, w in zip(self.offset[indices].tolist(), self.height[indices].tolist(),
+                             self.width[indices].tolist()):
+            yield flat[off:off + h * w * c].reshape(h, w, c)
+
+    def read(self, indices, anchor=None, shape=None):
+        """Whole images (views), or with ``anchor``/``shape`` copies of the crops alone."""
+        if anchor is None:
+            return list(self._images(indices))
+        return [np.ascontiguousarray(img[t:t + h, l:l + w]) for img, (t, l), (h, w)
+                in zip(self._images(indices), anchor.tolist(), shape.tolist())]
 
     def name(self, i):
         return self.files[i]
@@ -185,8 +202,11 @@ class _Feed:
             raise StopIteration
         b = self.batches[self.k]
         self.k += 1
-        return (self.samples.read(b.indices), b.anchor, b.shape,
-                b.mirror if self.train else b.size)
+        if not self.train:
+            return self.samples.read(b.indices), b.size, b.anchor, b.shape
+        if self.samples.encoded:
+            return self.samples.read(b.indices), b.anchor, b.shape, b.mirror
+        return self.samples.read(b.indices, b.anchor, b.shape), b.mirror  # cache: numpy crops
 
 
 def _build_pipeline(feed, *, train, encoded, colour, crop_size, batch_size, threads,
@@ -198,10 +218,17 @@ def _build_pipeline(feed, *, train, encoded, colour, crop_size, batch_size, thre
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
                   prefetch_queue_depth=prefetch)
     def graph():
-        data, anchor, shape, last = fn.external_source(  # last: mirror (train), size (eval)
-            source=feed, num_outputs=4, batch=True,
-            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32 if train else types.FLOAT],
-            layout=["" if encoded else "HWC", "", "", ""])
+        i32, layout = types.INT32, "" if encoded else "HWC"
+        if train and not encoded:  # crops cut out by the feed
+            data, mirror = fn.external_source(source=feed, num_outputs=2, batch=True,
+                                              dtype=[types.UINT8, i32], layout=[layout, ""])
+        elif train:
+            data, anchor, shape, mirror = fn.external_source(
+                source=feed, num_outputs=4, batch=True, dtype=[types.UINT8, i32, i32, i32])
+        else:
+            data, size, anchor, shape = fn.external_source(
+                source=feed, num_outputs=4, batch=True, layout=[layout, "", "", ""],
+                dtype=[types.UINT8, types.FLOAT, i32, i32])
         if encoded:
             images = fn.decoders.image(data, device="mixed" if gpu else "cpu",
                                        output_type=types.GRAY)
@@ -211,15 +238,16 @@ def _build_pipeline(feed, *, train, encoded, colour, crop_size, batch_size, thre
                 images = fn.color_space_conversion(images, image_type=types.RGB,
                                                    output_type=types.GRAY)
         if train:
-            images = fn.slice(images, anchor, shape, axis_names="HW")
+            if encoded:
+                images = fn.slice(images, anchor, shape, axis_names="HW")
             images = fn.resize(images, size=[crop_size, crop_size], antialias=True)
         else:
-            images = fn.resize(images, size=last, antialias=True)
+            images = fn.resize(images, size=size, antialias=True)
             images = fn.slice(images, anchor, shape, axis_names="HW",
                               out_of_bounds_policy="pad", fill_values=0)
         return fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
-            mean=[mean * 255.0], std=[std * 255.0], mirror=last if train else 0)
+            mean=[mean * 255.0], std=[std * 255.0], mirror=mirror if train else 0)
 
     pipe = graph()
     pipe.build()
@@ -359,17 +387,24 @@ class DaliLoader:
         return images, labels
 
     def _copy_out(self, tensor_list, batch: _Batch):
-        """DALI's output (a zero-copy DLPack view, ready: ``run`` synchronises with the host)
-        copied into the output tensors on the current stream, converting dtype, layout and
-        channel count in the same copy."""
-        images, labels = self._out_tensors()
+        """The batch as torch tensors. DALI's output is a DLPack view (ready: ``run``
+        synchronises with the host). When it already has the requested form and no static
+        buffers are asked for, it is yielded as is: DALI's dynamic executor gives every
+        iteration its own output buffer and keeps it while the view is alive. Otherwise one
+        copy on the current stream converts dtype, layout and channel count."""
         with torch.cuda.device(self.device) if self.device.type == "cuda" \
                 else contextlib.nullcontext():
             out = torch.from_dlpack(tensor_list.as_tensor())
         if self.channels_last:
             out = out.permute(0, 3, 1, 2)  # (B, H, W, 1) -> (B, 1, H, W) view
-        images.copy_(out.expand(images.shape))
-        labels.copy_(torch.from_numpy(self.split.labels[batch.indices]), non_blocking=True)
+        labels = torch.from_numpy(self.split.labels[batch.indices])
+        if not self.static and self.channels == 1 and self.dtype == torch.float32 \
+                and self._pipe.exec_dynamic:
+            images, labels = out, labels.to(self.device, non_blocking=True)
+        else:
+            images, buf = self._out_tensors()
+            images.copy_(out.expand(images.shape))
+            labels = buf.copy_(labels, non_blocking=True)
         n = batch.valid
         return (images, labels) if n == self.batch_size else (images[:n], labels[:n])
 

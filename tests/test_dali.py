@@ -321,6 +321,18 @@ def test_output_forms_and_static_buffers(synth_root):
             assert loader.buffers[0].data_ptr() in ptrs
 
 
+def test_batches_kept_by_the_consumer_stay_valid(synth_root):
+    """Without static buffers the batches are DALI's own outputs (no copy): keeping them all
+    must not let later batches overwrite earlier ones."""
+    split = open_source(synth_root).split("train")
+    kw = dict(train=True, batch_size=16, crop_size=24, seed=1, threads=2)
+    kept = list(DaliLoader(split, **kw))  # references only
+    copied = batches(DaliLoader(split, **kw))
+    assert len(kept) == len(copied) == len(split) // 16
+    assert len({x.data_ptr() for x, _ in kept}) == len(kept)
+    assert all(torch.equal(a, c) and torch.equal(y, yc) for (a, y), (c, yc) in zip(kept, copied))
+
+
 # ----------------------------------------------------------------------------- bad files
 def _broken_stream(path: Path):
     """Flip a byte inside the IDAT payload and fix the CRC: passes the scan, fails to decode."""
