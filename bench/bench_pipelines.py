@@ -103,7 +103,7 @@ def _loader(path: str, root, cache):
     split = open_source(data).split("train")
     return make_loader(split, train=True, batch_size=BATCH, crop_size=CROP, workers=CPUS,
                        seed=0, rank=0, world_size=1, device=device, backend=backend,
-                       static=True, log=_quiet), device  # as the trainer builds them
+                       log=_quiet), device  # as the trainer builds them (eager)
 
 
 def _epoch(loader, device) -> int:

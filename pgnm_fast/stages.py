@@ -191,11 +191,10 @@ def _loaders(run: Run, log=print):
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
                   backend=cfg.loader, log=log)
-    # static (DALI): every train batch lands in the same two tensors, no allocation per batch;
-    # safe because a step consumes (or queues on the stream) its batch before the next one.
-    # Not for validation: predict() keeps the label tensors it is given.
+    # static (DALI, for graph replay): every train batch lands in the same two tensors
+    # (loader.buffers); without it DALI's own output buffers are yielded, no copy
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
-                        rank=info.rank, world_size=info.world_size, static=True, **common)
+                        rank=info.rank, world_size=info.world_size, static=cfg.graphs, **common)
     # validation runs on the main process only, over the whole split
     val = make_loader(run.val_split, train=False, crop_size=cfg.val_crop_size, rank=0,
                       world_size=1, **common)

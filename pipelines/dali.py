@@ -4,9 +4,9 @@ One graph for both variants, only device placement differs (``device`` a CUDA de
 with the ``mixed`` decoder where DALI can, everything after it on the GPU; ``device=None`` or a
 CPU device: every operator on the CPU, ``device_id=None``):
 
-- train: decode -> slice(top, left, h, w) -> resize(crop x crop, linear, antialias) ->
-  crop_mirror_normalize(mirror, mean, std); from a packed cache the crop is cut out of the
-  memory map in numpy and fed instead of the whole image (no decode, no slice);
+- train: decode and slice(top, left, h, w) (``decoders.image_slice``) -> resize(crop x crop,
+  linear, antialias) -> crop_mirror_normalize(mirror, mean, std); from a packed cache the crop
+  is cut out of the memory map in numpy and fed instead of an encoded image;
 - eval: decode -> resize(torchvision's shorter-side size) -> slice(centre crop, zero padding
   for an image smaller than the crop) -> crop_mirror_normalize.
 
@@ -229,17 +229,17 @@ def _build_pipeline(feed, *, train, encoded, colour, crop_size, batch_size, thre
             data, size, anchor, shape = fn.external_source(
                 source=feed, num_outputs=4, batch=True, layout=[layout, "", "", ""],
                 dtype=[types.UINT8, types.FLOAT, i32, i32])
-        if encoded:
-            images = fn.decoders.image(data, device="mixed" if gpu else "cpu",
-                                       output_type=types.GRAY)
+        decoder = dict(device="mixed" if gpu else "cpu", output_type=types.GRAY)
+        if encoded and train:  # decode and crop in one operator
+            images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", **decoder)
+        elif encoded:
+            images = fn.decoders.image(data, **decoder)
         else:
             images = data.gpu() if gpu else data
             if colour:
                 images = fn.color_space_conversion(images, image_type=types.RGB,
                                                    output_type=types.GRAY)
         if train:
-            if encoded:
-                images = fn.slice(images, anchor, shape, axis_names="HW")
             images = fn.resize(images, size=[crop_size, crop_size], antialias=True)
         else:
             images = fn.resize(images, size=size, antialias=True)
