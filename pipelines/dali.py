@@ -315,10 +315,6 @@ class DaliLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
-    @property
-    def variant(self) -> str:
-        return "gpu" if self.device.type == "cuda" else "cpu"
-
     # -- planning (pure numpy: a function of seed, rank and epoch)
     def plan_epoch(self) -> list[_Batch]:
         """The next epoch's batches (advances the sampler as one pass of the plain loader)."""
@@ -399,7 +395,7 @@ class DaliLoader:
             out = out.permute(0, 3, 1, 2)  # (B, H, W, 1) -> (B, 1, H, W) view
         labels = torch.from_numpy(self.split.labels[batch.indices])
         if not self.static and self.channels == 1 and self.dtype == torch.float32 \
-                and self._pipe.exec_dynamic:
+                and getattr(self._pipe, "exec_dynamic", False):
             images, labels = out, labels.to(self.device, non_blocking=True)
         else:
             images, buf = self._out_tensors()
