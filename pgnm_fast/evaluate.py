@@ -44,7 +44,8 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
     loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
                          crop_size=cfg.val_crop_size, resize_size=cfg.val_resize_size,
                          channels=cfg.channels, workers=cfg.workers if workers is None else workers,
-                         rank=0, world_size=1, device=info.device, backend=cfg.loader, log=log)
+                         rank=0, world_size=1, device=info.device, log=log,
+                         backend="torch" if cfg.loader == "torch" else "auto")
     probs, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
     metrics, absent = classification_metrics(probs, remap[labels], classes)

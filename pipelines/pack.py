@@ -31,6 +31,7 @@ finished files are renamed into place and ``manifest.json`` is written last.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -266,10 +267,15 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
     if workers <= 0:
         for job in jobs:
             record(_pack_chunk(job))
-    else:
+    else:  # in order, at most 4 chunks per worker in flight (Executor.map submits them all)
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(_pack_chunk, jobs):
-                record(result)
+            pending = collections.deque()
+            for job in jobs:
+                pending.append(pool.submit(_pack_chunk, job))
+                if len(pending) >= 4 * workers:
+                    record(pending.popleft().result())
+            while pending:
+                record(pending.popleft().result())
     results = {}
     for k in range(n_chunks):
         results[k] = json.loads((chunk_dir / f"{k:06d}.json").read_text())
