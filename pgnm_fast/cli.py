@@ -1,4 +1,4 @@
-"""`pgnm-fast`: train (heated or baseline), finetune, eval, synth, validate.
+"""`pgnm-fast`: train (heated or baseline), finetune, eval, synth, pack, validate.
 
 Flag names follow torchvision's classification reference scripts where they apply. A user mistake
 (missing data, bad checkpoint, unknown model, ...) prints one ``Error:`` line and exits non-zero.
@@ -46,8 +46,9 @@ def training_options(f):
     """The flags `train` and `finetune` share (torchvision reference names)."""
     options = [
         click.option("--data", type=str, default=None,
-                     help="RadImageNet root (CSV splits) or class-folder root; default: the "
-                          "embedded synthetic data set (made once in a cache folder)."),
+                     help="RadImageNet root (CSV splits), class-folder root or a cache made by "
+                          "`pgnm-fast pack`; default: the embedded synthetic data set (made once "
+                          "in a cache folder)."),
         click.option("--out", "--output-dir", "out", type=str, default=None,
                      help="Run folder for last.pt, best.pt, metrics.jsonl (default runs/<stage>-<time>)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
@@ -66,7 +67,11 @@ def training_options(f):
         click.option("--train-crop-size", type=int, default=None),
         click.option("--val-resize-size", type=int, default=None),
         click.option("--val-crop-size", type=int, default=None),
-        click.option("-j", "--workers", type=int, default=None, help="Data-loading processes."),
+        click.option("-j", "--workers", type=int, default=None,
+                     help="Data-loading processes (plain loader) or DALI CPU threads."),
+        click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default=None,
+                     help="Data loading: DALI (GPU or CPU-only), the plain PyTorch loader, or "
+                          "auto: DALI where it is installed."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast (CUDA or CPU)."),
         click.option("--graphs/--no-graphs", default=None, help="CUDA-graph-captured step (GPU)."),
         click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under torchrun."),
@@ -144,6 +149,35 @@ def synth(out, images, seed, size, layout):
     from .synth import make_synthetic
     root = make_synthetic(out, images=images, seed=seed, size=size, layout=layout)
     click.echo(f"wrote {images} synthetic images ({layout} layout) to {root}")
+
+
+@main.command()
+@click.option("--data", type=str, default=None, help="Data set to pack (RadImageNet or class folders).")
+@click.option("--out", type=str, default=None, help="Cache folder to write (created).")
+@click.option("--verify", "verify_path", type=str, default=None, metavar="CACHE",
+              help="Check a finished cache against its manifest instead of packing.")
+@click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error",
+              show_default=True, help="A file that cannot be used: stop naming it, or leave it "
+                                      "out and list it in CACHE/skipped.txt.")
+@click.option("--channels", type=click.Choice(["auto", "grey", "rgb"]), default="auto",
+              show_default=True, help="auto: RGB only when every image is colour.")
+@click.option("-j", "--workers", type=int, default=None, help="Decoding processes (default: CPUs).")
+def pack(data, out, verify_path, on_bad_image, channels, workers):
+    """Decode every image once into a memory-mapped cache that training reads with --data.
+
+    Resumable: run the same command again after an interruption."""
+    from .errors import ConfigError
+    from .pipelines.pack import pack as pack_data
+    from .pipelines.pack import verify
+    if verify_path is not None:
+        if data or out:
+            raise ConfigError("--verify CACHE takes no --data or --out")
+        verify(verify_path, log=click.echo)
+        return
+    if not data or not out:
+        raise ConfigError("pack needs --data ROOT and --out CACHE (or --verify CACHE)")
+    pack_data(data, out, on_bad_image=on_bad_image, channels=channels, workers=workers,
+              log=click.echo)
 
 
 main.add_command(validate)

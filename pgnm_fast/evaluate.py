@@ -14,7 +14,7 @@ from .engine import predict
 from .errors import DataError
 from .metrics import classification_metrics, json_safe
 from .models import create_model
-from .pipelines.loader import build_loader
+from .pipelines import make_loader
 from .pipelines.sources import open_source
 
 
@@ -41,9 +41,11 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
     model = create_model(state["model_name"], len(classes), in_chans=state.get("in_chans", 1))
     model.load_state_dict(state["model"])
     model.to(info.device)
-    loader = build_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
-                          crop_size=cfg.val_crop_size, resize_size=cfg.val_resize_size,
-                          channels=cfg.channels, workers=cfg.workers if workers is None else workers)
+    loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
+                         crop_size=cfg.val_crop_size, resize_size=cfg.val_resize_size,
+                         channels=cfg.channels, workers=cfg.workers if workers is None else workers,
+                         rank=0, world_size=1, device=info.device, log=log,
+                         backend="torch" if cfg.loader == "torch" else "auto")
     probs, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
     metrics, absent = classification_metrics(probs, remap[labels], classes)

@@ -22,7 +22,7 @@ from .errors import ConfigError, DataError
 from .kernels import make_masker
 from .metrics import classification_metrics, format_metrics, json_safe
 from .models import PolicyNet, create_model, model_names
-from .pipelines.loader import build_loader
+from .pipelines import make_loader
 from .pipelines.sources import open_source
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 
@@ -186,13 +186,18 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
     return start_epoch, s["step"], s.get("best_f1", -math.inf)
 
 
-def _loaders(run: Run):
+def _loaders(run: Run, log=print):
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
-                  channels=cfg.channels, workers=cfg.workers)
-    train = build_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
-                         rank=info.rank, world_size=info.world_size, **common)
-    val = build_loader(run.val_split, train=False, crop_size=cfg.val_crop_size, **common)
+                  channels=cfg.channels, workers=cfg.workers, device=info.device,
+                  backend=cfg.loader, log=log)
+    # static (DALI, for graph replay): every train batch lands in the same two tensors
+    # (loader.buffers); without it DALI's own output buffers are yielded, no copy
+    train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
+                        rank=info.rank, world_size=info.world_size, static=cfg.graphs, **common)
+    # validation runs on the main process only, over the whole split
+    val = make_loader(run.val_split, train=False, crop_size=cfg.val_crop_size, rank=0,
+                      world_size=1, **common)
     return train, val
 
 
@@ -207,7 +212,7 @@ def _train(run: Run, log, show_progress) -> Path:
     schedulers = [build_lr_scheduler(parts.optimizer, cfg, start_epoch)]
     if parts.policy is not None:
         schedulers.append(build_policy_lr_scheduler(parts.policy_optimizer, cfg, start_epoch))
-    train_loader, val_loader = _loaders(run)
+    train_loader, val_loader = _loaders(run, log)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(

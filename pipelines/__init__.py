@@ -1,9 +1,11 @@
-"""Data pipelines, imported as ``pgnm_fast.pipelines``: sources (layouts), transforms and the
-plain PyTorch loader. DALI pipelines live in their own module and are imported only when used,
-so this package imports on machines without DALI."""
+"""Data pipelines, imported as ``pgnm_fast.pipelines``: sources (layouts), transforms, the plain
+PyTorch loader, the DALI pipelines, the packed cache and :func:`make_loader`, which picks one.
+DALI itself is imported only when a DALI loader is built, so this package imports on machines
+without DALI."""
+from .factory import make_loader, resolve_backend
 from .loader import build_loader
 from .sources import DataSource, Split, open_source
 from .transforms import MEAN, STD, build_transform, load_grey
 
 __all__ = ["DataSource", "MEAN", "STD", "Split", "build_loader", "build_transform", "load_grey",
-           "open_source"]
+           "make_loader", "open_source", "resolve_backend"]

@@ -4,8 +4,13 @@
 gives a :class:`Split` (absolute file paths and int64 labels over ``source.classes``), which the
 plain PyTorch loader, and later the DALI pipelines and the packer, consume.
 
-Layouts, tried in the order of ``LAYOUTS`` (a packed uint8 cache with a manifest is to be added
-there, ahead of the others, with :func:`register_layout`):
+Layouts, tried in the order of ``LAYOUTS``:
+
+``packed``
+    A cache written by ``pgnm-fast pack`` (a folder with ``manifest.json``): decoded uint8
+    images in one memory-mapped array, see :mod:`pgnm_fast.pipelines.pack`. Its splits are
+    :class:`~pgnm_fast.pipelines.pack.PackedSplit` objects: the same ``files`` (the source paths)
+    and ``labels`` as the data set it was packed from, plus the records to read.
 
 ``radimagenet``
     RadImageNet as distributed: split files ``RadiologyAI_{train,val,test}.csv`` with columns
@@ -24,6 +29,8 @@ there, ahead of the others, with :func:`register_layout`):
 
 Problems raise :class:`pgnm_fast.errors.DataError` with one line naming the path. A split that is
 absent (no CSV / no folder) is left out of ``source.splits`` and raises only when asked for.
+With ``skip_bad=True`` a CSV row naming a missing file and an empty class folder are left out
+instead and listed in ``source.problems`` as ``(path, reason)`` (``--on-bad-image skip``).
 """
 from __future__ import annotations
 
@@ -64,6 +71,8 @@ class DataSource:
     layout: str
     splits: list[str]
     _cache: dict = field(default_factory=dict, repr=False)
+    skip_bad: bool = False
+    problems: list = field(default_factory=list, repr=False)
 
     @property
     def classes(self) -> list[str]:
@@ -189,7 +198,13 @@ class RadImageNetSource(DataSource):
         files = [base / r[1] for r in rows]
         found = _existing_files(files)
         missing = [(r[0], r[1]) for r, p in zip(rows, files) if str(p) not in found]
-        if missing:
+        if missing and self.skip_bad:
+            self.problems += [(str(base / fn), f"missing file ({path.name} row {line})")
+                              for line, fn in missing]
+            keep = [str(p) in found for p in files]
+            rows = [r for r, k in zip(rows, keep) if k]
+            files = [p for p, k in zip(files, keep) if k]
+        elif missing:
             first = "; ".join(f"row {line}: {fn}" for line, fn in missing[:MAX_LISTED])
             raise DataError(f"{path}: {len(missing)} of {len(rows)} rows name files missing "
                             f"under {base} (first: {first})")
@@ -211,7 +226,7 @@ class RadImageNetSource(DataSource):
         return [str(p) for p in files], names
 
 
-def _detect_radimagenet(path: Path, image_root=None, class_from="auto"):
+def _detect_radimagenet(path: Path, image_root=None, class_from="auto", skip_bad=False):
     candidates = [path]
     if path.is_file() and path.name.startswith("RadiologyAI_") and path.suffix == ".csv":
         candidates = [path.parent]
@@ -230,7 +245,7 @@ def _detect_radimagenet(path: Path, image_root=None, class_from="auto"):
             root = d.parent if d.name == "radiology_ai" else d
             return RadImageNetSource(root=root, layout="radimagenet", splits=present, csv_dir=d,
                                      image_root=Path(image_root) if image_root else None,
-                                     class_from=class_from)
+                                     class_from=class_from, skip_bad=skip_bad)
     return None
 
 
@@ -249,27 +264,38 @@ class FolderSource(DataSource):
                           if e.is_file() and not e.name.startswith(".")
                           and e.name.lower().endswith(IMAGE_EXTENSIONS))
             if not imgs:
+                if self.skip_bad:
+                    self.problems.append((str(split_dir / c), "empty class folder"))
+                    continue
                 raise DataError(f"{split_dir / c}: empty class folder (no image files)")
             files += [str(split_dir / c / f) for f in imgs]
             names += [c] * len(imgs)
         return files, names
 
 
-def _detect_folders(path: Path, **_):
+def _detect_folders(path: Path, skip_bad=False, **_):
     if not (path / "train").is_dir():
         return None
-    return FolderSource(root=path, layout="folders",
+    return FolderSource(root=path, layout="folders", skip_bad=skip_bad,
                         splits=[s for s in SPLITS if (path / s).is_dir()])
+
+
+def _detect_packed(path: Path, **_):
+    if not (path.is_dir() and (path / "manifest.json").is_file()):
+        if (path / ".partial").is_dir():
+            raise DataError(f"{path}: an interrupted pack (no manifest.json yet): run the same "
+                            f"pgnm-fast pack command again to finish it")
+        return None
+    from .pack import open_packed  # only when a manifest is there
+    return open_packed(path)
 
 
 # ----------------------------------------------------------------------------- detection
 # (name, detect). detect(path, **options) returns a DataSource, None if the layout is not there,
-# or raises DataError if it is there but broken. The packed uint8 cache (a folder with a
-# manifest) goes first in this list: ("packed", _detect_packed), a detector that looks for the
-# manifest and imports the packer's reader only when it finds one. Its DataSource subclass
-# implements _read() from the manifest (file names as record keys) so that Split and everything
-# downstream stay the same; a DALI pipeline consumes Split.files / Split.labels directly.
-LAYOUTS: list[tuple[str, Callable]] = [("radimagenet", _detect_radimagenet),
+# or raises DataError if it is there but broken. The packed cache goes first: its detector looks
+# for the manifest and imports the packer's reader only when it finds one.
+LAYOUTS: list[tuple[str, Callable]] = [("packed", _detect_packed),
+                                       ("radimagenet", _detect_radimagenet),
                                        ("folders", _detect_folders)]
 
 
@@ -279,20 +305,23 @@ def register_layout(name: str, detect: Callable, first: bool = True) -> None:
     LAYOUTS.insert(0, entry) if first else LAYOUTS.append(entry)
 
 
-def open_source(path, *, image_root=None, class_from: str = "auto") -> DataSource:
+def open_source(path, *, image_root=None, class_from: str = "auto",
+                skip_bad: bool = False) -> DataSource:
     """Detect the layout at ``path`` and return its :class:`DataSource` (see module docstring).
 
     ``image_root`` (RadImageNet CSVs only): the folder ``filename`` is relative to, when the CSVs
     sit apart from the images. ``class_from``: ``auto``, ``path`` or ``label`` (CSVs only).
+    ``skip_bad``: leave out missing files and empty class folders (listed in ``problems``).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     path = path.resolve()
     for _name, detect in LAYOUTS:
-        source = detect(path, image_root=image_root, class_from=class_from)
+        source = detect(path, image_root=image_root, class_from=class_from, skip_bad=skip_bad)
         if source is not None:
             source.classes  # noqa: B018 - read and check the train split now
             return source
     raise DataError(f"{path}: not a known data layout (expected RadiologyAI_train.csv, a "
-                    f"radiology_ai/ folder with it, or train/<class>/ image folders)")
+                    f"radiology_ai/ folder with it, train/<class>/ image folders, or a packed "
+                    f"cache with manifest.json)")

@@ -1,0 +1,163 @@
+"""Pipeline benchmarks: images/s delivered to the trainer, batch 256, 224 x 224 train crops.
+
+    python -m pytest bench/bench_pipelines.py --benchmark-only
+
+Paths (every one with the train transform: random resized crop, flip, normalise, float32):
+
+- ``torch-png``: the plain PyTorch loader on the PNG files (the baseline), one worker process
+  per CPU;
+- ``torch-cache``: the plain loader reading the packed cache;
+- ``dali-cpu-png`` / ``dali-cpu-cache``: the DALI CPU-only variant, one thread per CPU;
+- ``dali-gpu-png`` / ``dali-gpu-cache``: the DALI GPU variant, batches on the GPU (skipped
+  without CUDA or DALI).
+
+Data: a synthetic RadImageNet-like set of 224 x 224 grey PNGs (:mod:`pgnm_fast.synth`, class
+folders), made once under ``$PGNM_FAST_CACHE`` and packed once beside it. A round is one epoch
+of the train split after a warm-up epoch (worker processes and pipelines started); the table
+printed at the end gives the median images/s per path and its ratio to ``torch-png``, and the
+CPU time spent per image (this process and its worker processes, from ``/proc``): on a machine
+shared with other jobs images/s drifts with the load, CPU time per image much less, and on an
+idle machine whose cores every path keeps busy the two ratios agree. Each benchmark's
+``extra_info`` holds the same numbers. The targets of the issue are printed beside
+them (on a 2-core CPU: DALI CPU 1.5x and the cache 3x the baseline; on a GPU: 10,000 images/s
+from the cache); they are reported, not asserted, because a shared machine's timings vary.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgnm_fast.pipelines import make_loader, open_source
+from pgnm_fast.pipelines.dali import dali_available
+from pgnm_fast.pipelines.pack import MANIFEST, pack
+from pgnm_fast.synth import cache_dir, make_synthetic
+
+IMAGES, SIZE, BATCH, CROP = 3900, 224, 256, 224
+CPUS = len(os.sched_getaffinity(0))
+PATHS = ["torch-png", "torch-cache", "dali-cpu-png", "dali-cpu-cache", "dali-gpu-png",
+         "dali-gpu-cache"]
+RESULTS: dict[str, float] = {}
+CPU_MS: dict[str, float] = {}
+
+
+def _tree_cpu() -> float:
+    """CPU seconds of this process and its children so far (Linux /proc; 0 elsewhere)."""
+    me, total = os.getpid(), 0.0
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, names):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == me or int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / hz
+    return total
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="session")
+def bench_data():
+    """(PNG root, cache) of the benchmark set, made once and kept in the synthetic-data cache."""
+    base = cache_dir() / f"bench-pipelines-v1-n{IMAGES}-{SIZE}px"
+    root, cache = base / "png", base / "cache"
+    if not (root / "pgnm_fast_synth.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".png.tmp-", dir=base))
+        make_synthetic(tmp / "png", images=IMAGES, seed=1, size=SIZE, layout="folders")
+        shutil.rmtree(root, ignore_errors=True)
+        os.rename(tmp / "png", root)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (cache / MANIFEST).is_file():
+        shutil.rmtree(cache, ignore_errors=True)
+        pack(root, cache, log=_quiet)
+    return root, cache
+
+
+def _loader(path: str, root, cache):
+    backend, *rest = path.split("-")
+    device = None
+    if backend == "dali":
+        if not dali_available():
+            pytest.skip("DALI is not installed")
+        if rest[0] == "gpu":
+            if not torch.cuda.is_available():
+                pytest.skip("needs a CUDA device")
+            device = "cuda"
+    data = cache if rest[-1] == "cache" else root
+    split = open_source(data).split("train")
+    return make_loader(split, train=True, batch_size=BATCH, crop_size=CROP, workers=CPUS,
+                       seed=0, rank=0, world_size=1, device=device, backend=backend,
+                       log=_quiet), device  # as the trainer builds them (eager)
+
+
+def _epoch(loader, device) -> int:
+    n = 0
+    for images, labels in loader:
+        n += labels.shape[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return n
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_images_per_second(benchmark, bench_data, path):
+    loader, device = _loader(path, *bench_data)
+    n = _epoch(loader, device)  # warm-up: start workers / build pipelines
+    assert n == len(loader) * BATCH > 0
+    cpu = []
+
+    def epoch():
+        c0 = _tree_cpu()
+        _epoch(loader, device)
+        cpu.append((_tree_cpu() - c0) / n * 1e3)
+
+    benchmark.pedantic(epoch, rounds=5, iterations=1)
+    rate = n / statistics.median(benchmark.stats.stats.data)
+    RESULTS[path], CPU_MS[path] = rate, statistics.median(cpu)
+    benchmark.extra_info.update(images_per_epoch=n, images_per_s=round(rate, 1),
+                                cpu_ms_per_image=round(CPU_MS[path], 3),
+                                device=torch.cuda.get_device_name() if device else
+                                f"{CPUS}-core CPU")
+    if "torch-png" in RESULTS:
+        benchmark.extra_info["x_plain_loader"] = round(rate / RESULTS["torch-png"], 2)
+
+
+TARGETS = {"dali-cpu-png": "target >= 1.5x (CPU)", "dali-cpu-cache": "target >= 3x (CPU)",
+           "torch-cache": "", "dali-gpu-cache": "target >= 10,000 img/s (GPU)"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _table(request):
+    yield
+    if not RESULTS:
+        return
+    base = RESULTS.get("torch-png")
+    lines = [f"pipelines, batch {BATCH}, {CROP}x{CROP} train crops, {SIZE}px PNG sources, "
+             f"{CPUS} CPUs, {time.strftime('%Y-%m-%d')}",
+             f"{'path':16} {'images/s':>10} {'x plain':>8} {'CPU ms/img':>11} {'x plain':>8}"]
+    cbase = CPU_MS.get("torch-png")
+    for path in PATHS:
+        if path in RESULTS:
+            ratio = f"{RESULTS[path] / base:8.2f}" if base else f"{'-':>8}"
+            cratio = f"{cbase / CPU_MS[path]:8.2f}" if cbase and CPU_MS[path] else f"{'-':>8}"
+            lines.append(f"{path:16} {RESULTS[path]:10.0f} {ratio} {CPU_MS[path]:11.3f} "
+                         f"{cratio}  {TARGETS.get(path, '')}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + "\n".join(lines))

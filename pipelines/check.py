@@ -1,0 +1,177 @@
+"""Check image files before an epoch starts: the bad-file rules of the packer and the loaders.
+
+:func:`scan` reads every file once (threads) and sorts it into
+
+- ``GREY8``: an 8-bit grey PNG whose chunk structure and CRCs are intact. DALI decodes these
+  bit-exactly as PIL does.
+- ``CONVERT``: a readable image that is not an 8-bit grey PNG: 16-bit or low-bit-depth grey,
+  grey with transparency, RGB, RGBA, palette, or another format (JPEG, TIFF, ...). These go
+  through :func:`pgnm_fast.pipelines.transforms.load_grey` (PIL), whose rules are the stated
+  ones: 16-bit and other high-depth images are windowed per image by min-max to 0..255 (a
+  constant image becomes 0); colour becomes grey by PIL's ITU-R 601-2 luma
+  (``L = (299 R + 587 G + 114 B) / 1000``), alpha dropped first.
+- bad: empty (0 bytes), not an image, a PNG that is truncated (no ``IEND``), has a chunk whose
+  CRC does not match (a flipped byte), or no ``IDAT``; another format that PIL cannot decode.
+
+A PNG is checked structurally (signature, chunk lengths, CRC-32 of every chunk, ``IHDR`` first,
+``IEND`` last), which reads the bytes once but decodes nothing; files of other formats are
+decoded with PIL. A PNG whose chunks are intact but whose compressed stream is broken passes the
+scan; the loaders name such a file when it fails to decode.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from pgnm_fast.errors import DataError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GREY8, CONVERT, BAD = 0, 1, 2
+COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the scan learned about one file. ``reason`` is set only for bad files."""
+    kind: int
+    height: int = 0
+    width: int = 0
+    colour: bool = False     # stored as colour (RGB, RGBA, palette)
+    deep: bool = False       # more than 8 bits per sample (windowed to 8 bits)
+    nbytes: int = 0
+    reason: str = ""
+
+
+def _png_probe(data: memoryview, nbytes: int) -> Probe:
+    pos, ihdr, idat, iend, trns = 8, None, False, False, False
+    while pos + 8 <= len(data):
+        length, = struct.unpack(">I", data[pos:pos + 4])
+        ctype = bytes(data[pos + 4:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return Probe(BAD, nbytes=nbytes, reason=f"truncated PNG ({ctype.decode('latin-1')} "
+                                                    f"chunk cut at byte {len(data)})")
+        crc, = struct.unpack(">I", data[end - 4:end])
+        if zlib.crc32(data[pos + 8:end - 4], zlib.crc32(ctype)) != crc:
+            name = ctype.decode("latin-1")
+            return Probe(BAD, nbytes=nbytes,
+                         reason=f"corrupt PNG (CRC mismatch in the {name} chunk at byte {pos})")
+        if ihdr is None:
+            if ctype != b"IHDR" or length != 13:
+                return Probe(BAD, nbytes=nbytes, reason="corrupt PNG (no IHDR chunk first)")
+            ihdr = struct.unpack(">IIBBBBB", data[pos + 8:pos + 21])
+        elif ctype == b"IDAT":
+            idat = True
+        elif ctype == b"tRNS":
+            trns = True
+        elif ctype == b"IEND":
+            iend = True
+            break
+        pos = end
+    if ihdr is None or not iend:
+        return Probe(BAD, nbytes=nbytes, reason="truncated PNG (no IEND chunk)")
+    width, height, depth, ctype_code = ihdr[:4]
+    if not idat or width == 0 or height == 0:
+        return Probe(BAD, nbytes=nbytes, reason="corrupt PNG (no image data)")
+    native = ctype_code == 0 and depth == 8 and not trns  # transparency: PIL decides
+    return Probe(GREY8 if native else CONVERT, height, width, colour=ctype_code in (2, 3, 6),
+                 deep=depth > 8, nbytes=nbytes)
+
+
+def _pil_probe(path, nbytes: int) -> Probe:
+    try:
+        with Image.open(path) as im:
+            mode, (width, height) = im.mode, im.size
+            im.load()
+    except Image.UnidentifiedImageError:
+        return Probe(BAD, nbytes=nbytes, reason="not an image file")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        return Probe(BAD, nbytes=nbytes, reason=f"cannot decode image ({reason})")
+    deep = mode.startswith("I") or mode == "F"
+    return Probe(CONVERT, height, width, colour=mode in COLOUR_MODES, deep=deep, nbytes=nbytes)
+
+
+def probe(path) -> Probe:
+    """Read and check one file (module docstring)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return Probe(BAD, reason=f"cannot read file ({e.strerror or e})")
+    if not data:
+        return Probe(BAD, reason="empty file (0 bytes)")
+    if data.startswith(PNG_SIGNATURE):
+        return _png_probe(memoryview(data), len(data))
+    return _pil_probe(path, len(data))
+
+
+@dataclass
+class ScanResult:
+    """Per file: ``kind`` (GREY8, CONVERT, BAD), ``height``, ``width`` (0 for bad files),
+    ``colour`` and ``deep`` flags; ``bad`` lists ``(index, reason)``."""
+    files: list
+    kind: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    colour: np.ndarray
+    deep: np.ndarray
+    nbytes: np.ndarray
+    bad: list = field(default_factory=list)
+
+    @property
+    def good(self) -> np.ndarray:
+        return np.flatnonzero(self.kind != BAD)
+
+
+def default_threads() -> int:
+    return min(16, 2 * len(os.sched_getaffinity(0)))
+
+
+def scan(files, threads: int | None = None) -> ScanResult:
+    """Probe every file in ``files`` with a thread pool (reads each file once)."""
+    files = list(files)
+    with ThreadPoolExecutor(threads or default_threads()) as pool:
+        probes = list(pool.map(probe, files, chunksize=64))
+    result = ScanResult(
+        files,
+        np.fromiter((p.kind for p in probes), np.uint8, len(probes)),
+        np.fromiter((p.height for p in probes), np.int64, len(probes)),
+        np.fromiter((p.width for p in probes), np.int64, len(probes)),
+        np.fromiter((p.colour for p in probes), bool, len(probes)),
+        np.fromiter((p.deep for p in probes), bool, len(probes)),
+        np.fromiter((p.nbytes for p in probes), np.int64, len(probes)))
+    result.bad = [(i, p.reason) for i, p in enumerate(probes) if p.kind == BAD]
+    return result
+
+
+def check_on_bad(on_bad_image: str) -> str:
+    if on_bad_image not in ("error", "skip"):
+        raise DataError(f"--on-bad-image must be error or skip, not {on_bad_image!r}")
+    return on_bad_image
+
+
+def report_bad(bad: list[tuple[str, str]], on_bad_image: str, list_path=None, log=print,
+               what: str = "file") -> None:
+    """Apply the ``--on-bad-image`` rule to ``bad`` = [(path, reason)]: ``error`` raises a
+    one-line DataError naming the first file; ``skip`` writes ``path<TAB>reason`` lines to
+    ``list_path`` (if given) and logs the count."""
+    if not bad:
+        return
+    if check_on_bad(on_bad_image) == "error":
+        more = f" (and {len(bad) - 1} more bad {what}s; --on-bad-image skip leaves them out)" \
+            if len(bad) > 1 else " (--on-bad-image skip leaves it out)"
+        raise DataError(f"{bad[0][0]}: {bad[0][1]}{more}")
+    where = ""
+    if list_path is not None:
+        from pgnm_fast.atomic import atomic_open
+        with atomic_open(list_path, "w") as f:
+            f.writelines(f"{p}\t{r}\n" for p, r in bad)
+        where = f", listed in {list_path}"
+    log(f"skipped {len(bad)} bad {what}(s){where}; first: {bad[0][0]}: {bad[0][1]}")

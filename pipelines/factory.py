@@ -1,0 +1,153 @@
+"""The one loader factory the trainer calls: DALI where it is installed, else the plain loader.
+
+:func:`make_loader` takes a split (image files or a packed cache) or a data path, checks image
+files before the first batch (:mod:`pgnm_fast.pipelines.check`; ``on_bad_image="error"`` names
+the first bad file, ``"skip"`` leaves bad files out, logs the count and writes ``bad_list``),
+and returns an iterable of ``(images, labels)`` with ``len()``, ``batch_size``, ``set_epoch``
+and ``sampler.set_epoch`` (the trainer's loader contract, see ``pgnm_fast.engine``).
+
+Backends: ``"dali"`` (:class:`~pgnm_fast.pipelines.dali.DaliLoader`, its GPU variant when
+``device`` is a CUDA device, else its CPU-only variant), ``"torch"`` (the plain PyTorch loader of
+:mod:`~pgnm_fast.pipelines.loader`; for a packed cache, the same loader reading the memory map),
+``"auto"``: DALI when it imports, else the plain loader, saying so once per process.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pgnm_fast.errors import ConfigError, DataError
+
+from . import check
+from .loader import EpochSampler, EvalShardSampler, build_loader
+from .sources import Split, open_source
+from .transforms import MEAN, STD, build_transform
+
+BACKENDS = ("auto", "dali", "torch")
+_told = set()
+
+
+def resolve_backend(backend: str = "auto", log=print) -> str:
+    """``"dali"`` or ``"torch"`` for a requested backend (module docstring)."""
+    from .dali import dali_available
+    if backend not in BACKENDS:
+        raise ConfigError(f"--loader must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if dali_available():
+        return "dali"
+    if backend == "dali":
+        raise ConfigError("--loader dali: DALI is not installed (pip install "
+                          "nvidia-dali-cuda120), or use --loader torch")
+    if "fallback" not in _told:
+        _told.add("fallback")
+        log("DALI is not installed: data loading uses the plain PyTorch loader")
+    return "torch"
+
+
+class CachedDataset(Dataset):
+    """``(transform(grey image), label)`` for each record of a packed split, read from the
+    memory map (an RGB cache becomes grey by PIL's luma, as ``load_grey`` does)."""
+
+    def __init__(self, split, transform):
+        self.cache, self.records, self.labels = split.cache, split.records, split.labels
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        a = self.cache.image(self.records[i])
+        img = Image.fromarray(a[:, :, 0]) if a.shape[2] == 1 else Image.fromarray(a).convert("L")
+        return self.transform(img), int(self.labels[i])
+
+
+def build_cached_loader(split, *, train: bool, batch_size: int, crop_size: int = 224,
+                        resize_size: int = 256, channels: int = 1, workers: int = 2,
+                        seed: int = 0, rank: int = 0, world_size: int = 1, device=None,
+                        mean: float = MEAN, std: float = STD) -> DataLoader:
+    """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
+    sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
+    seed gives the same batches as from the files)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    dataset = CachedDataset(split, build_transform(train, crop_size=crop_size,
+                                                   resize_size=resize_size, channels=channels,
+                                                   mean=mean, std=std))
+    if train:
+        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+        if math.ceil(len(dataset) / world_size) < batch_size:
+            raise DataError(f"the {split.name} split has {len(dataset)} images, fewer than one "
+                            f"batch of {batch_size} per process ({world_size} processes)")
+    else:
+        sampler = EvalShardSampler(len(dataset), world_size, rank)
+    pin = device is not None and torch.device(device).type == "cuda"
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=train, pin_memory=pin, persistent_workers=workers > 0,
+                      generator=generator)
+
+
+def _torchrun_rank(rank, world_size):
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    return rank, world_size
+
+
+def make_loader(data, *, train: bool, batch_size: int, split: str | None = None,
+                crop_size: int = 224, resize_size: int = 256, channels: int = 1,
+                workers: int = 2, seed: int = 0, rank: int | None = None,
+                world_size: int | None = None, device=None, backend: str = "auto",
+                dtype=torch.float32, channels_last: bool = False, static: bool = False,
+                on_bad_image: str = "error", bad_list=None, log=print):
+    """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
+    ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
+    ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
+    ``channels_last``, ``static``: output form (DALI; the plain loader yields float32 NCHW).
+    """
+    check.check_on_bad(on_bad_image)
+    if not isinstance(data, Split):
+        source = open_source(data, skip_bad=on_bad_image == "skip")
+        data = source.split(split or ("train" if train else "val"))
+        check.report_bad(source.problems, on_bad_image, None, log, what="entry")
+    rank, world_size = _torchrun_rank(rank, world_size)
+    kind = resolve_backend(backend, log)
+    packed = hasattr(data, "cache")
+    scan = None
+    if not packed:
+        t0 = time.perf_counter()
+        scan = check.scan(data.files)
+        if time.perf_counter() - t0 > 5:
+            log(f"checked {len(data.files)} image files in {time.perf_counter() - t0:.0f} s (a "
+                f"cache made by `pgnm-fast pack` needs no check)")
+        converted = int((scan.kind == check.CONVERT).sum())
+        if kind == "dali" and converted:
+            log(f"{converted} of {len(data.files)} {data.name} files are not 8-bit grey PNGs: PIL "
+                f"decodes them for DALI on the fly (`pgnm-fast pack` decodes them once)")
+        if scan.bad:
+            check.report_bad([(data.files[i], r) for i, r in scan.bad], on_bad_image, bad_list,
+                             log)
+            keep = scan.good
+            data = Split(data.name, [data.files[i] for i in keep], data.labels[keep],
+                         data.classes)
+            scan = check.ScanResult(data.files, scan.kind[keep], scan.height[keep],
+                                    scan.width[keep], scan.colour[keep], scan.deep[keep],
+                                    scan.nbytes[keep])
+    common = dict(train=train, batch_size=batch_size, crop_size=crop_size,
+                  resize_size=resize_size, channels=channels, seed=seed, rank=rank,
+                  world_size=world_size)
+    if kind == "dali":
+        from .dali import DaliLoader
+        dev = torch.device(device) if device is not None else None
+        return DaliLoader(data, **common, device=dev if dev is not None and dev.type == "cuda"
+                          else None, threads=max(1, workers), dtype=dtype,
+                          channels_last=channels_last, static=static, scan=scan)
+    build = build_cached_loader if packed else build_loader
+    return build(data, **common, workers=workers, device=device)

@@ -1,0 +1,493 @@
+"""`pgnm-fast pack`: decode every image once into one memory-mapped uint8 array.
+
+A cache folder holds
+
+``images.u8``
+    every record's pixels, row-major ``height x width x channels`` uint8, back to back (at the
+    offsets of ``records.npy``; a file that failed to decode under ``--on-bad-image skip`` leaves
+    an unused gap).
+``records.npy``
+    one row per image (numpy structured array, :data:`RECORD_DTYPE`): offset, height, width,
+    channels, split (0 train, 1 val, 2 test), label (index into the manifest's classes), the
+    content hash of the stored pixels (BLAKE2b, 8 bytes) and the source file's size in bytes.
+``paths.txt``
+    the source path of each record, one per line, in record order.
+``manifest.json``
+    format and version, class names, channels, split sizes, the data file's size, SHA-256 of
+    ``records.npy`` and ``paths.txt``, the source it was packed from and the conversion rules.
+    Written last: a folder is a cache exactly when it has a manifest.
+``skipped.txt``
+    with ``--on-bad-image skip``: ``path<TAB>reason`` of every file left out.
+
+Pixels follow the loaders' decoding rules (:func:`pgnm_fast.pipelines.transforms.load_grey`):
+8-bit grey as stored; 16-bit and other high-depth images windowed per image by min-max to 0..255
+(rounded, a constant image becomes 0); colour images in a grey set converted by PIL's ITU-R
+601-2 luma. ``channels="auto"`` stores RGB (3 channels) only when every image is colour, else grey.
+
+Writing is resumable and atomic: work goes into ``CACHE/.partial/`` (a plan, the preallocated
+data file, one marker per finished chunk of records written after the chunk's bytes are synced).
+Running the same command again skips the finished chunks; a changed source is refused. The
+finished files are renamed into place and ``manifest.json`` is written last.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pgnm_fast.atomic import atomic_open
+from pgnm_fast.errors import DataError
+
+from . import check
+from .sources import SPLITS, DataSource, Split, open_source
+from .transforms import to_grey
+
+FORMAT, VERSION = "pgnm-fast-pack", 1
+MANIFEST, DATA, RECORDS, PATHS, SKIPPED, PARTIAL = (
+    "manifest.json", "images.u8", "records.npy", "paths.txt", "skipped.txt", ".partial")
+RECORD_DTYPE = np.dtype([("offset", "<i8"), ("height", "<i4"), ("width", "<i4"),
+                         ("channels", "<u1"), ("split", "<u1"), ("label", "<i8"),
+                         ("hash", "<u8"), ("source_bytes", "<i8")])
+RULES = {"window": "images deeper than 8 bits: per-image min-max to 0..255, round half to even; "
+                   "a constant image becomes 0",
+         "colour": "grey caches: colour images become grey by PIL's ITU-R 601-2 luma, alpha "
+                   "dropped first",
+         "hash": "blake2b, 8-byte digest, of each record's stored pixels (little-endian uint64)"}
+
+
+def pixel_hash(buf) -> int:
+    return int.from_bytes(hashlib.blake2b(buf, digest_size=8).digest(), "little")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode(path, channels: int) -> np.ndarray:
+    """``height x width x channels`` uint8 pixels of one file (module docstring rules)."""
+    with Image.open(path) as im:
+        im.load()
+        if channels == 1:
+            img = to_grey(im)
+        elif im.mode in ("1", "L", "LA") or im.mode.startswith("I") or im.mode == "F":
+            img = to_grey(im).convert("RGB")  # a grey image in an RGB set: 3 equal channels
+        else:
+            img = _to_rgb(im)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def _pack_chunk(job):
+    """Decode the records of one chunk and write them at their offsets; runs in a worker.
+    Returns (chunk index, content hashes, [(position in chunk, reason)])."""
+    k, data_path, entries, channels = job
+    hashes, bad = [], []
+    fd = os.open(data_path, os.O_WRONLY)
+    try:
+        for pos, (path, offset, height, width) in enumerate(entries):
+            try:
+                a = decode(path, channels)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                bad.append((pos, "cannot decode image (" + (" ".join(str(e).split())
+                                                              or type(e).__name__) + ")"))
+                hashes.append(0)
+                continue
+            if a.shape[:2] != (height, width):
+                bad.append((pos, f"image size changed since the scan ({width}x{height} -> "
+                                 f"{a.shape[1]}x{a.shape[0]})"))
+                hashes.append(0)
+                continue
+            buf = np.ascontiguousarray(a).tobytes()
+            os.pwrite(fd, buf, offset)
+            hashes.append(pixel_hash(buf))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return k, hashes, bad
+
+
+# ----------------------------------------------------------------------------- the packer
+@dataclass
+class _Plan:
+    paths: list
+    split: np.ndarray
+    label: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    nbytes: np.ndarray
+    channels: int
+    offset: np.ndarray = None
+    skipped: list = field(default_factory=list)
+    converted: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return int(self.offset[-1] + self.height[-1] * self.width[-1] * self.channels) \
+            if len(self.paths) else 0
+
+
+def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log) -> _Plan:
+    paths, split_code, labels = [], [], []
+    for name in source.splits:
+        part = source.split(name)
+        paths += part.files
+        split_code += [SPLITS.index(name)] * len(part)
+        labels.append(part.labels)
+    check.report_bad(source.problems, on_bad_image, None, log, what="entry")
+    t0 = time.perf_counter()
+    scan = check.scan(paths, threads)
+    log(f"checked {len(paths)} files in {time.perf_counter() - t0:.1f} s")
+    keep = scan.good
+    bad = [(paths[i], reason) for i, reason in scan.bad]
+    check.report_bad(bad, on_bad_image, None, log)  # raises under "error", before any write
+    colour, deep = scan.colour[keep], scan.deep[keep]
+    if channels == "auto":
+        channels = "rgb" if len(keep) and colour.all() else "grey"
+    nch = {"grey": 1, "rgb": 3}.get(channels)
+    if nch is None:
+        raise DataError(f"--channels must be auto, grey or rgb, not {channels!r}")
+    plan = _Plan([paths[i] for i in keep], np.asarray(split_code, np.uint8)[keep],
+                 np.concatenate(labels)[keep], scan.height[keep], scan.width[keep],
+                 scan.nbytes[keep], nch, skipped=list(source.problems) + bad)
+    sizes = plan.height * plan.width * nch
+    plan.offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    plan.converted = {"deeper_than_8_bits": int(deep.sum()),
+                      "colour_to_grey": int(colour.sum()) if nch == 1 else 0}
+    return plan
+
+
+def _fingerprint(source: DataSource, plan: _Plan, on_bad_image: str) -> str:
+    h = hashlib.sha256(json.dumps([FORMAT, VERSION, str(source.root), source.layout,
+                                   list(source.classes), plan.channels, on_bad_image]).encode())
+    for arr in (plan.split, plan.label, plan.height, plan.width, plan.nbytes):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    h.update("\n".join(plan.paths).encode())
+    return h.hexdigest()
+
+
+def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
+         workers: int | None = None, chunk_size: int = 256, log=print,
+         after_chunk=None) -> dict:
+    """Pack the data set at ``data`` into the cache folder ``out`` (module docstring); returns
+    the manifest. ``workers``: decoding processes (0: in this process; default: the CPU count).
+    ``after_chunk(k)`` is called after each finished chunk (progress; tests interrupt there)."""
+    check.check_on_bad(on_bad_image)
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        raise DataError(f"{out}: already holds a finished cache ({MANIFEST}); check it with "
+                        f"pgnm-fast pack --verify {out}, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    source = open_source(data, skip_bad=on_bad_image == "skip")
+    if source.layout == "packed":
+        raise DataError(f"{data}: is already a packed cache")
+    plan = _plan(source, on_bad_image, channels, None, log)
+    if not plan.paths:
+        raise DataError(f"{data}: no readable image to pack")
+    work = out / PARTIAL
+    fingerprint = _fingerprint(source, plan, on_bad_image)
+    plan_file = work / "plan.json"
+    if plan_file.is_file():
+        old = json.loads(plan_file.read_text())
+        if old.get("fingerprint") != fingerprint:
+            raise DataError(f"{work}: an interrupted pack of other data or options (the source "
+                            f"changed since?); delete {work} to start again")
+        log(f"resuming the interrupted pack in {work}")
+    elif out.exists() and any(p.name != PARTIAL for p in out.iterdir()):
+        raise DataError(f"{out}: not empty and not an interrupted pack; choose another --out")
+    (work / "chunks").mkdir(parents=True, exist_ok=True)
+    data_path = work / DATA
+    if not data_path.exists() and (out / DATA).is_file() \
+            and (out / DATA).stat().st_size == plan.total:
+        os.replace(out / DATA, data_path)  # interrupted between the last two renames
+    if not plan_file.is_file():
+        with open(data_path, "wb") as f:
+            f.truncate(plan.total)  # sparse until written
+        with atomic_open(plan_file, "w") as f:
+            json.dump({"fingerprint": fingerprint, "records": len(plan.paths),
+                       "bytes": plan.total, "chunk_size": chunk_size}, f)
+    else:
+        chunk_size = json.loads(plan_file.read_text())["chunk_size"]
+        if not data_path.is_file() or data_path.stat().st_size != plan.total:
+            raise DataError(f"{data_path}: missing or of the wrong size; delete {work} to start "
+                            f"again")
+    results = _run_chunks(plan, data_path, work / "chunks", chunk_size, workers, log, after_chunk,
+                          on_bad_image)
+    return _finish(source, plan, results, out, work, on_bad_image, log)
+
+
+def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chunk, on_bad_image):
+    n_chunks = -(-len(plan.paths) // chunk_size)
+    done = {int(p.stem) for p in chunk_dir.glob("*.json")}
+    todo = [k for k in range(n_chunks) if k not in done]
+    if done:
+        log(f"{len(done)} of {n_chunks} chunks already packed")
+    jobs = ((k, str(data_path), [(plan.paths[i], int(plan.offset[i]), int(plan.height[i]),
+                                  int(plan.width[i]))
+                                 for i in range(k * chunk_size,
+                                                min((k + 1) * chunk_size, len(plan.paths)))],
+             plan.channels) for k in todo)
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
+    t0, n_done = time.perf_counter(), 0
+
+    def record(result):
+        nonlocal n_done
+        k, hashes, bad = result
+        with atomic_open(chunk_dir / f"{k:06d}.json", "w") as f:
+            json.dump({"hashes": [f"{h:016x}" for h in hashes], "bad": bad}, f)
+        n_done += 1
+        if bad and on_bad_image == "error":  # stop at the first undecodable file
+            base = k * chunk_size
+            check.report_bad([(plan.paths[base + p], r) for p, r in bad], "error")
+        if n_done % max(1, len(todo) // 10) == 0 or n_done == len(todo):
+            log(f"packed chunk {n_done}/{len(todo)} ({time.perf_counter() - t0:.1f} s)")
+        if after_chunk is not None:
+            after_chunk(k)
+
+    if workers <= 0:
+        for job in jobs:
+            record(_pack_chunk(job))
+    else:  # in order, at most 4 chunks per worker in flight (Executor.map submits them all)
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending = collections.deque()
+            for job in jobs:
+                pending.append(pool.submit(_pack_chunk, job))
+                if len(pending) >= 4 * workers:
+                    record(pending.popleft().result())
+            while pending:
+                record(pending.popleft().result())
+    results = {}
+    for k in range(n_chunks):
+        results[k] = json.loads((chunk_dir / f"{k:06d}.json").read_text())
+    return results
+
+
+def _finish(source, plan, results, out, work, on_bad_image, log) -> dict:
+    chunk_size = json.loads((work / "plan.json").read_text())["chunk_size"]
+    hashes = np.zeros(len(plan.paths), np.uint64)
+    keep = np.ones(len(plan.paths), bool)
+    decode_bad = []
+    for k, res in results.items():
+        base = k * chunk_size
+        hashes[base:base + len(res["hashes"])] = [int(h, 16) for h in res["hashes"]]
+        for pos, reason in res["bad"]:
+            keep[base + pos] = False
+            decode_bad.append((plan.paths[base + pos], reason))
+    check.report_bad(decode_bad, on_bad_image, None, log)  # "error": the chunks stay done
+    skipped = plan.skipped + decode_bad
+    idx = np.flatnonzero(keep)
+    rec = np.zeros(len(idx), RECORD_DTYPE)
+    for name, arr in (("offset", plan.offset), ("height", plan.height), ("width", plan.width),
+                      ("split", plan.split), ("label", plan.label), ("hash", hashes),
+                      ("source_bytes", plan.nbytes)):
+        rec[name] = arr[idx]
+    rec["channels"] = plan.channels
+    with atomic_open(out / RECORDS, "wb") as f:
+        np.save(f, rec, allow_pickle=False)
+    with atomic_open(out / PATHS, "w") as f:
+        f.writelines(plan.paths[i] + "\n" for i in idx)
+    if skipped:
+        with atomic_open(out / SKIPPED, "w") as f:
+            f.writelines(f"{p}\t{r}\n" for p, r in skipped)
+    os.replace(work / DATA, out / DATA)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "classes": list(source.classes),
+        "channels": plan.channels, "records": int(len(idx)),
+        "splits": {name: int((rec["split"] == SPLITS.index(name)).sum())
+                   for name in SPLITS if (rec["split"] == SPLITS.index(name)).any()},
+        "data": {"file": DATA, "bytes": plan.total},
+        "records_file": {"file": RECORDS, "sha256": sha256_file(out / RECORDS)},
+        "paths_file": {"file": PATHS, "sha256": sha256_file(out / PATHS)},
+        "source": {"root": str(source.root), "layout": source.layout},
+        "skipped": len(skipped), "converted": plan.converted, "rules": RULES,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with atomic_open(out / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    shutil.rmtree(work, ignore_errors=True)
+    gib = plan.total / 2 ** 30
+    sizes = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items())
+    log(f"packed {len(idx)} images ({sizes}; {'grey' if plan.channels == 1 else 'RGB'}, "
+        f"{gib:.2f} GiB) into {out}"
+        + (f"; skipped {len(skipped)} (listed in {out / SKIPPED})" if skipped else ""))
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reading
+class PackedCache:
+    """A finished cache: manifest, records and a lazily opened read-only memory map (one per
+    process, so DataLoader workers and forks each map the file themselves)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.manifest = _read_manifest(self.root)
+        self.classes = list(self.manifest["classes"])
+        self.channels = int(self.manifest["channels"])
+        try:
+            self.records = np.load(self.root / RECORDS, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.root / RECORDS}: unreadable ({e}); run pgnm-fast pack "
+                            f"--verify {self.root}") from None
+        self._paths, self._map = None, (None, None)
+        size = (self.root / DATA).stat().st_size if (self.root / DATA).is_file() else -1
+        if size != self.manifest["data"]["bytes"] or len(self.records) != self.manifest["records"]:
+            raise DataError(f"{self.root / DATA}: {max(size, 0)} bytes and {len(self.records)} "
+                            f"records, the manifest says {self.manifest['data']['bytes']} and "
+                            f"{self.manifest['records']} (truncated?); run pgnm-fast pack "
+                            f"--verify {self.root}")
+
+    @property
+    def paths(self) -> list[str]:
+        if self._paths is None:
+            self._paths = (self.root / PATHS).read_text().splitlines()
+            if len(self._paths) != len(self.records):
+                raise DataError(f"{self.root / PATHS}: {len(self._paths)} lines for "
+                                f"{len(self.records)} records; run pgnm-fast pack --verify")
+        return self._paths
+
+    @property
+    def data(self) -> np.ndarray:
+        pid, mm = self._map
+        if pid != os.getpid():
+            mm = np.memmap(self.root / DATA, dtype=np.uint8, mode="r")
+            self._map = (os.getpid(), mm)
+        return mm
+
+    def image(self, i: int) -> np.ndarray:
+        """Record ``i``'s pixels, ``height x width x channels`` (a view of the map)."""
+        r = self.records[i]
+        n = int(r["height"]) * int(r["width"]) * int(r["channels"])
+        off = int(r["offset"])
+        return self.data[off:off + n].reshape(int(r["height"]), int(r["width"]), int(r["channels"]))
+
+    def __getstate__(self):  # DataLoader workers: never pickle the mapped pixels
+        state = dict(self.__dict__)
+        state["_map"] = (None, None)
+        return state
+
+
+def _read_manifest(root: Path) -> dict:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{root / MANIFEST}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{root / MANIFEST}: not a pgnm-fast pack manifest")
+    if manifest.get("version") != VERSION:
+        raise DataError(f"{root / MANIFEST}: pack format version {manifest.get('version')}, "
+                        f"this version reads {VERSION}: pack the data again")
+    return manifest
+
+
+@dataclass(frozen=True)
+class PackedSplit(Split):
+    """A split of a packed cache: ``files`` and ``labels`` as in the source data set, and
+    ``records[i]``, the cache record holding ``files[i]``'s pixels."""
+    cache: PackedCache = None
+    records: np.ndarray = None
+
+    @property
+    def heights(self) -> np.ndarray:
+        return self.cache.records["height"][self.records].astype(np.int64)
+
+    @property
+    def widths(self) -> np.ndarray:
+        return self.cache.records["width"][self.records].astype(np.int64)
+
+
+@dataclass
+class PackedSource(DataSource):
+    cache: PackedCache = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.cache.classes)
+
+    def split(self, name: str) -> PackedSplit:
+        if name not in self.splits:
+            raise DataError(f"{self.root}: no {name!r} split in this packed cache (present: "
+                            f"{', '.join(self.splits)})")
+        idx = np.flatnonzero(self.cache.records["split"] == SPLITS.index(name))
+        paths = self.cache.paths
+        return PackedSplit(name, [paths[i] for i in idx],
+                           self.cache.records["label"][idx].astype(np.int64), self.classes,
+                           cache=self.cache, records=idx)
+
+
+def open_packed(path) -> PackedSource:
+    cache = PackedCache(path)
+    splits = [s for s in SPLITS if cache.manifest["splits"].get(s)]
+    return PackedSource(root=Path(path), layout="packed", splits=splits, cache=cache)
+
+
+# ----------------------------------------------------------------------------- verification
+def verify(path, *, threads: int | None = None, log=print) -> dict:
+    """Check a cache against its manifest: the manifest, ``records.npy`` and ``paths.txt``
+    (SHA-256), the data file's size, and every record's content hash. Raises a one-line
+    DataError naming the file (and the record and its source) at the first problem."""
+    root = Path(path)
+    if not (root / MANIFEST).is_file():
+        extra = " (an interrupted pack: run the pack command again)" \
+            if (root / PARTIAL).is_dir() else ""
+        raise DataError(f"{root}: no {MANIFEST}, not a finished cache{extra}")
+    manifest = _read_manifest(root)
+    for key in ("records_file", "paths_file"):
+        f = root / manifest[key]["file"]
+        if not f.is_file():
+            raise DataError(f"{f}: missing")
+        if sha256_file(f) != manifest[key]["sha256"]:
+            raise DataError(f"{f}: content differs from the manifest's SHA-256 (modified or "
+                            f"truncated)")
+    data = root / manifest["data"]["file"]
+    size = data.stat().st_size if data.is_file() else None
+    if size != manifest["data"]["bytes"]:
+        raise DataError(f"{data}: {'missing' if size is None else f'{size} bytes'}, the manifest "
+                        f"says {manifest['data']['bytes']} (truncated or overwritten)")
+    cache = PackedCache(root)
+    rec, mm = cache.records, cache.data
+    nbytes = rec["height"].astype(np.int64) * rec["width"] * rec["channels"]
+    if len(rec) and (rec["offset"].min() < 0 or (rec["offset"] + nbytes).max() > size):
+        raise DataError(f"{root / RECORDS}: record offsets outside {data}")
+
+    def bad_in(lo_hi):
+        lo, hi = lo_hi
+        for i in range(lo, hi):
+            off = int(rec["offset"][i])
+            if pixel_hash(mm[off:off + int(nbytes[i])]) != int(rec["hash"][i]):
+                return i
+        return None
+
+    blocks = [(lo, min(lo + 4096, len(rec))) for lo in range(0, len(rec), 4096)]
+    t0 = time.perf_counter()
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads or check.default_threads()) as pool:
+        for first in pool.map(bad_in, blocks):
+            if first is not None:
+                off = int(rec["offset"][first])
+                raise DataError(f"{data}: record {first} (bytes {off}-{off + int(nbytes[first])}, "
+                                f"from {cache.paths[first]}) does not match its content hash: "
+                                f"the cache is corrupted, pack it again")
+    log(f"{root}: {len(rec)} records, {size / 2 ** 30:.2f} GiB, all content hashes match "
+        f"({time.perf_counter() - t0:.1f} s)")
+    return manifest
