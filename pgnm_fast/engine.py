@@ -143,10 +143,10 @@ def _read_window(window, masker, epoch, first, global_step, seconds):
 @torch.inference_mode()
 def predict(model, loader, device, amp: bool = False, policy=None, masker=None,
             show_progress: bool = False, desc: str = "eval", channels_last: bool = False):
-    """Softmax scores and labels over a loader. With ``policy`` and ``masker`` (heated stage)
+    """Logits (float32) and labels over a loader. With ``policy`` and ``masker`` (heated stage)
     every batch is masked with masks drawn from the unconditional Beta(exp A_a, exp A_b)."""
     model.eval()
-    probs, labels = [], []
+    outputs, labels = [], []
     for images, target in tqdm(loader, desc=desc, leave=False, mininterval=1.0,
                                disable=None if show_progress else True):
         images = images.to(device, non_blocking=True)
@@ -158,7 +158,7 @@ def predict(model, loader, device, amp: bool = False, policy=None, masker=None,
                 m, _ = masker.sample_score(a_tilde, b_tilde)
                 images = masker.apply(images, m)
             logits = model(images)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        outputs.append(logits.float().cpu())
         labels.append(target.cpu())
     model.train()
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return torch.cat(outputs).numpy(), torch.cat(labels).numpy()

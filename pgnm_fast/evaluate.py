@@ -46,9 +46,9 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
                          channels=cfg.channels, workers=cfg.workers if workers is None else workers,
                          rank=0, world_size=1, device=info.device, log=log,
                          backend="torch" if cfg.loader == "torch" else "auto")
-    probs, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
+    logits, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
-    metrics, absent = classification_metrics(probs, remap[labels], classes)
+    metrics, absent = classification_metrics(logits, remap[labels], classes)
     if absent:
         warn(f"warning: the {split} split lacks {len(absent)} of {len(classes)} classes "
              f"({', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}): macro metrics and "

@@ -1,9 +1,11 @@
 """Evaluation metrics of SPEC section 6, computed with scikit-learn over the classes present.
 
-A test split that lacks some classes (small or filtered data) is scored over the classes it has:
-macro averages and the one-vs-one ROC-AUC run over the present classes only (softmax scores
-renormalised over them, as a one-vs-one comparison needs), and the absent ones are returned so the
-caller can name them in a warning. Predictions of absent classes still count as errors.
+Inputs are logits (or log-probabilities): softmax scores are formed in float64 here, so a peaked
+model's scores never underflow to an all-zero row. A test split that lacks some classes (small or
+filtered data) is scored over the classes it has: macro averages and the one-vs-one ROC-AUC run
+over the present classes only (the softmax over their logits, as a one-vs-one comparison needs),
+and the absent ones are returned so the caller can name them in a warning. Predictions of absent
+classes still count as errors.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import math
 import warnings
 
 import numpy as np
+from scipy.special import softmax
 from sklearn import metrics as skm
 
 METRIC_KEYS = ("top1", "top5", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
@@ -23,17 +26,18 @@ def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((topk == labels[:, None]).any(axis=1).mean())
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray,
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
                            class_names: list[str] | None = None) -> tuple[dict, list[str]]:
-    """``probs`` (N, C) softmax scores, ``labels`` (N,) ints in [0, C).
+    """``logits`` (N, C) classifier outputs, ``labels`` (N,) ints in [0, C).
 
     Returns ``(metrics, absent)``: the dict with exactly :data:`METRIC_KEYS` (floats; the AUC is
     NaN when fewer than two classes are present) and the names of classes absent from ``labels``.
     """
-    probs = np.asarray(probs, dtype=np.float64)
+    logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
-        raise ValueError(f"probs {probs.shape} and labels {labels.shape} do not match")
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not match")
+    probs = softmax(logits, axis=1)
     if len(labels) == 0:
         raise ValueError("no images to evaluate")
     n_classes = probs.shape[1]
@@ -53,17 +57,16 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
         "precision_macro": float(p),
         "recall_macro": float(r),
         "f1_macro": float(f),
-        "roc_auc_ovo_macro": _auc_ovo(probs, labels, present),
+        "roc_auc_ovo_macro": _auc_ovo(logits, labels, present),
         "n_images": int(len(labels)),
     }
     return out, absent
 
 
-def _auc_ovo(probs: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float:
+def _auc_ovo(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float:
     if len(present) < 2:
         return math.nan
-    scores = probs[:, present]
-    scores = scores / np.clip(scores.sum(axis=1, keepdims=True), 1e-300, None)
+    scores = softmax(logits[:, present], axis=1)  # renormalised over the present classes
     if len(present) == 2:
         return float(skm.roc_auc_score(labels == present[1], scores[:, 1]))
     return float(skm.roc_auc_score(labels, scores, multi_class="ovo", average="macro", labels=present))

@@ -240,9 +240,9 @@ def _train(run: Run, log, show_progress) -> Path:
         for scheduler in schedulers:
             scheduler.step()
         if info.is_main:
-            probs, labels = predict(unwrap(parts.model), val_loader, dev, cfg.amp,
+            logits, labels = predict(unwrap(parts.model), val_loader, dev, cfg.amp,
                                     policy=parts.policy, masker=parts.masker)
-            last_val, _ = classification_metrics(probs, labels, run.classes)
+            last_val, _ = classification_metrics(logits, labels, run.classes)
             f1 = last_val["f1_macro"]
             improved = not math.isnan(f1) and f1 > best_f1
             if improved:
