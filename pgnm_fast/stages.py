@@ -201,6 +201,12 @@ def _loaders(run: Run, log=print):
     return train, val
 
 
+def _loader_name(loader) -> str:
+    if type(loader).__name__ == "DaliLoader":
+        return f"DALI ({'GPU' if loader.device.type == 'cuda' else 'CPU'})"
+    return "the PyTorch DataLoader"
+
+
 def _train(run: Run, log, show_progress) -> Path:
     cfg, info, dev = run.cfg, run.info, run.info.device
     torch.manual_seed(cfg.seed + info.rank)
@@ -222,7 +228,8 @@ def _train(run: Run, log, show_progress) -> Path:
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
         + f") on {dev}, {len(run.train_split)} train / {len(run.val_split)} val images from "
           f"{run.data_root}, {cfg.epochs} epochs of batch {cfg.batch_size}"
-        + (f" x {info.world_size}" if info.distributed else "") + f" -> {run.out}")
+        + (f" x {info.world_size}" if info.distributed else "")
+        + f", data through {_loader_name(train_loader)} -> {run.out}")
 
     t0, images_seen, best_epoch, last_val = time.perf_counter(), 0, None, None
     for epoch in range(start_epoch, cfg.epochs):
