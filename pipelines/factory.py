@@ -13,7 +13,6 @@ Backends: ``"dali"`` (:class:`~pgnm_fast.pipelines.dali.DaliLoader`, its GPU var
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -21,10 +20,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pgnm_fast.errors import ConfigError, DataError
+from pgnm_fast.errors import ConfigError
 
 from . import check
-from .loader import EpochSampler, EvalShardSampler, build_loader
+from .loader import batch_loader, build_loader
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
 
@@ -74,23 +73,11 @@ def build_cached_loader(split, *, train: bool, batch_size: int, crop_size: int =
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
     sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
     seed gives the same batches as from the files)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     dataset = CachedDataset(split, build_transform(train, crop_size=crop_size,
                                                    resize_size=resize_size, channels=channels,
                                                    mean=mean, std=std))
-    if train:
-        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
-        if math.ceil(len(dataset) / world_size) < batch_size:
-            raise DataError(f"the {split.name} split has {len(dataset)} images, fewer than one "
-                            f"batch of {batch_size} per process ({world_size} processes)")
-    else:
-        sampler = EvalShardSampler(len(dataset), world_size, rank)
-    pin = device is not None and torch.device(device).type == "cuda"
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=train, pin_memory=pin, persistent_workers=workers > 0,
-                      generator=generator)
+    return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
+                        seed=seed, rank=rank, world_size=world_size, device=device)
 
 
 def _torchrun_rank(rank, world_size):

@@ -113,16 +113,25 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
     ``device``: where the batches will go; a CUDA device turns on pinned memory (the loader
     itself yields CPU tensors). ``drop_last``: None means True for train, False for eval.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     transform = build_transform(train, crop_size=crop_size, resize_size=resize_size,
                                 channels=channels, mean=mean, std=std)
-    dataset = ImageDataset(split, transform)
+    return batch_loader(ImageDataset(split, transform), split.name, train=train,
+                        batch_size=batch_size, workers=workers, seed=seed, rank=rank,
+                        world_size=world_size, drop_last=drop_last, device=device)
+
+
+def batch_loader(dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
+                 rank: int, world_size: int, drop_last: bool | None = None,
+                 device=None) -> DataLoader:
+    """Sampling, seeding and batching of a map-style dataset (module docstring), shared by the
+    PNG files and the packed cache, so both give the same batches for the same seed."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if train:
         sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
         per_rank = math.ceil(len(dataset) / world_size)
         if per_rank < batch_size and (drop_last is None or drop_last):
-            raise DataError(f"the {split.name} split has {len(dataset)} images, fewer than one "
+            raise DataError(f"the {name} split has {len(dataset)} images, fewer than one "
                             f"batch of {batch_size} per process ({world_size} processes)")
     else:
         sampler = EvalShardSampler(len(dataset), world_size, rank)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import special, stats
+from scipy import stats
 
 from pgnm_fast.kernels import reference as ref
 
