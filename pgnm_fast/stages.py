@@ -125,6 +125,7 @@ class Parts:
     policy: torch.nn.Module | None = None
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
+    val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
 
 
 def _build(run: Run, log) -> Parts:
@@ -148,7 +149,9 @@ def _build(run: Run, log) -> Parts:
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None)
-    return Parts(model, optimizer, step, policy, masker, policy_optimizer)
+    val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
+        cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
+    return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker)
 
 
 def _distribute(module, cfg, info):
@@ -248,7 +251,7 @@ def _train(run: Run, log, show_progress) -> Path:
             scheduler.step()
         if info.is_main:
             logits, labels = predict(unwrap(parts.model), val_loader, dev, cfg.amp,
-                                    policy=parts.policy, masker=parts.masker)
+                                    policy=parts.policy, masker=parts.val_masker)
             last_val, _ = classification_metrics(logits, labels, run.classes)
             f1 = last_val["f1_macro"]
             improved = not math.isnan(f1) and f1 > best_f1

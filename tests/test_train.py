@@ -116,6 +116,15 @@ def test_baseline_has_no_policy(data, tmp_path):
     assert all(s["S"] == 0 for s in records(out, "step"))
 
 
+def test_heated_validation_at_another_crop_size(data, tmp_path):
+    """Validation masks are drawn at the eval crop, which may differ from the train crop."""
+    out = tmp_path / "crops"
+    r = cli("train", "--data", data, "--out", out, "--grid", "8", *SMALL, "--epochs", "1",
+            "--val-resize-size", "44", "--val-crop-size", "40")
+    assert r.exit_code == 0, r.output
+    assert records(out, "epoch")[0]["val"]["n_images"] > 0
+
+
 def test_amp_and_graphs_flags_on_the_cpu(data, tmp_path):
     out = tmp_path / "amp"
     r = cli("train", "--data", data, "--out", out, "--grid", "8", "--impl", "reference", "--amp",
