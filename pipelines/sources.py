@@ -107,7 +107,9 @@ class DataSource:
         return self._cache[key]
 
     def _read(self, name: str) -> tuple[list[str], list[str]]:
-        raise NotImplementedError
+        """The split's file paths and class names: each file-based layout implements this (the
+        packed cache overrides ``split`` and ``classes`` instead)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no files")
 
     def _where(self, name: str) -> Path:
         return self.root / name
