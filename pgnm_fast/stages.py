@@ -21,7 +21,7 @@ from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
 from .kernels import make_masker
 from .metrics import classification_metrics, format_metrics, json_safe
-from .models import PolicyNet, create_model, model_names
+from .models import PolicyNet, create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
@@ -67,9 +67,6 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
                                   f"{init_state['model_name']} in {init_from}")
             overrides["model"] = init_state["model_name"]
         cfg = make_config(stage, preset, **overrides)
-    for name in {cfg.model, cfg.policy_model}:
-        if name not in model_names():
-            raise ConfigError(f"unknown model {name!r} (choose from {', '.join(model_names())})")
     info = init_distributed(device)
     data_root = resolve_data(data, (resume_state, init_state), cfg, log)
     source = open_source(data_root)

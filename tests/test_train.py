@@ -107,6 +107,27 @@ def test_finetune_and_eval_a_heated_checkpoint(data, tmp_path):
     assert metrics["n_images"] > 0 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
 
 
+def test_finetune_on_other_classes_keeps_the_trunk_and_starts_a_new_head(data, tmp_path):
+    """The paper's transfer to unseen concepts: a downstream set with other classes."""
+    import shutil
+    heated = tmp_path / "heated"
+    assert cli("train", "--data", data, "--out", heated, "--grid", "8", *SMALL,
+               "--epochs", "1").exit_code == 0
+    downstream = make_synthetic(tmp_path / "down", images=240, seed=11, size=40, layout="folders")
+    dropped = sorted(p.name for p in (downstream / "train").iterdir())[:3]
+    for split in ("train", "val", "test"):
+        for name in dropped:
+            shutil.rmtree(downstream / split / name)
+    ft = tmp_path / "ft"
+    r = cli("finetune", "--from", heated / "last.pt", "--data", downstream, "--out", ft, *SMALL,
+            "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "new classifier head, trunk loaded" in r.output
+    before, after = load_checkpoint(heated / "last.pt"), load_checkpoint(ft / "last.pt")
+    assert after["model"]["fc.weight"].shape[0] == before["model"]["fc.weight"].shape[0] - 3
+    assert not set(dropped) & set(after["classes"])
+
+
 def test_baseline_has_no_policy(data, tmp_path):
     out = tmp_path / "base"
     r = cli("train", "--no-policy", "--data", data, "--out", out, *SMALL, "--epochs", "1")
