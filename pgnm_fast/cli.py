@@ -18,11 +18,8 @@ from .validate import validate
 
 
 def _one_line(e: Exception) -> str:
-    """The user-facing line of an error; one re-raised from a DataLoader worker carries the
-    worker's traceback in its message, whose last line is the original message."""
+    """The user-facing line of an error (PgnmError already drops a worker's traceback)."""
     text = str(e).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
     return text.splitlines()[0] if text else type(e).__name__
 
 

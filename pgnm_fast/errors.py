@@ -2,9 +2,21 @@
 
 
 class PgnmError(Exception):
-    """A mistake in the user's input (data, checkpoint, flag). The message names the culprit."""
+    """A mistake in the user's input (data, checkpoint, flag). The message names the culprit.
+
+    Raised in a DataLoader worker, PyTorch rebuilds the error in the main process from a message
+    that carries the worker's traceback; only the original one-line message is kept, so the CLI
+    prints it as is."""
 
     exit_code = 2
+
+    def __init__(self, message: str = ""):
+        if "Original Traceback" in message:
+            marker = f"{type(self).__name__}: "
+            tail = [ln for ln in message.splitlines() if marker in ln]
+            if tail:
+                message = tail[-1].split(marker, 1)[1]
+        super().__init__(message)
 
 
 class DataError(PgnmError):

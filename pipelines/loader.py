@@ -36,17 +36,7 @@ from .transforms import MEAN, STD, build_transform, load_grey
 
 
 class ImageDecodeError(DataError):
-    """A file that cannot be decoded. Raised in a DataLoader worker, PyTorch rebuilds it in the
-    main process from a message that carries the worker's traceback; this keeps only the
-    original one-line message, so the CLI can print it as is."""
-
-    def __init__(self, message: str = ""):
-        if "Original Traceback" in message:
-            marker = f"{type(self).__name__}: "
-            tail = [ln for ln in message.splitlines() if marker in ln]
-            if tail:
-                message = tail[-1].split(marker, 1)[1]
-        super().__init__(message)
+    """A file that cannot be decoded (one line naming it, also when raised in a worker)."""
 
 
 class ImageDataset(Dataset):
