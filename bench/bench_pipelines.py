@@ -11,6 +11,13 @@ Paths (every one with the train transform: random resized crop, flip, normalise,
 - ``dali-gpu-png`` / ``dali-gpu-cache``: the DALI GPU variant, batches on the GPU (skipped
   without CUDA or DALI).
 
+And the DALI CPU train graph from PNG taken apart, to show where its time goes and what the
+best any DALI CPU graph of these operators can deliver here: the encoded files held in memory and
+fed as they are (no file reading, no Python work per image), one thread per CPU, run up to
+``dali-mem-decode`` (``decoders.image``), up to ``dali-mem-resize`` (``decoders.image_slice``
+of the random crop, then ``resize``) and ``dali-mem-all`` (then ``crop_mirror_normalize``: the
+train graph itself).
+
 Data: a synthetic RadImageNet-like set of 224 x 224 grey PNGs (:mod:`pgnm_fast.synth`, class
 folders), made once under ``$PGNM_FAST_CACHE`` and packed once beside it. A round is one epoch
 of the train split after a warm-up epoch (worker processes and pipelines started); the table
@@ -44,6 +51,7 @@ IMAGES, SIZE, BATCH, CROP = 3900, 224, 256, 224
 CPUS = len(os.sched_getaffinity(0))
 PATHS = ["torch-png", "torch-cache", "dali-cpu-png", "dali-cpu-cache", "dali-gpu-png",
          "dali-gpu-cache"]
+STAGES = ["decode", "resize", "all"]
 RESULTS: dict[str, float] = {}
 CPU_MS: dict[str, float] = {}
 
@@ -138,6 +146,69 @@ def test_images_per_second(benchmark, bench_data, path):
         benchmark.extra_info["x_plain_loader"] = round(rate / RESULTS["torch-png"], 2)
 
 
+def _stage_pipeline(files, stage: str):
+    """The DALI CPU train graph over ``files`` (bytes in memory), run up to ``stage``."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pgnm_fast.pipelines import check
+    from pgnm_fast.pipelines.dali import random_resized_crop_params
+    scan = check.scan(files)
+    assert (scan.kind == check.GREY8).all()
+    encoded = [np.fromfile(f, dtype=np.uint8) for f in files]
+    rng, state = np.random.default_rng(0), {"k": 0}
+
+    def feed():  # the next batch, cycling over the files, with fresh crops and flips
+        idx = (state["k"] * BATCH + np.arange(BATCH)) % len(files)
+        state["k"] += 1
+        top, left, h, w = random_resized_crop_params(scan.height[idx], scan.width[idx], rng)
+        return ([encoded[i] for i in idx], np.stack([top, left], 1).astype(np.int32),
+                np.stack([h, w], 1).astype(np.int32), (rng.random(BATCH) < 0.5).astype(np.int32))
+
+    @pipeline_def(batch_size=BATCH, num_threads=CPUS, device_id=None, prefetch_queue_depth=2)
+    def graph():
+        data, anchor, shape, mirror = fn.external_source(
+            source=feed, num_outputs=4, batch=True,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32])
+        if stage == "decode":
+            return fn.decoders.image(data, device="cpu", output_type=types.GRAY)
+        images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", device="cpu",
+                                         output_type=types.GRAY)
+        images = fn.resize(images, size=[CROP, CROP], antialias=True)
+        if stage == "resize":
+            return images
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=[0.5 * 255], std=[0.25 * 255], mirror=mirror)
+
+    pipe = graph()
+    pipe.build()
+    return pipe
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dali_cpu_stages(benchmark, bench_data, stage):
+    if not dali_available():
+        pytest.skip("DALI is not installed")
+    split = open_source(bench_data[0]).split("train")
+    pipe = _stage_pipeline(split.files, stage)
+    batches = len(split) // BATCH
+    for _ in range(2 * 2):  # warm-up, and the prefetch queue filled
+        pipe.run()
+    cpu = []
+
+    def epoch():
+        c0 = _tree_cpu()
+        for _ in range(batches):
+            pipe.run()
+        cpu.append((_tree_cpu() - c0) / (batches * BATCH) * 1e3)
+
+    benchmark.pedantic(epoch, rounds=5, iterations=1)
+    name = f"dali-mem-{stage}"
+    rate = batches * BATCH / statistics.median(benchmark.stats.stats.data)
+    RESULTS[name], CPU_MS[name] = rate, statistics.median(cpu)
+    benchmark.extra_info.update(images_per_s=round(rate, 1), cpu_ms_per_image=round(CPU_MS[name], 3))
+
+
 TARGETS = {"dali-cpu-png": "target >= 1.5x (CPU)", "dali-cpu-cache": "target >= 3x (CPU)",
            "torch-cache": "", "dali-gpu-cache": "target >= 10,000 img/s (GPU)"}
 
@@ -152,7 +223,7 @@ def _table(request):
              f"{CPUS} CPUs, {time.strftime('%Y-%m-%d')}",
              f"{'path':16} {'images/s':>10} {'x plain':>8} {'CPU ms/img':>11} {'x plain':>8}"]
     cbase = CPU_MS.get("torch-png")
-    for path in PATHS:
+    for path in PATHS + [f"dali-mem-{s}" for s in STAGES]:
         if path in RESULTS:
             ratio = f"{RESULTS[path] / base:8.2f}" if base else f"{'-':>8}"
             cratio = f"{cbase / CPU_MS[path]:8.2f}" if cbase and CPU_MS[path] else f"{'-':>8}"
