@@ -74,6 +74,9 @@ def training_options(f):
         click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under torchrun."),
         click.option("--seed", type=int, default=None),
         click.option("--print-freq", type=int, default=None, help="Log every N steps."),
+        click.option("--average-last", type=int, default=None, metavar="N",
+                     help="Also write averaged.pt: the weights averaged over the last N epochs "
+                          "(fine-tune and --no-policy baseline; the paper's option is 3)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
     ]

@@ -43,6 +43,7 @@ class TrainConfig:
     sync_bn: bool = True             # SyncBatchNorm when distributed (the authors' setting)
     seed: int = 0
     print_freq: int = 20             # read device-side metrics every N steps
+    average_last: int = 0            # also save the mean of the last N epochs' weights (SPEC 5)
     synth_images: int = 2400         # size of the embedded default data set
     synth_size: int = 96
 
@@ -65,6 +66,12 @@ class TrainConfig:
                      "val_resize_size", "print_freq"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if not 0 <= self.average_last <= self.epochs:
+            raise ConfigError(f"--average-last must be between 0 and --epochs ({self.epochs}), "
+                              f"not {self.average_last}")
+        if self.average_last and self.policy:
+            raise ConfigError("--average-last applies to the fine-tune and baseline stages: the "
+                              "heated classifier goes with its policy")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, not {self.lr}")
         if self.grid > min(self.train_crop_size, self.val_crop_size):

@@ -2,7 +2,8 @@
 
 Everything that can be wrong with the user's input (data, checkpoint, flags, run folder) is checked
 before the run folder is touched; the folder then holds ``last.pt``, ``best.pt`` (by validation
-macro F1), ``metrics.jsonl`` and ``config.json``.
+macro F1), ``metrics.jsonl`` and ``config.json``, and with ``--average-last N`` also
+``averaged.pt`` (:mod:`pgnm_fast.averaging`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
+from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
@@ -219,6 +221,11 @@ def _train(run: Run, log, show_progress) -> Path:
     if parts.policy is not None:
         schedulers.append(build_policy_lr_scheduler(parts.policy_optimizer, cfg, start_epoch))
     train_loader, val_loader = _loaders(run, log)
+    averager = None
+    if cfg.average_last and info.is_main:  # every process holds the same weights
+        averager = LastEpochsAverage(unwrap(parts.model), cfg.epochs, cfg.average_last)
+        if run.resume_state is not None and "averaged" in run.resume_state:
+            averager.load_state_dict(run.resume_state["averaged"], log)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(
@@ -255,6 +262,11 @@ def _train(run: Run, log, show_progress) -> Path:
             if improved:
                 best_f1, best_epoch = f1, epoch
             state = _state(run, epoch, global_step, parts, best_f1, last_val)
+            if averager is not None:
+                averager.update(unwrap(parts.model), epoch)
+                state["averaged"] = averager.state_dict()
+                if epoch == cfg.epochs - 1:  # before last.pt: a crash between can resume
+                    write(_save_average(run, averager, parts, val_loader, state, log))
             ckpt_io.save_checkpoint(state, run.out / "last.pt")
             if improved:
                 ckpt_io.save_checkpoint(state, run.out / "best.pt")
@@ -291,6 +303,21 @@ def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
                      masker=parts.masker.state_dict(),
                      policy_optimizer=parts.policy_optimizer.state_dict())
     return state
+
+
+def _save_average(run: Run, averager: LastEpochsAverage, parts: Parts, val_loader, state: dict,
+                  log) -> dict:
+    """Validate the averaged weights and write ``averaged.pt``; returns the metrics record."""
+    logits, labels = predict(averager.average.module, val_loader, run.info.device, run.cfg.amp)
+    metrics, _ = classification_metrics(logits, labels, run.classes)
+    keep = {k: v for k, v in state.items() if k not in ("optimizer", "averaged", "rng")}
+    path = run.out / "averaged.pt"
+    ckpt_io.save_checkpoint(dict(keep, model=averager.model_state(unwrap(parts.model)),
+                                 averaged_epochs=averager.epochs, val_metrics=json_safe(metrics)),
+                            path)
+    log(f"averaged the weights of epochs {', '.join(map(str, averager.epochs))}: val "
+        f"{format_metrics(metrics)} -> {path}")
+    return dict(kind="averaged", epochs=averager.epochs, val=json_safe(metrics))
 
 
 class MetricsLog:
