@@ -27,10 +27,11 @@ class TrainingDiverged(PgnmError):
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA or CPU (no loss scaling needed for bf16)."""
+    """bf16 autocast on CUDA or CPU (no loss scaling needed for bf16). The weight-cast cache is
+    off, as CUDA-graph capture requires (each weight is cast once per forward anyway)."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def unwrap(module):

@@ -21,6 +21,7 @@ from .config import TrainConfig, config_from_dict, make_config
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
+from .graphs import GraphedStep
 from .kernels import make_masker
 from .metrics import classification_metrics, format_metrics, json_safe
 from .models import PolicyNet, create_model
@@ -195,12 +196,28 @@ def _loaders(run: Run, log=print):
                   backend=cfg.loader, log=log)
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
+    static = cfg.graphs and info.device.type == "cuda" and not info.distributed
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
-                        rank=info.rank, world_size=info.world_size, static=cfg.graphs, **common)
+                        rank=info.rank, world_size=info.world_size, static=static, **common)
     # validation runs on the main process only, over the whole split
     val = make_loader(run.val_split, train=False, crop_size=cfg.val_crop_size, rank=0,
                       world_size=1, **common)
     return train, val
+
+
+def _graphed(parts: Parts, train_loader, run: Run, log):
+    """The step as a CUDA graph (:mod:`pgnm_fast.graphs`) where --graphs can apply."""
+    if run.info.device.type != "cuda":
+        log("--graphs: CUDA graphs need a GPU; running eagerly")
+        return parts.step
+    if run.info.distributed:
+        log("--graphs: single-GPU only in this version; under torchrun the step runs eagerly")
+        return parts.step
+    optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
+    static = getattr(train_loader, "static", False)  # DALI fills the same two tensors
+    log("--graphs: the step is captured as a CUDA graph after 3 eager steps"
+        + (", reading DALI's static batch buffers" if static else ""))
+    return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static, log=log)
 
 
 def _loader_name(loader) -> str:
@@ -212,15 +229,13 @@ def _loader_name(loader) -> str:
 def _train(run: Run, log, show_progress) -> Path:
     cfg, info, dev = run.cfg, run.info, run.info.device
     torch.manual_seed(cfg.seed + info.rank)
-    if cfg.graphs:
-        log("--graphs: CUDA graphs need a GPU; running eagerly" if dev.type != "cuda" else
-            "--graphs: CUDA-graph capture is not in this version yet; running eagerly")
     parts = _build(run, log)
     start_epoch, global_step, best_f1 = _restore(run, parts, log)
     schedulers = [build_lr_scheduler(parts.optimizer, cfg, start_epoch)]
     if parts.policy is not None:
         schedulers.append(build_policy_lr_scheduler(parts.policy_optimizer, cfg, start_epoch))
     train_loader, val_loader = _loaders(run, log)
+    step = _graphed(parts, train_loader, run, log) if cfg.graphs else parts.step
     averager = None
     if cfg.average_last and info.is_main:  # every process holds the same weights
         averager = LastEpochsAverage(unwrap(parts.model), cfg.epochs, cfg.average_last)
@@ -247,7 +262,7 @@ def _train(run: Run, log, show_progress) -> Path:
             lrs["policy_lr"] = parts.policy_optimizer.param_groups[0]["lr"]
         t_epoch = time.perf_counter()
         global_step, train_stats = train_one_epoch(
-            parts.step, train_loader, dev, epoch, global_step, cfg.print_freq,
+            step, train_loader, dev, epoch, global_step, cfg.print_freq,
             log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
             show_progress=show_progress and info.is_main)
         images_seen += train_stats["images"] * info.world_size

@@ -1,0 +1,102 @@
+"""``--graphs``: the whole training step (forward, backward, both optimiser steps, the policy's
+EMA and the device-side metrics) captured once as a CUDA graph and replayed every step.
+
+The steps of :mod:`pgnm_fast.engine` are written for this: no host sync, metrics summed into a
+device tensor, the mask kernels' RNG seed and offset in a device tensor advanced by the kernel
+(each replay draws fresh masks), the policy's base buffers updated in place. What capture
+changes, handled here as PyTorch's CUDA-graph notes prescribe:
+
+- warm-up: the first ``warmup`` steps run eagerly on a side stream (autograd, the optimisers'
+  momentum buffers, Triton's compilation and cuDNN's choices all settle before capture);
+- static inputs: the graph reads one images and one labels tensor. Each batch is copied into
+  them, unless it already is them (the DALI loader's ``static`` buffers: no copy);
+- constants: a captured SGD step keeps the learning rate, momentum and weight decay it was
+  captured with, so a change of any of them (the per-epoch schedules) re-captures the step
+  before the next replay. A batch of another shape runs eagerly;
+- a capture that fails (an operation CUDA graphs cannot hold) is reported once and the run goes
+  on eagerly, with nothing lost: capture records work but runs none of it.
+
+Single process only in this version: under torchrun the stage runs eagerly and says so.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _capture_cuda(fn):
+    """Record ``fn``'s CUDA work as a graph (nothing runs); returns the graph's replay."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: DALI's worker threads may call CUDA while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph.replay
+
+
+def _side_stream(fn):
+    """Run ``fn`` eagerly on a side stream that joins the current one before and after."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+class GraphedStep:
+    """A step ``step(images, target, stats)`` (engine.HeatedStep or PlainStep) replayed as a
+    CUDA graph (module docstring). ``optimizers``: the step's optimisers, whose hyper-parameters
+    decide when to re-capture. ``static_inputs``: the loader yields the same two tensors every
+    step, which then become the graph's inputs. ``capture`` and ``warm`` are injectable so the
+    logic is testable without CUDA."""
+
+    def __init__(self, step, optimizers, *, warmup: int = 3, static_inputs: bool = False,
+                 log=print, capture=_capture_cuda, warm=_side_stream):
+        self.step, self.optimizers, self.warmup = step, list(optimizers), warmup
+        self.static_inputs, self.log = static_inputs, log
+        self._capture, self._warm = capture, warm
+        self.replay = self.key = self.inputs = self.stats = None
+        self.steps = self.captures = 0
+        self.eager_reason = None
+
+    def _hyper(self):
+        return tuple((g["lr"], g.get("momentum"), g.get("weight_decay"), g.get("dampening"),
+                      g.get("nesterov")) for o in self.optimizers for g in o.param_groups)
+
+    def __call__(self, images, target, stats):
+        self.steps += 1
+        if self.eager_reason is not None or self.steps <= self.warmup:
+            if self.eager_reason is None:
+                return self._warm(lambda: self.step(images, target, stats))
+            return self.step(images, target, stats)
+        shape = (images.shape, images.stride(), images.dtype, target.shape, target.dtype)
+        if self.replay is not None and shape != self.key[0]:
+            return self.step(images, target, stats)  # an odd batch: eagerly, graph kept
+        if self.inputs is None:
+            self.inputs = (images, target) if self.static_inputs else (
+                torch.empty_like(images), torch.empty_like(target))
+            self.stats = torch.zeros_like(stats)
+        static_images, static_target = self.inputs
+        if images is not static_images:
+            static_images.copy_(images, non_blocking=True)
+        if target is not static_target:
+            static_target.copy_(target, non_blocking=True)
+        if self.replay is None or self._hyper() != self.key[1]:
+            if not self._recapture(shape):
+                return self.step(images, target, stats)
+        self.replay()
+        stats += self.stats
+        self.stats.zero_()
+
+    def _recapture(self, shape) -> bool:
+        self.replay = None  # drop the old graph (and its memory) first
+        for optimizer in self.optimizers:  # backward allocates the grads inside the graph
+            optimizer.zero_grad(set_to_none=True)
+        try:
+            self.replay = self._capture(lambda: self.step(*self.inputs, self.stats))
+        except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.eager_reason = reason
+            self.log(f"--graphs: capturing the step failed ({reason[:200]}); running eagerly")
+            return False
+        self.key = (shape, self._hyper())
+        self.captures += 1
+        return True
