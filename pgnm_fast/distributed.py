@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -49,6 +50,19 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.div_(dist.get_world_size())
+
+
+def gather_to_main(arrays: tuple, info: DistInfo):
+    """Each process's numpy ``arrays``, concatenated in rank order on rank 0; None on the
+    others. A process with nothing to give passes None."""
+    if not info.distributed:
+        return arrays
+    parts = [None] * info.world_size if info.is_main else None
+    dist.gather_object(arrays, parts, dst=0)
+    if not info.is_main:
+        return None
+    parts = [p for p in parts if p is not None]
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def barrier(info: DistInfo) -> None:

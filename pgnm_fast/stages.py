@@ -18,7 +18,8 @@ import torch
 from . import checkpoint as ckpt_io
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
-from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_to_main,
+                          init_distributed)
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
 from .graphs import GraphedStep
@@ -199,9 +200,12 @@ def _loaders(run: Run, log=print):
     static = cfg.graphs and info.device.type == "cuda" and not info.distributed
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
                         rank=info.rank, world_size=info.world_size, static=static, **common)
-    # validation runs on the main process only, over the whole split
-    val = make_loader(run.val_split, train=False, crop_size=cfg.val_crop_size, rank=0,
-                      world_size=1, **common)
+    # validation: every process scores its shard (each image once); a split smaller than the
+    # number of processes is scored by rank 0 alone (val is None on the others)
+    shards = info.world_size if len(run.val_split) >= info.world_size else 1
+    val = make_loader(run.val_split, train=False, crop_size=cfg.val_crop_size,
+                      rank=info.rank if shards > 1 else 0, world_size=shards,
+                      **common) if shards > 1 or info.is_main else None
     return train, val
 
 
@@ -237,7 +241,7 @@ def _train(run: Run, log, show_progress) -> Path:
     train_loader, val_loader = _loaders(run, log)
     step = _graphed(parts, train_loader, run, log) if cfg.graphs else parts.step
     averager = None
-    if cfg.average_last and info.is_main:  # every process holds the same weights
+    if cfg.average_last:  # on every process: each validates its shard of the average
         averager = LastEpochsAverage(unwrap(parts.model), cfg.epochs, cfg.average_last)
         if run.resume_state is not None and "averaged" in run.resume_state:
             averager.load_state_dict(run.resume_state["averaged"], log)
@@ -268,20 +272,23 @@ def _train(run: Run, log, show_progress) -> Path:
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
+        last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy,
+                             parts.val_masker)
+        averaged_val = None
+        if averager is not None:
+            averager.update(unwrap(parts.model), epoch)
+            if epoch == cfg.epochs - 1:
+                averaged_val = _validate(run, averager.average.module, val_loader)
         if info.is_main:
-            logits, labels = predict(unwrap(parts.model), val_loader, dev, cfg.amp,
-                                    policy=parts.policy, masker=parts.val_masker)
-            last_val, _ = classification_metrics(logits, labels, run.classes)
             f1 = last_val["f1_macro"]
             improved = not math.isnan(f1) and f1 > best_f1
             if improved:
                 best_f1, best_epoch = f1, epoch
             state = _state(run, epoch, global_step, parts, best_f1, last_val)
             if averager is not None:
-                averager.update(unwrap(parts.model), epoch)
                 state["averaged"] = averager.state_dict()
-                if epoch == cfg.epochs - 1:  # before last.pt: a crash between can resume
-                    write(_save_average(run, averager, parts, val_loader, state, log))
+                if averaged_val is not None:  # before last.pt: a crash between can resume
+                    write(_save_average(run, averager, parts, averaged_val, state, log))
             ckpt_io.save_checkpoint(state, run.out / "last.pt")
             if improved:
                 ckpt_io.save_checkpoint(state, run.out / "best.pt")
@@ -320,11 +327,20 @@ def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
     return state
 
 
-def _save_average(run: Run, averager: LastEpochsAverage, parts: Parts, val_loader, state: dict,
-                  log) -> dict:
-    """Validate the averaged weights and write ``averaged.pt``; returns the metrics record."""
-    logits, labels = predict(averager.average.module, val_loader, run.info.device, run.cfg.amp)
-    metrics, _ = classification_metrics(logits, labels, run.classes)
+def _validate(run: Run, model, val_loader, policy=None, masker=None) -> dict | None:
+    """Validation metrics of ``model`` on rank 0 (None on the others): every process with a
+    loader scores its shard, rank 0 gathers the logits (see ``_loaders``)."""
+    scored = None
+    if val_loader is not None:
+        scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
+                         masker=masker)
+    gathered = gather_to_main(scored, run.info)
+    return classification_metrics(*gathered, run.classes)[0] if gathered is not None else None
+
+
+def _save_average(run: Run, averager: LastEpochsAverage, parts: Parts, metrics: dict,
+                  state: dict, log) -> dict:
+    """Write ``averaged.pt`` with its validation metrics; returns the metrics record."""
     keep = {k: v for k, v in state.items() if k not in ("optimizer", "averaged", "rng")}
     path = run.out / "averaged.pt"
     ckpt_io.save_checkpoint(dict(keep, model=averager.model_state(unwrap(parts.model)),

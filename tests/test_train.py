@@ -200,3 +200,25 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     n_train = len(open_source(data).split("train"))
     assert state["step"] == (n_train + 1) // 2 // 16  # per-rank batches of one epoch
     assert "x 2" in p.stdout
+    n_val = len(open_source(data).split("val"))  # sharded validation: every image once
+    assert state["val_metrics"]["n_images"] == n_val == records(out, "epoch")[0]["val"]["n_images"]
+
+
+def test_torchrun_two_cpu_processes_average_and_validate_their_shards(data, tmp_path):
+    """--average-last under torchrun: both processes average, each scores its val shard."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "ddp-avg"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "-m", "pgnm_fast", "train", "--no-policy", "--data", str(data), "--out",
+                        str(out), *SMALL, "--average-last", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    from pgnm_fast.pipelines.sources import open_source
+    n_val = len(open_source(data).split("val"))
+    avg, last = load_checkpoint(out / "averaged.pt"), load_checkpoint(out / "last.pt")
+    assert avg["averaged_epochs"] == [0, 1] and avg["val_metrics"]["n_images"] == n_val
+    assert last["val_metrics"]["n_images"] == n_val
