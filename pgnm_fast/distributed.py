@@ -52,6 +52,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t.div_(dist.get_world_size())
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every process. DDP broadcasts them
+    before each forward, so the last step leaves each rank its own; validation and checkpoint
+    averaging then see the weights and statistics that rank 0 saves."""
+    if info.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_to_main(arrays: tuple, info: DistInfo):
     """Each process's numpy ``arrays``, concatenated in rank order on rank 0; None on the
     others. A process with nothing to give passes None."""

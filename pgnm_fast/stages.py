@@ -18,8 +18,8 @@ import torch
 from . import checkpoint as ckpt_io
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
-from .distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_to_main,
-                          init_distributed)
+from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
+                          gather_to_main, init_distributed)
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
 from .graphs import GraphedStep
@@ -272,6 +272,7 @@ def _train(run: Run, log, show_progress) -> Path:
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
+        broadcast_buffers(unwrap(parts.model), info)
         last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy,
                              parts.val_masker)
         averaged_val = None

@@ -222,3 +222,11 @@ def test_torchrun_two_cpu_processes_average_and_validate_their_shards(data, tmp_
     avg, last = load_checkpoint(out / "averaged.pt"), load_checkpoint(out / "last.pt")
     assert avg["averaged_epochs"] == [0, 1] and avg["val_metrics"]["n_images"] == n_val
     assert last["val_metrics"]["n_images"] == n_val
+    # what the two shards reported is what one process measures on the saved checkpoints
+    for name, saved in (("last.pt", last), ("averaged.pt", avg)):
+        one = tmp_path / f"{name}.json"
+        r = cli("eval", "--checkpoint", out / name, "--split", "val", "--json", one, "-j", "0")
+        assert r.exit_code == 0, r.output
+        alone = json.loads(one.read_text())
+        for key, value in saved["val_metrics"].items():
+            assert alone[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
