@@ -41,3 +41,22 @@ def synth_copy(synth_root, tmp_path):
 def folders_copy(synth_folders_root, tmp_path):
     """A private, writable copy of the class-folder set."""
     return shutil.copytree(synth_folders_root, tmp_path / "folders")
+
+
+@pytest.fixture
+def ctrl_c_in_epoch(monkeypatch):
+    """``disarm = ctrl_c_in_epoch(n)``: training runs stop with Ctrl-C as epoch ``n`` starts,
+    until ``disarm()``."""
+    import pgnm_fast.stages as stages
+    real = stages.train_one_epoch
+
+    def arm(n):
+        def interrupted(step, loader, device, epoch, *args, **kwargs):
+            if epoch == n:
+                raise KeyboardInterrupt
+            return real(step, loader, device, epoch, *args, **kwargs)
+
+        monkeypatch.setattr(stages, "train_one_epoch", interrupted)
+        return lambda: monkeypatch.setattr(stages, "train_one_epoch", real)
+
+    return arm

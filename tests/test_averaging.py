@@ -6,7 +6,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import pgnm_fast.stages as stages
 from pgnm_fast import checkpoint as ckpt_io
 from pgnm_fast.checkpoint import load_checkpoint
 from pgnm_fast.cli import main
@@ -66,25 +65,18 @@ def test_averaged_checkpoint_is_the_mean_of_the_last_epochs(data, tmp_path, epoc
     assert r.exit_code == 0, r.output
 
 
-def test_average_survives_an_interrupted_fine_tune(data, tmp_path, monkeypatch):
+def test_average_survives_an_interrupted_fine_tune(data, tmp_path, ctrl_c_in_epoch):
     heated = tmp_path / "heated"
     assert cli("train", "--data", data, "--out", heated, "--grid", "8", *SMALL,
                "--epochs", "1").exit_code == 0
     common = ["--from", heated / "last.pt", *SMALL, "--epochs", "3", "--average-last", "3"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert cli("finetune", "--out", whole, *common).exit_code == 0
-    real = stages.train_one_epoch
-
-    def ctrl_c_in_epoch_2(step, loader, device, epoch, *args, **kwargs):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(step, loader, device, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(stages, "train_one_epoch", ctrl_c_in_epoch_2)
+    disarm = ctrl_c_in_epoch(2)
     assert cli("finetune", "--out", part, *common).exit_code != 0
     assert not (part / "averaged.pt").exists()
     assert load_checkpoint(part / "last.pt")["averaged"]["epochs"] == [0, 1]
-    monkeypatch.setattr(stages, "train_one_epoch", real)
+    disarm()
     r = cli("finetune", "--from", heated / "last.pt", "--resume", part / "last.pt")
     assert r.exit_code == 0, r.output
     resumed, full = load_checkpoint(part / "averaged.pt"), load_checkpoint(whole / "averaged.pt")

@@ -49,22 +49,14 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_interrupted_run_resumes_from_its_step_and_matches_an_uninterrupted_run(
-        data, tmp_path, monkeypatch, impl):
+        data, tmp_path, ctrl_c_in_epoch, impl):
     common = ["--data", data, "--grid", "8", "--impl", impl, *SMALL]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert cli("train", "--out", whole, *common).exit_code == 0
-    import pgnm_fast.stages as stages
-    real = stages.train_one_epoch
-
-    def ctrl_c_in_epoch_1(step, loader, device, epoch, *args, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(step, loader, device, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(stages, "train_one_epoch", ctrl_c_in_epoch_1)
+    disarm = ctrl_c_in_epoch(1)
     first = cli("train", "--out", part, *common)
     assert first.exit_code != 0  # interrupted: click reports "Aborted!"
-    monkeypatch.setattr(stages, "train_one_epoch", real)
+    disarm()
     one = load_checkpoint(part / "last.pt")
     assert one["epoch"] == 0
     r = cli("train", "--resume", part / "last.pt")
