@@ -1,4 +1,4 @@
-"""`pgnm-fast`: train (heated or baseline), finetune, eval, synth, pack, validate.
+"""`pgnm-fast`: train (heated or baseline), finetune, eval, compare, synth, pack, validate.
 
 Flag names follow torchvision's classification reference scripts where they apply. A user mistake
 (missing data, bad checkpoint, unknown model, ...) prints one ``Error:`` line and exits non-zero.
@@ -178,6 +178,40 @@ def pack(data, out, verify_path, on_bad_image, channels, workers):
         raise ConfigError("pack needs --data ROOT and --out CACHE (or --verify CACHE)")
     pack_data(data, out, on_bad_image=on_bad_image, channels=channels, workers=workers,
               log=click.echo)
+
+
+@main.command()
+@click.option("--data", type=str, default=None,
+              help="As for train (needs a test split); default: the embedded synthetic set.")
+@click.option("--out", type=str, default=None,
+              help="Folder for the three runs and compare.json (default runs/compare-<time>); "
+                   "run again to continue an interrupted comparison.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
+@click.option("--model", type=click.Choice(model_names()), default=None, help="Classifier.")
+@click.option("--epochs", type=int, default=None, help="Heated and baseline epochs.")
+@click.option("--finetune-epochs", type=int, default=None)
+@click.option("-b", "--batch-size", type=int, default=None, help="Images per process.")
+@click.option("-j", "--workers", type=int, default=None)
+@click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default=None)
+@click.option("--amp/--no-amp", default=None)
+@click.option("--graphs/--no-graphs", default=None)
+@click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")
+@click.option("--grid", type=int, default=None, help="Mask grid G.")
+@click.option("--seed", type=int, default=None)
+@click.option("--resamples", type=int, default=1000, show_default=True,
+              help="Paired bootstrap resamples of the test images.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+def compare(data, out, preset, model, epochs, finetune_epochs, batch_size, workers, loader, amp,
+            graphs, impl, grid, seed, resamples, device):
+    """Does PGNM beat plain training here? Heated + fine-tune vs baseline, paired on the test split."""
+    from .compare import compare as run_compare
+    shared = dict(batch_size=batch_size, workers=workers, loader=loader, amp=amp, graphs=graphs,
+                  seed=seed)
+    run_compare(data, out, preset, overrides=dict(shared, model=model, epochs=epochs, impl=impl,
+                                                  grid=grid),
+                finetune_overrides=dict(shared, epochs=finetune_epochs), device=device,
+                resamples=resamples, seed=seed or 0, log=click.echo)
 
 
 main.add_command(validate)

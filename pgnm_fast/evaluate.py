@@ -23,6 +23,22 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
                         show_progress=True) -> dict:
     """Evaluate on clean images (no masks: the heated model is its classifier). Returns the
     metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`)."""
+    logits, labels, classes = predict_checkpoint(checkpoint, data, split, batch_size, workers,
+                                                 device, amp, log, show_progress)
+    metrics, absent = classification_metrics(logits, labels, classes)
+    if absent:
+        warn(f"warning: the {split} split lacks {len(absent)} of {len(classes)} classes "
+             f"({', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}): macro metrics and "
+             f"ROC-AUC are over the {len(classes) - len(absent)} classes present")
+    if json_path is not None:
+        write_json_atomic(json_safe(metrics), json_path)
+    return metrics
+
+
+def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, workers=None,
+                       device=None, amp=False, log=print, show_progress=True):
+    """``(logits, labels, classes)`` of a checkpoint's classifier over a split, in the split's
+    order, labels as indices into the checkpoint's classes."""
     state = ckpt_io.load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
     root = Path(data) if data is not None else Path(state["data"])
@@ -48,14 +64,7 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
                          backend="torch" if cfg.loader == "torch" else "auto")
     logits, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
-    metrics, absent = classification_metrics(logits, remap[labels], classes)
-    if absent:
-        warn(f"warning: the {split} split lacks {len(absent)} of {len(classes)} classes "
-             f"({', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}): macro metrics and "
-             f"ROC-AUC are over the {len(classes) - len(absent)} classes present")
-    if json_path is not None:
-        write_json_atomic(json_safe(metrics), json_path)
-    return metrics
+    return logits, remap[labels], classes
 
 
 def write_json_atomic(obj, path) -> None:

@@ -81,3 +81,46 @@ def format_metrics(m: dict) -> str:
 def json_safe(m: dict) -> dict:
     """NaN -> None, so the JSON file stays standard."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+
+
+BOOTSTRAP_KEYS = ("top1", "balanced_accuracy", "f1_macro")
+
+
+def _weighted_scores(pred: np.ndarray, labels: np.ndarray, present: np.ndarray,
+                     weights: np.ndarray) -> np.ndarray:
+    """top1, balanced accuracy and macro F1 with each image counted ``weights`` times, by
+    :func:`classification_metrics`' rules (macro over ``present``; 0 where undefined)."""
+    size = int(max(pred.max(), labels.max())) + 1
+    hit = pred == labels
+    support = np.bincount(labels, weights=weights, minlength=size)[present]
+    tp = np.bincount(labels, weights=weights * hit, minlength=size)[present]
+    predicted = np.bincount(pred, weights=weights, minlength=size)[present]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, tp / support, 0.0)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(recall + precision > 0, 2 * recall * precision / (recall + precision), 0.0)
+    return np.array([(weights * hit).sum() / weights.sum(), recall.mean(), f1.mean()])
+
+
+def paired_bootstrap(logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndarray,
+                     resamples: int = 1000, seed: int = 0) -> dict:
+    """The difference b - a of :data:`BOOTSTRAP_KEYS` between two models scored on the same
+    images, with a 95% percentile interval over ``resamples`` paired bootstrap resamples of the
+    images (both models see the same resample) and the fraction of resamples in which b is
+    ahead. Returns ``{key: {"difference", "ci95": [lo, hi], "b_ahead"}}``."""
+    labels = np.asarray(labels, dtype=np.int64)
+    pred_a, pred_b = np.argmax(logits_a, 1), np.argmax(logits_b, 1)
+    present, n = np.unique(labels), len(labels)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty((resamples, len(BOOTSTRAP_KEYS)))
+    for r in range(resamples):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        diffs[r] = (_weighted_scores(pred_b, labels, present, weights)
+                    - _weighted_scores(pred_a, labels, present, weights))
+    ones = np.ones(n)
+    full = (_weighted_scores(pred_b, labels, present, ones)
+            - _weighted_scores(pred_a, labels, present, ones))
+    lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0)
+    return {key: {"difference": float(full[i]), "ci95": [float(lo[i]), float(hi[i])],
+                  "b_ahead": float((diffs[:, i] > 0).mean())}
+            for i, key in enumerate(BOOTSTRAP_KEYS)}
