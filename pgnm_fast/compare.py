@@ -34,7 +34,8 @@ def _stage(stage, folder: Path, log, **kwargs) -> tuple[Path, float]:
     if last.exists():
         state = ckpt_io.load_checkpoint(last)
         if state["epoch"] + 1 >= state["config"]["epochs"]:
-            log(f"compare: {stage} already finished in {folder}: reusing it")
+            log(f"compare: {stage} already finished its {state['config']['epochs']} epochs in "
+                f"{folder}: reusing it (another --out trains afresh)")
             return folder, 0.0
         log(f"compare: {stage} stopped after epoch {state['epoch']} in {folder}: resuming")
         resume = last
