@@ -23,6 +23,7 @@ from .evaluate import predict_checkpoint, write_json_atomic
 from .metrics import (BOOTSTRAP_KEYS, METRIC_KEYS, classification_metrics, json_safe,
                       paired_bootstrap)
 from .config import make_config
+from .distributed import shutdown
 from .pipelines.sources import open_source
 from .stages import resolve_data, run_stage
 
@@ -47,9 +48,8 @@ def _stage(stage, folder: Path, log, **kwargs) -> tuple[Path, float]:
 def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrides=None,
             device=None, resamples: int = 1000, seed: int = 0, log=print) -> dict:
     """Run the three stages and the paired test comparison (module docstring)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("compare runs in one process; under torchrun run the stages one by one "
-                          "(train, train --no-policy, finetune) and `pgnm-fast eval` each")
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks
+        log = (lambda *_: None)
     if resamples < 1:
         raise ConfigError(f"--resamples must be positive, not {resamples}")
     cfg = make_config("heated", preset, **{k: v for k, v in (overrides or {}).items()
@@ -57,8 +57,19 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
     data = resolve_data(data, (), cfg, log)  # before any training: the test split must exist
     if "test" not in open_source(data).splits:
         raise DataError(f"data at {data} has no test split: compare scores both models on it")
+    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("compare under torchrun needs --out (every process must name the same "
+                          "folder)")
     out = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    common = dict(preset=preset, data=data, device=device)
+    common = dict(preset=preset, data=data, device=device, keep_process_group=True)
+    try:
+        return _compare(out, common, overrides, finetune_overrides, data, device, resamples,
+                        seed, log)
+    finally:
+        shutdown()  # the process group the stages kept (torchrun)
+
+
+def _compare(out, common, overrides, finetune_overrides, data, device, resamples, seed, log):
     heated, t_heated = _stage("heated", out / "heated", log, overrides=overrides, **common)
     finetuned, t_finetune = _stage("finetune", out / "finetune", log,
                                    overrides=finetune_overrides,
@@ -67,6 +78,8 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
                        if k not in ("policy_model", "policy_lr", "grid", "impl")}
     baseline, t_baseline = _stage("baseline", out / "baseline", log, overrides=plain_overrides,
                                   **common)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 scores and reports
+        return {}
     scored = {}
     for name, folder in (("baseline", baseline), ("pgnm", finetuned)):
         scored[name] = predict_checkpoint(folder / "best.pt", data, "test", device=device,
@@ -105,6 +118,7 @@ def format_report(report: dict) -> list[str]:
                     f"{100 * d['b_ahead']:.0f}%")
         lines.append(row)
     seconds = report["seconds"]
-    lines.append("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" if v else f"{k} reused"
-                                           for k, v in seconds.items()))
+    lines.append("wall time: " + ", ".join(
+        f"{k} reused" if not v else f"{k} {v:.0f} s" if v < 120 else f"{k} {v / 60:.1f} min"
+        for k, v in seconds.items()))
     return lines

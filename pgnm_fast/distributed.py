@@ -80,5 +80,11 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
+    if info.distributed:
+        shutdown()
+
+
+def shutdown() -> None:
+    """Take down the process group, if there is one."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -108,13 +108,19 @@ def _load_classifier(model, state: dict, classes: list, log) -> None:
 
 
 def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
-              init_from=None, device=None, log=print, show_progress=True) -> Path:
-    """Train one stage; returns the run folder."""
+              init_from=None, device=None, log=print, show_progress=True,
+              keep_process_group: bool = False) -> Path:
+    """Train one stage; returns the run folder. Under torchrun the process group is taken down
+    at the end unless ``keep_process_group`` (several stages in one run: compare)."""
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
     try:
         return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
-    finally:
+    except BaseException:
         cleanup(run.info)
+        raise
+    finally:
+        if not keep_process_group:
+            cleanup(run.info)
 
 
 @dataclasses.dataclass

@@ -108,3 +108,19 @@ def test_compare_refuses_data_without_a_test_split_before_training(data, tmp_pat
     r = cli("compare", "--data", copy, "--out", out, *FAST)
     assert r.exit_code != 0 and "has no test split" in r.output, r.output
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_compare_under_torchrun_two_cpu_processes(data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "cmp"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "-m", "pgnm_fast", "compare", "--data", str(data), "--out", str(out),
+                        *FAST], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("baseline vs PGNM") == 1  # rank 0 alone reports
+    report = json.loads((out / "compare.json").read_text())
+    assert "x 2" in p.stdout and report["test"]["pgnm"]["n_images"] > 0
