@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as ckpt_io
+from .config import make_config
+from .distributed import shutdown
 from .errors import ConfigError, DataError
 from .evaluate import predict_checkpoint, write_json_atomic
 from .metrics import (BOOTSTRAP_KEYS, METRIC_KEYS, classification_metrics, json_safe,
                       paired_bootstrap)
-from .config import make_config
-from .distributed import shutdown
 from .pipelines.sources import open_source
 from .stages import resolve_data, run_stage
 
