@@ -6,8 +6,9 @@ device tensor, the mask kernels' RNG seed and offset in a device tensor advanced
 (each replay draws fresh masks), the policy's base buffers updated in place. What capture
 changes, handled here as PyTorch's CUDA-graph notes prescribe:
 
-- warm-up: the first ``warmup`` steps run eagerly on a side stream (autograd, the optimisers'
-  momentum buffers, Triton's compilation and cuDNN's choices all settle before capture);
+- warm-up: the first ``warmup`` steps run eagerly on the side stream the capture will use
+  (autograd, the optimisers' momentum buffers, Triton's compilation, cuDNN's choices and the
+  libraries' per-stream handles all settle before capture);
 - static inputs: the graph reads one images and one labels tensor. Each batch is copied into
   them, unless it already is them (the DALI loader's ``static`` buffers: no copy);
 - constants: a captured SGD step keeps the learning rate, momentum and weight decay it was
@@ -23,22 +24,33 @@ from __future__ import annotations
 import torch
 
 
-def _capture_cuda(fn):
-    """Record ``fn``'s CUDA work as a graph (nothing runs); returns the graph's replay."""
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: DALI's worker threads may call CUDA while this thread captures
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        fn()
-    return graph.replay
+class _CudaGraphs:
+    """Warm-up and capture on one side stream: cuBLAS and other libraries make their
+    per-stream handles and workspaces during the warm-up, not in the middle of a capture."""
 
+    def __init__(self):
+        self._stream = None
 
-def _side_stream(fn):
-    """Run ``fn`` eagerly on a side stream that joins the current one before and after."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    def stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def warm(self, fn):
+        """Run ``fn`` eagerly on the side stream, joined to the current one before and after."""
+        stream = self.stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, fn):
+        """Record ``fn``'s CUDA work as a graph (nothing runs); returns the graph's replay."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: DALI's worker threads may call CUDA while this thread captures
+        with torch.cuda.graph(graph, stream=self.stream(), capture_error_mode="thread_local"):
+            fn()
+        return graph.replay
 
 
 class GraphedStep:
@@ -49,10 +61,12 @@ class GraphedStep:
     logic is testable without CUDA."""
 
     def __init__(self, step, optimizers, *, warmup: int = 3, static_inputs: bool = False,
-                 log=print, capture=_capture_cuda, warm=_side_stream):
+                 log=print, capture=None, warm=None):
         self.step, self.optimizers, self.warmup = step, list(optimizers), warmup
         self.static_inputs, self.log = static_inputs, log
-        self._capture, self._warm = capture, warm
+        cuda = _CudaGraphs() if capture is None or warm is None else None
+        self._capture = capture or cuda.capture
+        self._warm = warm or cuda.warm
         self.replay = self.key = self.inputs = self.stats = None
         self.steps = self.captures = 0
         self.eager_reason = None
