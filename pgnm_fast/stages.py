@@ -203,7 +203,7 @@ def _loaders(run: Run, log=print):
                   backend=cfg.loader, log=log)
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
-    static = cfg.graphs and info.device.type == "cuda" and not info.distributed
+    static = cfg.graphs and _graphs_blocked(info) is None
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
                         rank=info.rank, world_size=info.world_size, static=static, **common)
     # validation: every process scores its shard (each image once); a split smaller than the
@@ -215,13 +215,20 @@ def _loaders(run: Run, log=print):
     return train, val
 
 
+def _graphs_blocked(info: DistInfo) -> str | None:
+    """Why --graphs cannot apply to this process (None: it can)."""
+    if info.device.type != "cuda":
+        return "--graphs: CUDA graphs need a GPU; running eagerly"
+    if info.distributed:
+        return "--graphs: single-GPU only in this version; under torchrun the step runs eagerly"
+    return None
+
+
 def _graphed(parts: Parts, train_loader, run: Run, log):
     """The step as a CUDA graph (:mod:`pgnm_fast.graphs`) where --graphs can apply."""
-    if run.info.device.type != "cuda":
-        log("--graphs: CUDA graphs need a GPU; running eagerly")
-        return parts.step
-    if run.info.distributed:
-        log("--graphs: single-GPU only in this version; under torchrun the step runs eagerly")
+    why_not = _graphs_blocked(run.info)
+    if why_not is not None:
+        log(why_not)
         return parts.step
     optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
     static = getattr(train_loader, "static", False)  # DALI fills the same two tensors
