@@ -312,6 +312,10 @@ class DaliLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
+    @property
+    def name(self) -> str:
+        return f"DALI ({'GPU' if self.device.type == 'cuda' else 'CPU'})"
+
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 

@@ -18,12 +18,13 @@ import time
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pgnm_fast.errors import ConfigError
 
 from . import check
-from .loader import batch_loader, build_loader
+from .contract import BatchLoader
+from .loader import PlainLoader, batch_loader, build_loader
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
 
@@ -69,7 +70,7 @@ class CachedDataset(Dataset):
 def build_cached_loader(split, *, train: bool, batch_size: int, crop_size: int = 224,
                         resize_size: int = 256, channels: int = 1, workers: int = 2,
                         seed: int = 0, rank: int = 0, world_size: int = 1, device=None,
-                        mean: float = MEAN, std: float = STD) -> DataLoader:
+                        mean: float = MEAN, std: float = STD) -> PlainLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
     sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
     seed gives the same batches as from the files)."""
@@ -93,7 +94,7 @@ def make_loader(data, *, train: bool, batch_size: int, split: str | None = None,
                 workers: int = 2, seed: int = 0, rank: int | None = None,
                 world_size: int | None = None, device=None, backend: str = "auto",
                 dtype=torch.float32, channels_last: bool = False, static: bool = False,
-                on_bad_image: str = "error", bad_list=None, log=print):
+                on_bad_image: str = "error", bad_list=None, log=print) -> BatchLoader:
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
