@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -46,7 +48,9 @@ class Run:
     init_state: RunState | None = None
 
 
-def resolve_data(data, states, cfg: TrainConfig, log) -> Path:
+def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
+                 cfg: TrainConfig, log: Callable[[str], None]) -> Path:
+    """``--data``, else the data of a checkpoint the run starts from, else the embedded set."""
     if data is not None:
         return Path(data)
     for state in states:
@@ -56,8 +60,11 @@ def resolve_data(data, states, cfg: TrainConfig, log) -> Path:
     return ensure_default_data(log=log, images=cfg.synth_images, size=cfg.synth_size)
 
 
-def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None, data=None,
-                out=None, resume=None, init_from=None, device=None, log=print) -> Run:
+def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
+                data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
+                device: str | None = None, log: Callable[[str], None] = print) -> Run:
+    """Check everything about a stage's input and assemble its :class:`Run` (nothing written)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     resume_state = load_run_state(resume) if resume else None
     init_state = load_run_state(init_from) if init_from else None
@@ -108,8 +115,10 @@ def _load_classifier(model, state: RunState, classes: list, log) -> None:
         model.load_state_dict(weights)
 
 
-def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None, data=None,
-              out=None, resume=None, init_from=None, device=None, log=print,
+def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
+              data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+              resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
+              device: str | None = None, log: Callable[[str], None] = print,
               show_progress: bool = True, keep_process_group: bool = False) -> Path:
     """Train one stage; returns the run folder. Under torchrun the process group is taken down
     at the end unless ``keep_process_group`` (several stages in one run: compare)."""
@@ -305,7 +314,8 @@ class EpochProgress:
 
 def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
               averager: LastEpochsAverage | None, progress: EpochProgress, epoch: int,
-              global_step: int, train_stats: dict, lrs: dict, t_epoch: float, write, log) -> None:
+              global_step: int, train_stats: dict, lrs: dict, t_epoch: float,
+              write: Callable[[dict], None], log: Callable[[str], None]) -> None:
     """Everything after an epoch's training steps: validate (and the weight average after the
     last epoch), then on rank 0 save ``averaged.pt``, ``last.pt`` and ``best.pt``, log the epoch
     to ``metrics.jsonl`` and the console. ``lrs``: the epoch's learning rates; ``t_epoch``: when

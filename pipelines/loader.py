@@ -97,7 +97,8 @@ class EvalShardSampler(Sampler):
 def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int = 224,
                  resize_size: int = 256, channels: int = 1, workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
-                 device=None, mean: float = MEAN, std: float = STD) -> PlainLoader:
+                 device: torch.device | str | None = None, mean: float = MEAN,
+                 std: float = STD) -> PlainLoader:
     """A DataLoader over ``split`` (module docstring for sampling and seeding).
 
     ``device``: where the batches will go; a CUDA device turns on pinned memory (the loader
@@ -122,13 +123,12 @@ class PlainLoader(DataLoader):
         return "the PyTorch DataLoader"
 
     def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.sampler, "set_epoch"):  # the train sampler; the eval shards keep one order
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)  # the eval shards keep one order
 
 
-def batch_loader(dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
+def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
                  rank: int, world_size: int, drop_last: bool | None = None,
-                 device=None) -> PlainLoader:
+                 device: torch.device | str | None = None) -> PlainLoader:
     """Sampling, seeding and batching of a map-style dataset (module docstring), shared by the
     PNG files and the packed cache, so both give the same batches for the same seed."""
     if not 0 <= rank < world_size:

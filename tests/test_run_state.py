@@ -57,7 +57,7 @@ def test_old_run_folder_resumes_and_evaluates(tmp_path):
     last = load_run_state(run / "last.pt")
     assert last.epoch == 1 and last.step > 5 and last.is_finished
     out = tmp_path / "eval.json"
-    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(run / "last.pt"), "--split", "val", "--json", str(out)],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(run / "last.pt"), "--split", "val",
+                                  "--json", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert 0.0 <= json.loads(out.read_text())["top1"] <= 1.0
