@@ -1,0 +1,36 @@
+"""The method is cited from inside the repository: every reference to docs/method.md names a
+section that exists there, and no file points at an outside specification."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUFFIXES = {".py", ".md", ".sh", ".toml"}
+REFERENCE = re.compile(r"docs/method\.md ((?:§\d+(?:\s*(?:,|and|-)\s*)?)+)")
+
+
+def _text_files():
+    for path in ROOT.rglob("*"):
+        parts = set(path.relative_to(ROOT).parts)
+        if path.suffix in SUFFIXES and path.is_file() and not parts & {".venv", ".git", "build"}:
+            yield path
+
+
+def test_method_references_name_existing_sections():
+    method = (ROOT / "docs" / "method.md").read_text()
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", method, flags=re.MULTILINE)}
+    assert sections == set(range(1, 10)), sections
+    cited = {}
+    for path in _text_files():
+        for match in REFERENCE.finditer(path.read_text(errors="replace")):
+            for number in re.findall(r"§(\d+)", match.group(1)):
+                cited.setdefault(int(number), []).append(path.relative_to(ROOT).as_posix())
+    assert cited, "no file cites docs/method.md"
+    missing = {n: files for n, files in cited.items() if n not in sections}
+    assert not missing, f"references to sections docs/method.md lacks: {missing}"
+
+
+def test_no_reference_to_an_outside_specification():
+    outside = re.compile(r"\b" + "SP" + r"EC\b")  # spelled apart so that this file does not match
+    offenders = [path.relative_to(ROOT).as_posix() for path in _text_files()
+                 if outside.search(path.read_text(errors="replace"))]
+    assert not offenders, f"cite docs/method.md instead in: {offenders}"
