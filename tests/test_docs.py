@@ -1,18 +1,23 @@
 """The method is cited from inside the repository: every reference to docs/method.md names a
 section that exists there, and no file points at an outside specification."""
+import os
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = {".py", ".md", ".sh", ".toml"}
+SKIP_DIRS = {"__pycache__", "build", "dist", "runs"}
 REFERENCE = re.compile(r"docs/method\.md ((?:§\d+(?:\s*(?:,|and|-)\s*)?)+)")
 
 
 def _text_files():
-    for path in ROOT.rglob("*"):
-        parts = set(path.relative_to(ROOT).parts)
-        if path.suffix in SUFFIXES and path.is_file() and not parts & {".venv", ".git", "build"}:
-            yield path
+    """The repository's text files; hidden folders (.venv, .git) and build outputs are not walked."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS
+                   and not d.endswith(".egg-info")]
+        for name in files:
+            if Path(name).suffix in SUFFIXES:
+                yield Path(folder) / name
 
 
 def test_method_references_name_existing_sections():
