@@ -1,4 +1,4 @@
-"""The PGNM mask_apply op (SPEC section 3): images * (A_h @ m @ A_w^T), as a Triton kernel with its
+"""The PGNM mask_apply op (docs/method.md §3): images * (A_h @ m @ A_w^T), as a Triton kernel with its
 launcher and in plain torch for the CPU (:func:`mask_apply_torch`).
 
 One program per (tile of BH x BW output pixels, group of IMAGES images). For each image it forms

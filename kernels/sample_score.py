@@ -1,4 +1,4 @@
-"""The PGNM sample + score op (SPEC section 4): the Triton kernels and their launchers, the same
+"""The PGNM sample + score op (docs/method.md §4): the Triton kernels and their launchers, the same
 math in plain torch for the CPU, and the autograd function that joins them.
 
 One program per image (row of B x G^2): it walks the row in blocks and, per cell,
@@ -140,7 +140,7 @@ def _sample_score_kernel(a_ptr, b_ptr, state_ptr, m_ptr, logp_ptr, sa_ptr, sb_pt
 @triton.jit
 def _score_backward_kernel(gs_ptr, s_ptr, logp_ptr, sa_ptr, sb_ptr, ga_ptr, gb_ptr, N, stride_gs,
                            BLOCK: tl.constexpr):
-    """dS/da~ = gS * w * sa and dS/db~ = gS * w * sb with w = exp(log p - S) (SPEC section 4)."""
+    """dS/da~ = gS * w * sa and dS/db~ = gS * w * sb with w = exp(log p - S) (docs/method.md §4)."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < N

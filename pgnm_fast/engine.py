@@ -44,8 +44,8 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class HeatedStep:
-    """SPEC sections 3-5: policy -> a~, b~ -> sample + score -> mask -> classifier -> mean(S)*CE;
-    one backward, both optimisers step, then the EMA of the policy's base buffers."""
+    """docs/method.md §3-§5: policy -> a~, b~ -> sample + score -> mask -> classifier ->
+    mean(S) * CE; one backward, both optimisers step, then the EMA of the policy's base buffers."""
 
     def __init__(self, model: torch.nn.Module, policy: torch.nn.Module, masker: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, policy_optimizer: torch.optim.Optimizer,
