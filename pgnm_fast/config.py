@@ -36,6 +36,7 @@ class TrainConfig:
     val_crop_size: int = 224
     channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
     workers: int = 8
+    threads: int = 0                 # CPU intra-op threads; 0: the cores the loading leaves
     loader: str = "auto"             # data loading: auto (DALI if installed), dali, torch
     amp: bool = False
     graphs: bool = False
@@ -72,6 +73,8 @@ class TrainConfig:
         if self.average_last and self.policy:
             raise ConfigError("--average-last applies to the fine-tune and baseline stages: the "
                               "heated classifier goes with its policy")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be positive, not {self.threads}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, not {self.lr}")
         if self.grid > min(self.train_crop_size, self.val_crop_size):

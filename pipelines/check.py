@@ -134,20 +134,21 @@ def default_threads() -> int:
     return min(16, 2 * len(os.sched_getaffinity(0)))
 
 
-def scan(files, threads: int | None = None) -> ScanResult:
-    """Probe every file in ``files`` with a thread pool (reads each file once)."""
-    files = list(files)
+def scan(files, threads: int | None = None, chunk: int = 4096) -> ScanResult:
+    """Probe every file in ``files`` with a thread pool (reads each file once), ``chunk`` files
+    at a time: memory holds the per-file arrays and one chunk's probes, not a future per file."""
+    files = files if isinstance(files, list) else list(files)
+    n = len(files)
+    result = ScanResult(files, np.zeros(n, np.uint8), np.zeros(n, np.int64),
+                        np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool),
+                        np.zeros(n, np.int64))
     with ThreadPoolExecutor(threads or default_threads()) as pool:
-        probes = list(pool.map(probe, files, chunksize=64))
-    result = ScanResult(
-        files,
-        np.fromiter((p.kind for p in probes), np.uint8, len(probes)),
-        np.fromiter((p.height for p in probes), np.int64, len(probes)),
-        np.fromiter((p.width for p in probes), np.int64, len(probes)),
-        np.fromiter((p.colour for p in probes), bool, len(probes)),
-        np.fromiter((p.deep for p in probes), bool, len(probes)),
-        np.fromiter((p.nbytes for p in probes), np.int64, len(probes)))
-    result.bad = [(i, p.reason) for i, p in enumerate(probes) if p.kind == BAD]
+        for start in range(0, n, chunk):
+            for i, p in enumerate(pool.map(probe, files[start:start + chunk]), start):
+                result.kind[i], result.height[i], result.width[i] = p.kind, p.height, p.width
+                result.colour[i], result.deep[i], result.nbytes[i] = p.colour, p.deep, p.nbytes
+                if p.kind == BAD:
+                    result.bad.append((i, p.reason))
     return result
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from pgnm_fast.errors import ConfigError
 
-from . import check
+from . import check, startup
 from .contract import BatchLoader
 from .loader import PlainLoader, batch_loader, build_loader
 from .packed import PackedSplit
@@ -98,7 +98,7 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                 world_size: int | None = None, device: torch.device | str | None = None,
                 backend: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
                 on_bad_image: str = "error", bad_list: str | os.PathLike | None = None,
-                log: Callable[[str], None] = print) -> BatchLoader:
+                recheck: bool = False, log: Callable[[str], None] = print) -> BatchLoader:
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
@@ -115,7 +115,8 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
     scan = None
     if not packed:
         t0 = time.perf_counter()
-        scan = check.scan(data.files)
+        scan = startup.checked(data.files, data.root, rank=rank, world_size=world_size,
+                               recheck=recheck, log=log)
         if time.perf_counter() - t0 > 5:
             log(f"checked {len(data.files)} image files in {time.perf_counter() - t0:.0f} s (a "
                 f"cache made by `pgnm-fast pack` needs no check)")
@@ -128,7 +129,7 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                              log)
             keep = scan.good
             data = Split(data.name, [data.files[i] for i in keep], data.labels[keep],
-                         data.classes)
+                         data.classes, data.root)
             scan = check.ScanResult(data.files, scan.kind[keep], scan.height[keep],
                                     scan.width[keep], scan.colour[keep], scan.deep[keep],
                                     scan.nbytes[keep])

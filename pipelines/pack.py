@@ -29,7 +29,7 @@ from PIL import Image
 from pgnm_fast.atomic import atomic_open
 from pgnm_fast.errors import DataError
 
-from . import check
+from . import check, startup
 from .packed import (DATA, FORMAT, MANIFEST, PARTIAL, PATHS, RECORD_DTYPE, RECORDS,  # noqa: F401
                      SKIPPED, VERSION, PackedCache, PackedSource, PackedSplit, open_packed,
                      pixel_hash, sha256_file, verify)
@@ -113,16 +113,20 @@ class _Plan:
             if len(self.paths) else 0
 
 
-def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log) -> _Plan:
-    paths, split_code, labels = [], [], []
+def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log,
+          recheck: bool = False) -> _Plan:
+    paths, split_code, labels, scans = [], [], [], []
+    t0 = time.perf_counter()
     for name in source.splits:
         part = source.split(name)
         paths += part.files
         split_code += [SPLITS.index(name)] * len(part)
         labels.append(part.labels)
+        # the verdict the loaders cache and reuse (.startup), per split
+        scans.append(startup.checked(part.files, part.root, recheck=recheck, threads=threads,
+                                     log=log))
     check.report_bad(source.problems, on_bad_image, None, log, what="entry")
-    t0 = time.perf_counter()
-    scan = check.scan(paths, threads)
+    scan = _concatenate(paths, scans)
     log(f"checked {len(paths)} files in {time.perf_counter() - t0:.1f} s")
     keep = scan.good
     bad = [(paths[i], reason) for i, reason in scan.bad]
@@ -143,6 +147,18 @@ def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log) ->
     return plan
 
 
+def _concatenate(paths: list, scans: list) -> check.ScanResult:
+    """One verdict over ``paths`` from the verdicts of its splits, in order."""
+    arrays = {f: np.concatenate([getattr(r, f) for r in scans]) if scans else np.zeros(0)
+              for f in startup.VERDICT_FIELDS}
+    result = check.ScanResult(paths, **arrays)
+    base = 0
+    for r in scans:
+        result.bad += [(base + i, reason) for i, reason in r.bad]
+        base += len(r.files)
+    return result
+
+
 def _fingerprint(source: DataSource, plan: _Plan, on_bad_image: str) -> str:
     h = hashlib.sha256(json.dumps([FORMAT, VERSION, str(source.root), source.layout,
                                    list(source.classes), plan.channels, on_bad_image]).encode())
@@ -154,10 +170,11 @@ def _fingerprint(source: DataSource, plan: _Plan, on_bad_image: str) -> str:
 
 def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
          workers: int | None = None, chunk_size: int = 256, log=print,
-         after_chunk=None) -> dict:
+         after_chunk=None, recheck: bool = False) -> dict:
     """Pack the data set at ``data`` into the cache folder ``out`` (module docstring); returns
     the manifest. ``workers``: decoding processes (0: in this process; default: the CPU count).
-    ``after_chunk(k)`` is called after each finished chunk (progress; tests interrupt there)."""
+    ``after_chunk(k)`` is called after each finished chunk (progress; tests interrupt there).
+    ``recheck``: check the files afresh instead of reusing the cached verdict (.startup)."""
     check.check_on_bad(on_bad_image)
     out = Path(out)
     if (out / MANIFEST).is_file():
@@ -168,7 +185,7 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
     source = open_source(data, skip_bad=on_bad_image == "skip")
     if source.layout == "packed":
         raise DataError(f"{data}: is already a packed cache")
-    plan = _plan(source, on_bad_image, channels, None, log)
+    plan = _plan(source, on_bad_image, channels, None, log, recheck)
     if not plan.paths:
         raise DataError(f"{data}: no readable image to pack")
     work = out / PARTIAL
