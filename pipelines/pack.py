@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from pgnm_fast.atomic import atomic_open
 from pgnm_fast.errors import DataError
@@ -84,7 +85,7 @@ def _pack_chunk(job):
                                  f"{a.shape[1]}x{a.shape[0]})"))
                 hashes.append(0)
                 continue
-            buf = np.ascontiguousarray(a).tobytes()
+            buf = memoryview(np.ascontiguousarray(a)).cast("B")  # no copy
             os.pwrite(fd, buf, offset)
             hashes.append(pixel_hash(buf))
         os.fsync(fd)
@@ -233,6 +234,9 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
              plan.channels) for k in todo)
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
     t0, n_done = time.perf_counter(), 0
+    images = [min(chunk_size, len(plan.paths) - k * chunk_size) for k in todo]
+    bar = tqdm(total=sum(images), unit="img", unit_scale=True, desc="pack", disable=None,
+               mininterval=1.0, smoothing=0.05)
 
     def record(result):
         nonlocal n_done
@@ -240,26 +244,34 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
         with atomic_open(chunk_dir / f"{k:06d}.json", "w") as f:
             json.dump({"hashes": [f"{h:016x}" for h in hashes], "bad": bad}, f)
         n_done += 1
+        bar.update(len(hashes))
         if bad and on_bad_image == "error":  # stop at the first undecodable file
             base = k * chunk_size
             check.report_bad([(plan.paths[base + p], r) for p, r in bad], "error")
-        if n_done % max(1, len(todo) // 10) == 0 or n_done == len(todo):
-            log(f"packed chunk {n_done}/{len(todo)} ({time.perf_counter() - t0:.1f} s)")
+        if bar.disable and (n_done % max(1, len(todo) // 10) == 0 or n_done == len(todo)):
+            seconds = time.perf_counter() - t0
+            rate = sum(images[:n_done]) / max(seconds, 1e-9)
+            left = sum(images[n_done:]) / max(rate, 1e-9)
+            log(f"packed chunk {n_done}/{len(todo)} ({seconds:.1f} s, {rate:.0f} images/s, "
+                f"{left:.0f} s left)")
         if after_chunk is not None:
             after_chunk(k)
 
-    if workers <= 0:
-        for job in jobs:
-            record(_pack_chunk(job))
-    else:  # in order, at most 4 chunks per worker in flight (Executor.map submits them all)
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            pending = collections.deque()
+    try:
+        if workers <= 0:
             for job in jobs:
-                pending.append(pool.submit(_pack_chunk, job))
-                if len(pending) >= 4 * workers:
+                record(_pack_chunk(job))
+        else:  # in order, at most 4 chunks per worker in flight (Executor.map submits them all)
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                pending = collections.deque()
+                for job in jobs:
+                    pending.append(pool.submit(_pack_chunk, job))
+                    if len(pending) >= 4 * workers:
+                        record(pending.popleft().result())
+                while pending:
                     record(pending.popleft().result())
-            while pending:
-                record(pending.popleft().result())
+    finally:
+        bar.close()
     results = {}
     for k in range(n_chunks):
         results[k] = json.loads((chunk_dir / f"{k:06d}.json").read_text())

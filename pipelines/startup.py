@@ -173,6 +173,9 @@ def _gather_for(world_size: int):
     return None
 
 
+PROCESSES_FROM = 20_000  # files to check before the check spreads over processes
+
+
 def check_shard(files: list, rank: int, world_size: int, cached: dict | None = None,
                 threads: int | None = None) -> dict:
     """Check this rank's files (``files[rank::world_size]``), those whose size or time differs
@@ -183,7 +186,9 @@ def check_shard(files: list, rank: int, world_size: int, cached: dict | None = N
     if cached is not None:
         todo = (size != cached["size"][idx]) | (mtime != cached["mtime"][idx])
     redo = idx[todo]
-    scan = check.scan([files[i] for i in redo], threads)
+    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    scan = check.scan([files[i] for i in redo], threads,
+                      processes=cores if len(redo) >= PROCESSES_FROM else 0)
     return dict(index=idx, size=size, mtime=mtime, redo=redo,
                 **{f: getattr(scan, f) for f in VERDICT_FIELDS},
                 bad=[(int(redo[i]), r) for i, r in scan.bad])

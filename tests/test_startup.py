@@ -126,6 +126,16 @@ def test_sharded_check_covers_every_file_once(folders, probes, world):
         startup.merge_shards(files, shards[:-1])
 
 
+def test_check_in_chunks_over_processes_equals_one_pass(folders):
+    files = _files(folders) + _files(folders, "val")
+    with open(files[7], "wb") as f:
+        f.write(b"")
+    whole = check.scan(files, chunk=len(files) + 1)
+    for chunk, processes in ((4, 0), (5, 2), (3, 3)):
+        _same(check.scan(files, chunk=chunk, processes=processes), whole)
+    assert [i for i, _ in whole.bad] == [7]
+
+
 def test_checked_over_a_process_group_reads_one_shard_per_rank(folders, probes):
     """``checked`` on each of 3 ranks: the gather hands every rank the shards of all."""
     files, world = _files(folders), 3
