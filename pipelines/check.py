@@ -135,7 +135,7 @@ def default_threads() -> int:
     return min(16, 2 * len(os.sched_getaffinity(0)))
 
 
-def scan(files, threads: int | None = None, chunk: int = 4096,
+def scan(files, threads: int | None = None, chunk: int = 1024,
          processes: int = 0) -> ScanResult:
     """Probe every file in ``files`` with a thread pool (reads each file once), ``chunk`` files
     at a time: memory holds the per-file arrays and the probes of the chunks in flight, not a
@@ -143,8 +143,8 @@ def scan(files, threads: int | None = None, chunk: int = 4096,
     with its thread pool), for the CPU-bound part (chunk parsing, CRCs) on every core."""
     files = files if isinstance(files, list) else list(files)
     n = len(files)
-    result = ScanResult(files, np.zeros(n, np.uint8), np.zeros(n, np.int64),
-                        np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool),
+    result = ScanResult(files, np.zeros(n, np.uint8), np.zeros(n, np.int32),
+                        np.zeros(n, np.int32), np.zeros(n, bool), np.zeros(n, bool),
                         np.zeros(n, np.int64))
     threads = threads or default_threads()
     if processes > 1 and n > chunk:

@@ -152,6 +152,7 @@ def _concatenate(paths: list, scans: list) -> check.ScanResult:
     """One verdict over ``paths`` from the verdicts of its splits, in order."""
     arrays = {f: np.concatenate([getattr(r, f) for r in scans]) if scans else np.zeros(0)
               for f in startup.VERDICT_FIELDS}
+    arrays["height"], arrays["width"] = (arrays[f].astype(np.int64) for f in ("height", "width"))
     result = check.ScanResult(paths, **arrays)
     base = 0
     for r in scans:

@@ -181,13 +181,14 @@ def check_shard(files: list, rank: int, world_size: int, cached: dict | None = N
     """Check this rank's files (``files[rank::world_size]``), those whose size or time differs
     from ``cached`` only; returns the shard's stats and the verdict of what it checked."""
     idx = np.arange(rank, len(files), world_size, dtype=np.int64)
-    size, mtime = stat_files([files[i] for i in idx])
-    todo = np.ones(len(idx), bool)
-    if cached is not None:
-        todo = (size != cached["size"][idx]) | (mtime != cached["mtime"][idx])
-    redo = idx[todo]
+    size, mtime = stat_files(files[rank::world_size])
+    if cached is None:
+        redo = idx
+    else:
+        redo = idx[(size != cached["size"][idx]) | (mtime != cached["mtime"][idx])]
     cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    scan = check.scan([files[i] for i in redo], threads,
+    scan = check.scan(files[rank::world_size] if cached is None else [files[i] for i in redo],
+                      threads,
                       processes=cores if len(redo) >= PROCESSES_FROM else 0)
     return dict(index=idx, size=size, mtime=mtime, redo=redo,
                 **{f: getattr(scan, f) for f in VERDICT_FIELDS},
@@ -198,17 +199,22 @@ def merge_shards(files: list, shards: list, cached: dict | None = None):
     """One :class:`.check.ScanResult` for ``files`` from the shards of every rank (and the
     cached verdict for what they did not check again), with the size and time of each file."""
     n = len(files)
+    if cached is None and len(shards) == 1 and len(shards[0]["redo"]) == n:
+        s = shards[0]  # one process checked every file: its arrays are the verdict, no copy
+        result = check.ScanResult(files, **{f: s[f] for f in VERDICT_FIELDS})
+        result.bad = s["bad"]
+        return result, s["size"], s["mtime"]
     if cached is not None:
         arrays = {f: cached[f].copy() for f in VERDICT_FIELDS}
         bad = dict(zip(cached["bad_index"].tolist(),
                        _unblob(cached["bad_reason"], len(cached["bad_index"]))))
     else:
-        arrays = {"kind": np.full(n, check.BAD, np.uint8), "height": np.zeros(n, np.int64),
-                  "width": np.zeros(n, np.int64), "colour": np.zeros(n, bool),
+        arrays = {"kind": np.full(n, check.BAD, np.uint8), "height": np.zeros(n, np.int32),
+                  "width": np.zeros(n, np.int32), "colour": np.zeros(n, bool),
                   "deep": np.zeros(n, bool), "nbytes": np.zeros(n, np.int64)}
         bad = {}
     size, mtime = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
-    seen = np.zeros(n, np.int64)
+    seen = np.zeros(n, np.uint8)
     for s in shards:
         size[s["index"]], mtime[s["index"]] = s["size"], s["mtime"]
         seen[s["index"]] += 1
