@@ -23,13 +23,13 @@ from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers,
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
 from .graphs import GraphedStep
-from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
 from .kernels import make_masker
 from .metrics import classification_metrics, format_metrics, json_safe
 from .models import PolicyNet, create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
+from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
 
 
 @dataclasses.dataclass
