@@ -83,7 +83,7 @@ if [ $quick = 1 ]; then
     synth=(--images 200 --size 40)
     train=(--model resnet10t -b 16 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32
            --grid 8 --epochs 1 -j 1 --print-freq 2)
-    limits=(tests=60 validate=60 bench=40 step=60 compile=30 train=60)
+    limits=(tests=180 validate=180 bench=120 step=180 compile=60 train=180)
 else
     test_files=(tests/test_kernels_special.py tests/test_kernels_beta_mask.py tests/test_kernels_mask_apply.py
                 tests/test_kernels_masker.py tests/test_kernels_gpu.py tests/test_reference.py
@@ -122,94 +122,6 @@ for step in "${steps[@]}"; do
                 rc=$?
                 cp "$work/run/metrics.jsonl" "$raw/$tag-train-metrics.jsonl" 2> /dev/null
                 exit $rc' ;;
-    esac
-done
-[ ${#steps[@]} -gt 0 ] || steps=(tests validate bench step train)
-
-target=${DEVICE:-cuda}
-case $target in
-    cuda)
-        if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-            echo "run_gpu.sh: no CUDA device visible to $PY (DEVICE=cpu runs the CPU variant)" >&2
-            exit 2
-        fi ;;
-    cpu)  # the CPU variant, even on a GPU machine; one torch thread unless told (bench/conftest.py)
-        export CUDA_VISIBLE_DEVICES="" PGNM_BENCH_THREADS=${PGNM_BENCH_THREADS:-1} ;;
-    *) echo "run_gpu.sh: DEVICE must be cuda or cpu, not '$target'" >&2; exit 2 ;;
-esac
-device=$("$PY" -c "
-import re, sys, torch
-sys.path.insert(0, 'bench')
-from conftest import device_name
-name = device_name() if torch.cuda.is_available() else 'cpu-' + device_name()
-print(re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-'))")
-raw=bench/results/raw
-tag=$device$([ $quick = 1 ] && echo -quick)
-mkdir -p "$raw"
-rm -f "$raw/$tag"-*
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-echo "device $device, quick $quick, steps ${steps[*]}"
-
-status=0
-run() {  # run NAME TIMEOUT CMD...: time-boxed, status kept, output kept
-    local name=$1 limit=$2; shift 2
-    echo "== $name ($(date +%T), at most ${limit} s)"
-    timeout -k 10 "$limit" "$@" 2>&1 | tee "$raw/$tag-$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc"
-    echo "$rc" > "$raw/$tag-$name.rc"
-    # pytest's 5: no case selected (the compile cases exist on a GPU only)
-    [ "$rc" -eq 0 ] || { [ "$name" = step-compile ] && [ "$rc" -eq 5 ]; } || status=1
-}
-
-pytest_q=(-q -rs -p no:cacheprovider)
-bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.2 --benchmark-min-rounds=5)
-if [ $quick = 1 ]; then
-    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/test_kernels_gpu.py)
-    validate_q=(--quick)
-    kernel_k=(-k "test_step and 32")
-    bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.02 --benchmark-min-rounds=1)
-    export PGNM_BENCH_QUICK=1
-    synth=(--images 200 --size 40)
-    train=(--model resnet10t -b 16 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32
-           --grid 8 --epochs 1 -j 1 --print-freq 2)
-    limits=(tests=60 validate=60 bench=40 step=60 compile=30 train=60)
-else
-    test_files=(tests/test_kernels_special.py tests/test_kernels_beta_mask.py tests/test_kernels_mask_apply.py
-                tests/test_kernels_masker.py tests/test_kernels_gpu.py tests/test_reference.py
-                tests/test_graphs.py tests/test_graphs_gpu.py)
-    validate_q=()
-    kernel_k=(-k "not config_sweep")
-    synth=(--images 3200 --size 160)
-    train=(--model resnet50 -b 256 --train-crop-size 224 --val-resize-size 256 --val-crop-size 224
-           --grid 64 --epochs 3 -j 8 --print-freq 2)
-    limits=(tests=60 validate=40 bench=50 step=150 compile=80 train=100)
-fi
-limit() { local kv; for kv in "${limits[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
-
-for step in "${steps[@]}"; do
-    case $step in
-        tests)
-            run tests "$(limit tests)" "$PY" -m pytest "${test_files[@]}" "${pytest_q[@]}" \
-                --junitxml="$raw/$tag-tests.xml" ;;
-        validate)
-            run validate "$(limit validate)" "$PY" -m pgnm_fast.validate --device "$target" "${validate_q[@]}" \
-                --json "$raw/$tag-validate.json" ;;
-        bench)
-            run bench "$(limit bench)" "$PY" -m pytest bench/bench_kernels.py "${kernel_k[@]}" "${pytest_q[@]}" \
-                "${bench_q[@]}" --benchmark-json="$raw/$tag-bench.json" ;;
-        step)  # the compile cases apart: a time-out there keeps the other figures
-            run step "$(limit step)" "$PY" -m pytest bench/bench_step.py -k "not compile" "${pytest_q[@]}" \
-                "${bench_q[@]}" --benchmark-json="$raw/$tag-step.json"
-            run step-compile "$(limit compile)" "$PY" -m pytest bench/bench_step.py -k compile "${pytest_q[@]}" \
-                "${bench_q[@]}" --benchmark-json="$raw/$tag-step-compile.json" ;;
-        train)
-            run train "$(limit train)" bash -c '
-                "$0" -m pgnm_fast synth --out "$1/data" "${@:4}" >/dev/null && echo "synthetic set made" &&
-                "$0" -m pgnm_fast train --data "$1/data" --out "$1/run" --amp --graphs --device "$2" \
-                    "${@:4:0}" $3 && cp "$1/run/metrics.jsonl" "$5"' \
-                "$PY" "$work" "$target" "${train[*]}" "${synth[@]}" "$raw/$tag-train-metrics.jsonl" ;;
     esac
 done
 
