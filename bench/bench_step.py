@@ -116,7 +116,8 @@ def build_step(model_name, crop, grid, batch, arm, setting, device, log=lambda *
     layout = torch.channels_last if "_cl" in setting else torch.preserve_format
     amp = setting.startswith("bf16")
     model = create_model(model_name, CLASSES, in_chans=1).to(dev, memory_format=layout)
-    sgd = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, **sgd_kind(dev))
+    # the trainer's SGD (fused on CUDA, foreach on the CPU); the authors' way: torch's default
+    sgd = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, **({} if arm == "authors" else sgd_kind(dev)))
     optimizer = torch.optim.SGD(model.parameters(), **sgd)
     policy = policy_optimizer = None
     if arm != "plain":

@@ -153,7 +153,12 @@ def record(raw: str, tag: str) -> dict:
     from bench_kernels import summarize  # noqa: E402
     kernels = raw / f"{tag}-bench.json"
     rec = _versions()
-    rec.update(tag=tag, driver=driver(), on_gpu=rec["device_name"] not in (None, "cpu"))
+    machine = next((d["machine_info"] for d in (_load(raw / f"{tag}-step.json"), _load(kernels))
+                    if d and "machine_info" in d), {})
+    rec.update(tag=tag, driver=driver(), device_name=machine.get("device_name", rec["device_name"]),
+               on_gpu=machine.get("device", "cpu" if rec["device_name"] in (None, "cpu") else "cuda") == "cuda",
+               datetime=next((d["datetime"] for d in (_load(raw / f"{tag}-step.json"), _load(kernels))
+                              if d and "datetime" in d), None))
     if kernels.exists():
         rec["kernels"] = summarize(str(kernels), str(raw / f"{tag}-validate.json"), str(raw / f"{tag}-tests.xml"))
     else:
