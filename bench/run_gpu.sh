@@ -5,7 +5,7 @@
 #     bash bench/run_gpu.sh step train            # or any of: tests validate bench step train
 #     DEVICE=cpu bash bench/run_gpu.sh --quick    # the same steps at tiny sizes on the CPU (CI)
 #
-# 1. tests:    the kernel tests compiled on the GPU (test_kernels_*, the GPU-only ones included)
+# 1. tests:    the kernel tests compiled on the GPU (tests/kernels/, the GPU-only ones included)
 #              and --graphs: real CUDA-graph capture and replay against the eager step
 # 2. validate: pgnm-fast validate --device cuda --json
 # 3. bench:    bench/bench_kernels.py (fast vs reference, bandwidth vs copy, launch sweeps)
@@ -75,7 +75,7 @@ run() {  # run NAME TIMEOUT CMD...: time-boxed, status kept, output kept
 pytest_q=(-q -rs -p no:cacheprovider)
 bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.2 --benchmark-min-rounds=5)
 if [ $quick = 1 ]; then
-    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/test_kernels_gpu.py -k "not replayed")
+    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py -k "not replayed")
     validate_q=(--quick)
     kernel_k=(-k "test_step and 32")
     bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.02 --benchmark-min-rounds=1)
@@ -85,8 +85,8 @@ if [ $quick = 1 ]; then
            --grid 8 --epochs 1 -j 1 --print-freq 2)
     limits=(tests=180 validate=180 bench=120 step=180 compile=60 train=180)
 else
-    test_files=(tests/test_kernels_special.py tests/test_kernels_beta_mask.py tests/test_kernels_mask_apply.py
-                tests/test_kernels_masker.py tests/test_kernels_gpu.py tests/test_reference.py
+    test_files=(tests/kernels/test_special.py tests/kernels/test_sample_score.py tests/kernels/test_mask_apply.py
+                tests/kernels/test_masker.py tests/kernels/test_kernels_gpu.py tests/kernels/test_reference.py
                 tests/test_graphs.py tests/test_graphs_gpu.py)
     validate_q=()
     kernel_k=(-k "not config_sweep")
