@@ -144,11 +144,16 @@ def evaluate(checkpoint, data, split, json_path, batch_size, workers, amp, devic
 @click.option("--size", type=int, default=96, show_default=True, help="Image side in pixels.")
 @click.option("--layout", type=click.Choice(["radimagenet", "folders"]), default="radimagenet",
               show_default=True)
-def synth(out, images, seed, size, layout):
+@click.option("--concepts", type=click.Choice(["default", "unseen"]), default="default",
+              show_default=True,
+              help="unseen: 5 classes absent from the default set (new lesion kinds and places), "
+                   "a downstream set for `pgnm-fast transfer`.")
+def synth(out, images, seed, size, layout, concepts):
     """Write a synthetic RadImageNet-like data set (CT/MR/US-like images, CSV splits)."""
     from .synth import make_synthetic
-    root = make_synthetic(out, images=images, seed=seed, size=size, layout=layout)
-    click.echo(f"wrote {images} synthetic images ({layout} layout) to {root}")
+    root = make_synthetic(out, images=images, seed=seed, size=size, layout=layout,
+                          concepts=concepts)
+    click.echo(f"wrote {images} synthetic images ({layout} layout, {concepts} concepts) to {root}")
 
 
 @main.command()
