@@ -120,7 +120,10 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
                        resize_size=cfg.val_resize_size, channels=cfg.channels, workers=workers,
                        rank=0, world_size=1, device=device, backend=loader, log=log)
     size = len(split) * cfg.channels * cfg.val_crop_size ** 2 * 4
-    return [(x.cpu(), y.cpu()) for x, y in test] if size <= TEST_CACHE_BYTES else test
+    if size > TEST_CACHE_BYTES:
+        return test
+    # copies: a loader may yield the same buffers every batch (DALI's outputs)
+    return [(x.to("cpu", copy=True), y.to("cpu", copy=True)) for x, y in test]
 
 
 def _model(state: dict, classes: list, device, probe: bool):
