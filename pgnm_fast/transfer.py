@@ -312,8 +312,9 @@ def write_transfer_chart(report: dict, path) -> Path | None:
             ax.plot(ns, mean, "o-", color=colour, label=name)
             ci = [cells[n][key]["ci95"] for n in cells]
             if all(c is not None for c in ci):
-                ax.fill_between(ns, [c[0] for c in ci], [c[1] for c in ci], color=colour,
-                                alpha=0.2)
+                # scores live in [0, 1]: a t-interval of few repeats can reach past them
+                ax.fill_between(ns, np.clip([c[0] for c in ci], 0, 1),
+                                np.clip([c[1] for c in ci], 0, 1), color=colour, alpha=0.2)
             for n, x in zip(ns, cells.values()):
                 pts = [v for v in x[key]["values"] if v is not None]
                 ax.scatter(np.full(len(pts), n) * (1 + 0.03 * (j - 0.5)), pts, s=8,
@@ -322,6 +323,7 @@ def write_transfer_chart(report: dict, path) -> Path | None:
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("training images n (class-stratified)")
         ax.set_ylabel(key.replace("_", " "))
+        ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(1.0, ax.get_ylim()[1]) + 0.02)
         ax.grid(alpha=0.3)
     s = report["settings"]
     axes[0].legend(fontsize=8)
