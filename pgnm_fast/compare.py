@@ -348,7 +348,7 @@ def write_compare_chart(report: dict, path) -> Path | None:
     n = len(report["seeds"])
     ax.set_title(f"{n} seed(s), {report['n_images']} test images: mean, 95% t-interval over "
                  f"seeds, points = seeds", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left")
     diffs = [report["difference"][k] for k in keys]
     mid = np.array([d["difference"] for d in diffs])
     lo = np.array([d["ci95"][0] if d["ci95"] else m for d, m in zip(diffs, mid)])
