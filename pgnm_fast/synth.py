@@ -14,7 +14,7 @@ orientation and contrast jitter, and images of one synthetic patient share its b
 task is learnable but not trivial. Images are grouped into patients; the train/val/test split
 (about 70/15/15) is by patient, per class, so every class is in every split.
 
-Layouts (see SPEC section 1):
+Layouts (see docs/method.md §1):
 
 - ``"radimagenet"``: ``out/radiology_ai/{CT,MR}/<anatomy>/<label>/*.png``,
   ``out/radiology_ai/US/<label>/*.png`` and ``out/RadiologyAI_{train,val,test}.csv`` with columns
@@ -47,7 +47,7 @@ INFO_FILE = "pgnm_fast_synth.json"
 SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}  # train gets the rest, at least one patient each
 
 # (modality, anatomy or None for US, label)
-CLASS_SPECS = [
+CLASS_PARTS = [
     ("CT", "abdomen", "normal"), ("CT", "abdomen", "nodule"), ("CT", "abdomen", "cyst"),
     ("CT", "chest", "normal"), ("CT", "chest", "nodule"),
     ("MR", "brain", "normal"), ("MR", "brain", "nodule"), ("MR", "brain", "cyst"),
@@ -61,16 +61,16 @@ def class_name(modality: str, anatomy: str | None, label: str) -> str:
     return "__".join(p for p in (modality, anatomy, label) if p)
 
 
-CLASSES = sorted(class_name(*c) for c in CLASS_SPECS)
+CLASSES = sorted(class_name(*c) for c in CLASS_PARTS)
 
-# Concepts absent from CLASS_SPECS, for few-shot transfer (`pgnm-fast transfer`): lesion kinds in
+# Concepts absent from CLASS_PARTS, for few-shot transfer (`pgnm-fast transfer`): lesion kinds in
 # anatomies where the default set never shows them, and a new lesion kind, "ring" (a bright rim
 # around a dark core, as a rim-enhancing lesion), in one anatomy of each modality.
-UNSEEN_SPECS = [
+UNSEEN_PARTS = [
     ("CT", "chest", "cyst"), ("MR", "knee", "nodule"),
     ("CT", "abdomen", "ring"), ("MR", "brain", "ring"), ("US", None, "ring"),
 ]
-CONCEPTS = {"default": CLASS_SPECS, "unseen": UNSEEN_SPECS}
+CONCEPTS = {"default": CLASS_PARTS, "unseen": UNSEEN_PARTS}
 
 
 # ----------------------------------------------------------------------------- image synthesis
@@ -282,7 +282,7 @@ def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
     ``layout="radimagenet"`` writes ``radiology_ai/...`` and ``RadiologyAI_{train,val,test}.csv``,
     ``layout="folders"`` writes ``{train,val,test}/<class>/*.png`` (module docstring). The same
     (images, seed, size) give byte-identical files in either layout. ``concepts="unseen"``
-    draws the classes of :data:`UNSEEN_SPECS` instead of :data:`CLASS_SPECS` (none in common).
+    draws the classes of :data:`UNSEEN_PARTS` instead of :data:`CLASS_PARTS` (none in common).
     """
     if concepts not in CONCEPTS:
         raise ValueError(f"concepts must be one of {', '.join(CONCEPTS)}, got {concepts!r}")
