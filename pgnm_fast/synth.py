@@ -251,7 +251,7 @@ def _render(rng, spec, patient_of, size):
 
 
 # ----------------------------------------------------------------------------- data set
-def _plan(images, seed, k):
+def _plan(images, seed, k=len(CLASS_PARTS)):
     """Per class: image count, patient of each image, split of each patient, patient numbers."""
     if images < 3 * k:
         raise ValueError(f"make_synthetic needs at least {3 * k} images (3 per class), "
