@@ -251,8 +251,10 @@ def _render(rng, spec, patient_of, size):
 
 
 # ----------------------------------------------------------------------------- data set
-def _plan(images, seed, k=len(CLASS_PARTS)):
-    """Per class: image count, patient of each image, split of each patient, patient numbers."""
+def _plan(images, seed, k=None):
+    """Per class: image count, patient of each image, split of each patient, patient numbers
+    (``k`` classes, default the default set's)."""
+    k = len(CLASS_PARTS) if k is None else k
     if images < 3 * k:
         raise ValueError(f"make_synthetic needs at least {3 * k} images (3 per class), "
                          f"got {images}")

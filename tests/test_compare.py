@@ -4,14 +4,19 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
 import torch
+from click.testing import CliRunner
 
 from pgnm_fast.cli import main
 from pgnm_fast.compare import make_plan
-from pgnm_fast.metrics import (BOOTSTRAP_KEYS, METRIC_KEYS, classification_metrics,
-                               paired_bootstrap, seeds_and_images_interval, t_interval)
+from pgnm_fast.metrics import (
+    BOOTSTRAP_KEYS,
+    METRIC_KEYS,
+    classification_metrics,
+    paired_bootstrap,
+    seeds_and_images_interval,
+    t_interval,
+)
 from pgnm_fast.synth import make_synthetic
 
 
@@ -83,7 +88,7 @@ FAST = ["--epochs", "1", "--finetune-epochs", "1", "-b", "16", "-j", "0", "--gri
 
 def test_compare_end_to_end_two_seeds_resumes_reuses_and_refuses_other_settings(
         data, tmp_path, monkeypatch):
-    import pgnm_fast.stages as stages
+    from pgnm_fast import stages
     out, real, calls = tmp_path / "cmp", stages.train_one_epoch, []
 
     def interrupted(*args, **kwargs):  # Ctrl-C as the 4th epoch starts: seed 1's heated stage
