@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt_io
 from .config import make_config
 from .distributed import shutdown
 from .errors import ConfigError, DataError
@@ -47,6 +46,7 @@ from .metrics import (
     t_interval,
 )
 from .pipelines.sources import open_source
+from .run_state import load_run_state
 from .stages import resolve_data, run_stage
 
 # docs/method.md §6: the authors' RadImageNet test numbers (165 classes, ResNet-50 classifier,
@@ -94,14 +94,14 @@ def _stage(stage, folder: Path, expected: dict, log, **kwargs) -> tuple[Path, fl
     last = folder / "last.pt"
     resume = None
     if last.exists():
-        state = ckpt_io.load_checkpoint(last)
-        _check_same(folder, {**_flat(stage, state["config"]), "data": state.get("data")},
+        state = load_run_state(last)
+        _check_same(folder, {**_flat(stage, state.config), "data": state.data},
                     {**_flat(stage, expected), "data": str(kwargs["data"])})
-        if state["epoch"] + 1 >= state["config"]["epochs"]:
-            log(f"compare: {stage} already finished its {state['config']['epochs']} epochs in "
+        if state.is_finished:
+            log(f"compare: {stage} already finished its {state.config['epochs']} epochs in "
                 f"{folder}: reusing it (another --out trains afresh)")
             return folder, 0.0
-        log(f"compare: {stage} stopped after epoch {state['epoch']} in {folder}: resuming")
+        log(f"compare: {stage} stopped after epoch {state.epoch} in {folder}: resuming")
         resume = last
     t0 = time.perf_counter()
     run_stage(stage, out=folder, resume=resume, log=log, **kwargs)

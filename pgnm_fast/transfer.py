@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt_io
 from .config import config_from_dict
 from .distributed import init_distributed
 from .engine import N_STATS, PlainStep, TrainingDiverged, predict
@@ -47,6 +46,7 @@ from .pipelines import make_loader
 from .pipelines.loader import batch_loader
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform, load_grey
+from .run_state import load_run_state
 from .stages import _load_classifier
 
 DEFAULT_SHOTS = (16, 32, 64, 128, 256)
@@ -127,7 +127,7 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
 
 
 def _model(state: dict, classes: list, device, probe: bool):
-    model = create_model(state["model_name"], len(classes), in_chans=state.get("in_chans", 1))
+    model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
     _load_classifier(model, state, classes, log=lambda *_: None)
     model.to(device).train()
     head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
@@ -191,7 +191,7 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
     lr = lr if lr is not None else (0.1 if probe else 0.01)
     if lr <= 0:
         raise ConfigError(f"--lr must be positive, not {lr}")
-    states = [ckpt_io.load_checkpoint(f) for f in froms]  # a bad checkpoint fails before training
+    states = [load_run_state(f) for f in froms]  # a bad checkpoint fails before training
     names = list(labels) if labels else [_label(f, froms) for f in froms]
     source = open_source(data)
     for split in ("train", "test"):
@@ -224,7 +224,7 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         f", {steps} steps of lr {lr} (cosine) -> {out}")
     runs, tests, t0 = [], {}, time.perf_counter()
     for name, state in zip(names, states):
-        cfg = config_from_dict(state["config"])
+        cfg = config_from_dict(state.config)
         key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
         if key not in tests:  # one test loader per preprocessing, built once
             tests[key] = _test_batches(test, cfg, info.device, workers, loader, log)

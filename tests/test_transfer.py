@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from pgnm_fast.pipelines.sources import open_source
 
-from pgnm_fast import checkpoint as ckpt_io
+from pgnm_fast import run_state as ckpt_io
 from pgnm_fast.cli import main
 from pgnm_fast.config import make_config
 from pgnm_fast.models import create_model
@@ -71,12 +71,12 @@ def test_short_class_skips_the_shots_it_cannot_supply_naming_it():
 
 
 def test_new_head_keeps_the_trunk_and_probe_freezes_all_but_the_head(tmp_path):
-    state = ckpt_io.load_checkpoint(_checkpoint(tmp_path / "c.pt", 0))
+    state = ckpt_io.load_run_state(_checkpoint(tmp_path / "c.pt", 0))
     model, params = _model(state, ["p", "q", "r"], torch.device("cpu"), probe=True)
     own = model.state_dict()
     assert own["fc.weight"].shape[0] == 3
-    trunk = [k for k in state["model"] if not k.startswith("fc.")]
-    assert trunk and all(torch.equal(own[k], state["model"][k]) for k in trunk)
+    trunk = [k for k in state.model if not k.startswith("fc.")]
+    assert trunk and all(torch.equal(own[k], state.model[k]) for k in trunk)
     assert {id(p) for p in params} == {id(p) for p in model.fc.parameters()}
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
