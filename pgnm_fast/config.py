@@ -36,7 +36,7 @@ class TrainConfig:
     val_crop_size: int = 224
     channels: int = 1                # grey data through a 1-channel stem (exact, SPEC 1)
     workers: int = 8
-    loader: str = "auto"             # data loading: auto (DALI if installed), dali, torch
+    loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
     amp: bool = False
     graphs: bool = False
     impl: str = "fast"               # mask step: fast (Triton / fused torch) or reference

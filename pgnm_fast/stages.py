@@ -231,15 +231,17 @@ def _graphed(parts: Parts, train_loader, run: Run, log):
         log(why_not)
         return parts.step
     optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
-    static = getattr(train_loader, "static", False)  # DALI fills the same two tensors
+    static = getattr(train_loader, "static", False)  # DALI / device fill the same two tensors
     log("--graphs: the step is captured as a CUDA graph after 3 eager steps"
-        + (", reading DALI's static batch buffers" if static else ""))
+        + (", reading the loader's static batch buffers" if static else ""))
     return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static, log=log)
 
 
 def _loader_name(loader) -> str:
     if type(loader).__name__ == "DaliLoader":
         return f"DALI ({'GPU' if loader.device.type == 'cuda' else 'CPU'})"
+    if type(loader).__name__ == "DeviceLoader":
+        return f"the cache resident on {loader.device}"
     return "the PyTorch DataLoader"
 
 
