@@ -90,24 +90,41 @@ def _clip8(acc):
     return (acc >> PRECISION_BITS).clamp_(0, 255)
 
 
+def _dot(window, weights):
+    """``HALF + sum_k window[..., k] * weights[..., k]`` in int32, one tap at a time (a
+    broadcast multiply over the tap axis is several times slower on a CPU)."""
+    acc = window[..., 0].to(torch.int32) * weights[..., 0]
+    for kx in range(1, window.shape[-1]):
+        acc += window[..., kx].to(torch.int32) * weights[..., kx]
+    return acc.add_(HALF)
+
+
 def resample_torch(data, base, stride, rows, row_w, cols, col_w):
     """Grey levels ``[B, S, S]`` int32: PIL's two passes (module docstring) over the taps of
-    :func:`resample_tables`. Taps whose weight is zero in every image are skipped."""
-    k = rows.shape[-1]
-    if data.device.type == "cpu":  # trailing taps unused by the whole batch (no sync on a CPU)
-        used = (row_w != 0).any(0).any(0) | (col_w != 0).any(0).any(0)
-        k = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    :func:`resample_tables`, as PIL runs them: the horizontal pass over each source row the
+    vertical taps use (once per row, not per output row), then the vertical pass over those
+    8-bit rows. A pixel's taps are consecutive (where their weight is not zero), so each pass
+    reads them as one window of k values per output (``unfold`` + one ``index_select``).
+    Taps whose weight is zero in every image are skipped. Reads the batch's row span and tap
+    count to the host (a CPU path; CUDA runs the kernel)."""
+    used = (row_w != 0).any(0).any(0) | (col_w != 0).any(0).any(0)
+    k = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
     B, S = rows.shape[:2]
-    row_start = base[:, None, None] + rows.to(torch.int64) * stride[:, None, None]  # [B, S, k]
-    cols64 = cols.to(torch.int64)
-    acc = torch.full((B, S, S), HALF, dtype=torch.int32, device=data.device)
-    for ky in range(k):
-        h = torch.full((B, S, S), HALF, dtype=torch.int32, device=data.device)
-        for kx in range(k):
-            idx = row_start[:, :, ky, None] + cols64[:, None, :, kx]
-            h += col_w[:, None, :, kx] * data.take(idx).to(torch.int32)
-        acc += row_w[:, :, ky, None] * _clip8(h)
-    return _clip8(acc)
+    dev = data.device
+    lo = rows[:, :, :k].amin((1, 2)).to(torch.int64)  # first and last source row of each image
+    hi = rows[:, :, :k].amax((1, 2)).to(torch.int64)
+    span = int((hi - lo).max()) + 1
+    src = torch.minimum(lo[:, None] + torch.arange(span, device=dev), hi[:, None])
+    start = (base[:, None] + src * stride[:, None])[:, :, None] + cols[:, None, :, 0].to(torch.int64)
+    if int(start.max()) + k > data.numel():  # windows may run past the end (zero weights)
+        data = torch.cat([data, data.new_zeros(k)])
+    window = data.unfold(0, k, 1).index_select(0, start.reshape(-1)).view(B, span, S, k)
+    h = _clip8(_dot(window, col_w[:, None])).to(torch.uint8).view(B * span, S)
+    h = torch.cat([h, h.new_zeros(k, S)])  # the last rows' windows (zero weights)
+    first = (rows[:, :, 0].to(torch.int64) - lo[:, None]).clamp(min=0) \
+        + span * torch.arange(B, device=dev)[:, None]  # row of h of each output row's first tap
+    window = h.unfold(0, k, 1).index_select(0, first.reshape(-1)).view(B, S, S, k)
+    return _clip8(_dot(window, row_w[:, :, None]))
 
 
 def resized_crop(out, data, base, stride, box, out_hw, offset, flip, table, k: int,
