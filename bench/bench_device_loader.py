@@ -59,7 +59,7 @@ def _quiet(*_):
 def bench_cache():
     """A packed synthetic set of 224 x 224 grey images, made once in the synthetic-data cache."""
     base = cache_dir() / f"bench-device-v1-n{IMAGES}-{SIZE}px"
-    root, cache = base / "png", base / "cache"
+    cache = base / "cache"
     if not (cache / MANIFEST).is_file():
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))

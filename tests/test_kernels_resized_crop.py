@@ -3,7 +3,8 @@ Triton kernel (CPU: under TRITON_INTERPRET=1, float32 only, the interpreter has 
 
 Deterministic math, so deterministic comparisons on fresh random images and boxes: the torch
 version equals Pillow's horizontal-then-vertical passes exactly and Pillow's own resize within
-1 grey level; the kernel equals the torch version bit for bit."""
+1 grey level; the kernel equals the torch version bit for bit (on a GPU: compiled, against the
+torch version on the CPU)."""
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,8 @@ from PIL import Image
 from pgnm_fast.pipelines.augment import (resample_tables, resample_torch, resized_crop, taps,
                                          value_table)
 from pgnm_fast.pipelines.transforms import to_tensor
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled, or interpreted
 
 
 def _batch(rng, n, lo=4, hi=90):
@@ -94,10 +97,12 @@ def test_triton_kernel_equals_torch(channels, channels_last, eval_like):
     args = _kernel_inputs(rng, 5, size, eval_like)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     outs = []
-    for impl in ("torch", "triton"):
-        out = torch.full((5, channels, size, size), float("nan")).contiguous(memory_format=fmt)
-        resized_crop(out, *args[:-1], value_table(), args[-1], impl=impl)
-        outs.append(out)
+    for impl, dev in (("torch", "cpu"), ("triton", DEVICE)):
+        out = torch.full((5, channels, size, size), float("nan"), device=dev)
+        out = out.contiguous(memory_format=fmt)
+        resized_crop(out, *(a.to(dev) for a in args[:-1]), value_table(device=dev), args[-1],
+                     impl=impl)
+        outs.append(out.cpu())
     assert not outs[1].isnan().any()
     assert torch.equal(outs[0], outs[1])
 
@@ -113,3 +118,17 @@ def test_eval_window_pads_with_zero_level_and_bf16_rounds_the_float32_value():
     resized_crop(bf, data, base, width, box, out_hw, offset, flip,
                  value_table(dtype=torch.bfloat16), k)
     assert torch.equal(bf, f32.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernel arithmetic needs a GPU")
+def test_compiled_kernel_bf16_channels_last_equals_the_rounded_float32_values():
+    rng = np.random.default_rng()
+    args = _kernel_inputs(rng, 6, 224, False)
+    ref = torch.empty(6, 1, 224, 224)
+    resized_crop(ref, *args[:-1], value_table(), args[-1], impl="torch")
+    out = torch.empty(6, 3, 224, 224, dtype=torch.bfloat16, device="cuda",
+                      memory_format=torch.channels_last)
+    resized_crop(out, *(a.cuda() for a in args[:-1]), value_table(dtype=torch.bfloat16,
+                                                                  device="cuda"), args[-1])
+    assert torch.equal(out.cpu(), ref.expand(6, 3, 224, 224).to(torch.bfloat16))
