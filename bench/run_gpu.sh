@@ -3,6 +3,7 @@
 #
 #     bash bench/run_gpu.sh            # tests, validate, bench (under 10 minutes, each step time-boxed)
 #     bash bench/run_gpu.sh bench      # or any of: tests validate bench
+#     bash bench/run_gpu.sh loader     # --loader device: kernel tests and bench/bench_device_loader.py
 #
 # 1. tests:    the kernel tests, compiled on the GPU (test_kernels_*, the GPU-only ones included),
 #              and --graphs: real CUDA-graph capture and replay against the eager step
@@ -69,7 +70,11 @@ for step in $steps; do
         bench)
             run bench 240 "$PY" -m pytest bench/bench_kernels.py --benchmark-only -q -p no:cacheprovider \
                 --benchmark-max-time=0.2 --benchmark-min-rounds=5 --benchmark-json="$raw/$device-bench.json" ;;
-        *) echo "run_gpu.sh: unknown step '$step' (tests, validate, bench)" >&2; exit 2 ;;
+        loader)  # --loader device: its kernel against the torch version, then its benchmark
+            run loader-tests 240 "$PY" -m pytest tests/test_kernels_resized_crop.py -q -rs -p no:cacheprovider
+            run loader-bench 300 "$PY" -m pytest bench/bench_device_loader.py --benchmark-only -q -s \
+                -p no:cacheprovider --benchmark-json="$raw/$device-loader.json" ;;
+        *) echo "run_gpu.sh: unknown step '$step' (tests, validate, bench, loader)" >&2; exit 2 ;;
     esac
 done
 
