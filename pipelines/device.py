@@ -196,6 +196,10 @@ class DeviceLoader:
         self.labels = torch.from_numpy(np.asarray(self.split.labels)[self.held].astype(np.int64)).to(dev)
 
     @property
+    def name(self) -> str:
+        return f"the cache resident on {self.device}"
+
+    @property
     def nbytes(self) -> int:
         return self.data.numel()
 
