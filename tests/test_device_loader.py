@@ -282,7 +282,7 @@ def test_resumed_run_through_the_device_loader_is_bit_identical(cache, tmp_path,
                                                                 ctrl_c_in_epoch):
     from click.testing import CliRunner
 
-    from pgnm_fast.checkpoint import load_checkpoint
+    from pgnm_fast.run_state import load_checkpoint
     from pgnm_fast.cli import main
 
     def cli(*args):
