@@ -4,6 +4,7 @@
 #     bash bench/run_gpu.sh                       # all steps below, each time-boxed
 #     bash bench/run_gpu.sh step train            # or any of: tests validate bench step train
 #     DEVICE=cpu bash bench/run_gpu.sh --quick    # the same steps at tiny sizes on the CPU (CI)
+#     bash bench/run_gpu.sh loader                # --loader device: its kernel tests and benchmark (not in the default)
 #
 # 1. tests:    the kernel tests compiled on the GPU (tests/kernels/, the GPU-only ones included)
 #              and --graphs: real CUDA-graph capture and replay against the eager step
@@ -29,8 +30,8 @@ steps=()
 for arg in "$@"; do
     case $arg in
         --quick) quick=1 ;;
-        tests|validate|bench|step|train) steps+=("$arg") ;;
-        *) echo "run_gpu.sh: unknown step '$arg' (tests validate bench step train, or --quick)" >&2; exit 2 ;;
+        tests|validate|bench|step|train|loader) steps+=("$arg") ;;
+        *) echo "run_gpu.sh: unknown step '$arg' (tests validate bench step train loader, or --quick)" >&2; exit 2 ;;
     esac
 done
 [ ${#steps[@]} -gt 0 ] || steps=(tests validate bench step train)
@@ -124,6 +125,10 @@ for step in "${steps[@]}"; do
                 rc=$?
                 cp "$work/run/metrics.jsonl" "$raw/$tag-train-metrics.jsonl" 2> /dev/null
                 exit $rc' ;;
+        loader)  # --loader device: its kernel against the torch version, then its benchmark
+            run loader-tests 240 "$PY" -m pytest tests/kernels/test_resized_crop.py "${pytest_q[@]}"
+            run loader-bench 300 "$PY" -m pytest bench/bench_device_loader.py --benchmark-only -q -s \
+                -p no:cacheprovider --benchmark-json="$raw/$tag-loader.json" ;;
     esac
 done
 

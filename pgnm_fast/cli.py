@@ -67,9 +67,11 @@ def training_options(f):
         click.option("--val-crop-size", type=int, default=None),
         click.option("-j", "--workers", type=int, default=None,
                      help="Data-loading processes (plain loader) or DALI CPU threads."),
-        click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default=None,
-                     help="Data loading: DALI (GPU or CPU-only), the plain PyTorch loader, or "
-                          "auto: DALI where it is installed."),
+        click.option("--loader", type=click.Choice(["auto", "device", "dali", "torch"]),
+                     default=None,
+                     help="Data loading: a packed cache held in device memory (device), DALI "
+                          "(GPU or CPU-only), the plain PyTorch loader, or auto: device for a "
+                          "packed cache that fits on the GPU, else DALI where it is installed."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast (CUDA or CPU)."),
         click.option("--graphs/--no-graphs", default=None, help="CUDA-graph-captured step (GPU)."),
         click.option("--channels-last/--no-channels-last", default=None,
@@ -202,7 +204,7 @@ def pack(data, out, verify_path, on_bad_image, channels, workers):
 @click.option("--finetune-epochs", type=int, default=None)
 @click.option("-b", "--batch-size", type=int, default=None, help="Images per process.")
 @click.option("-j", "--workers", type=int, default=None)
-@click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default=None)
+@click.option("--loader", type=click.Choice(["auto", "device", "dali", "torch"]), default=None)
 @click.option("--amp/--no-amp", default=None)
 @click.option("--graphs/--no-graphs", default=None)
 @click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")

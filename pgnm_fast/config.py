@@ -37,7 +37,7 @@ class TrainConfig:
     val_crop_size: int = 224
     channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
     workers: int = 8
-    loader: str = "auto"             # data loading: auto (DALI if installed), dali, torch
+    loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
     amp: bool = False
     graphs: bool = False
     channels_last: bool | None = None  # NHWC model and batches; None: on for CUDA (speed.py)

@@ -252,9 +252,9 @@ def _graphed(parts: Parts, train_loader: BatchLoader, run: Run, log):
         log(why_not)
         return parts.step
     optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
-    static = train_loader.static  # DALI fills the same two tensors
+    static = train_loader.static  # DALI / device fill the same two tensors
     log("--graphs: the step is captured as a CUDA graph after 3 eager steps"
-        + (", reading DALI's static batch buffers" if static else ""))
+        + (", reading the loader's static batch buffers" if static else ""))
     return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static, log=log)
 
 
