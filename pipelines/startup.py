@@ -110,17 +110,18 @@ def write(path: Path, kind: str, key: str, arrays: dict, **meta) -> None:
         pass
 
 
+def _stat(path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
 def stat_files(paths) -> tuple[np.ndarray, np.ndarray]:
     """Size and modification time (ns) of each path; -1 where it cannot be read."""
-    n = len(paths)
-    size, mtime = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
-    for i, p in enumerate(paths):
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        size[i], mtime[i] = st.st_size, st.st_mtime_ns
-    return size, mtime
+    a = np.array(list(map(_stat, paths)), np.int64).reshape(-1, 2)
+    return np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1])
 
 
 # ----------------------------------------------------------------------------- the listing
@@ -140,7 +141,7 @@ def cached_listing(source, name: str, log: Callable[[str], None] = print):
             meta = cached["meta"]
             files = _unblob(cached["files"], meta["n"])
             classes = meta["classes"]
-            names = [classes[i] for i in cached["class_index"]]
+            names = [classes[i] for i in cached["class_index"].tolist()]
             source.problems += [tuple(p) for p in meta["problems"]]
             for attr, value in meta["state"].items():
                 setattr(source, attr, value)
@@ -188,8 +189,8 @@ def check_shard(files: list, rank: int, world_size: int, cached: dict | None = N
         redo = idx[(size != cached["size"][idx]) | (mtime != cached["mtime"][idx])]
     cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     scan = check.scan(files[rank::world_size] if cached is None else [files[i] for i in redo],
-                      threads,
-                      processes=cores if len(redo) >= PROCESSES_FROM else 0)
+                      threads, processes=cores if len(redo) >= PROCESSES_FROM else 0) \
+        if len(redo) else check.scan([])
     return dict(index=idx, size=size, mtime=mtime, redo=redo,
                 **{f: getattr(scan, f) for f in VERDICT_FIELDS},
                 bad=[(int(redo[i]), r) for i, r in scan.bad])
@@ -205,7 +206,8 @@ def merge_shards(files: list, shards: list, cached: dict | None = None):
         result.bad = s["bad"]
         return result, s["size"], s["mtime"]
     if cached is not None:
-        arrays = {f: cached[f].copy() for f in VERDICT_FIELDS}
+        changed = any(len(s["redo"]) for s in shards)  # else the cached arrays, no copy
+        arrays = {f: cached[f].copy() if changed else cached[f] for f in VERDICT_FIELDS}
         bad = dict(zip(cached["bad_index"].tolist(),
                        _unblob(cached["bad_reason"], len(cached["bad_index"]))))
     else:
