@@ -32,8 +32,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
 from pgnm_fast.pipelines import open_source, startup
+
 from pgnm_fast.synth import cache_dir, make_synthetic
 
 FILES = int(os.environ.get("PGNM_SCALE_FILES", "10000"))
@@ -137,7 +137,7 @@ def test_second_start(benchmark, scale_data):
 
 
 def test_shard(benchmark, scale_data):
-    root, files = scale_data
+    _root, files = scale_data
     shard = benchmark.pedantic(lambda: startup.check_shard(files, 0, WORLD), rounds=1,
                                iterations=1)
     read = len(shard["redo"])
@@ -154,8 +154,9 @@ def _table(request):
     if len(RESULTS) < 2:
         return
     n = RESULTS.get("files", FILES)
-    lines = [f"start-up at scale: the train split's {n} files of 16x16, {len(os.sched_getaffinity(0))}"
-             f" CPUs, {time.strftime('%Y-%m-%d')}; extrapolated to {RADIMAGENET:,} files"]
+    cpus = len(os.sched_getaffinity(0))
+    lines = [(f"start-up at scale: the train split's {n} files of 16x16, {cpus} CPUs, "
+              f"{time.strftime('%Y-%m-%d')}; extrapolated to {RADIMAGENET:,} files")]
     if "listing" in RESULTS:
         r = RESULTS["listing"]
         lines.append(f"listing        {r['us_per_file']:8.1f} us/file  -> {r['at_radimagenet_s']:7.1f} s")

@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from pgnm_fast.pipelines import check, open_source, startup
+
 from pgnm_fast.synth import make_synthetic
 
 
@@ -118,7 +118,7 @@ def test_sharded_check_covers_every_file_once(folders, probes, world):
         assert sorted(probes) == sorted(files[rank::world])   # 1/world of the files read
     idx = np.concatenate([s["index"] for s in shards])
     assert sorted(idx.tolist()) == list(range(len(files)))
-    merged, size, mtime = startup.merge_shards(files, shards)
+    merged, size, _mtime = startup.merge_shards(files, shards)
     _same(merged, whole)
     assert [i for i, _ in merged.bad] == [4]
     assert size.tolist() == [os.stat(f).st_size for f in files]
