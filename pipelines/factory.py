@@ -29,7 +29,7 @@ from pgnm_fast.errors import ConfigError
 
 from . import check, startup
 from .contract import BatchLoader
-from .loader import PlainLoader, batch_loader, build_loader
+from .loader import PlainLoader, batch_loader, build_loader, on_cuda
 from .packed import PackedSplit
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
@@ -78,16 +78,18 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                         seed: int = 0, rank: int = 0, world_size: int = 1,
                         device: torch.device | str | None = None,
                         mean: float = MEAN, std: float = STD,
-                        channels_last: bool = False) -> PlainLoader:
+                        channels_last: bool = False, uint8: bool | None = None) -> PlainLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
-    sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
-    seed gives the same batches as from the files)."""
+    sampling, seeding and batching (and its ``uint8`` rule), pixels from the cache instead of
+    PNG files (so the same seed gives the same batches as from the files)."""
+    uint8 = on_cuda(device) if uint8 is None else uint8
     dataset = CachedDataset(split, build_transform(train, crop_size=crop_size,
                                                    resize_size=resize_size, channels=channels,
-                                                   mean=mean, std=std))
+                                                   mean=mean, std=std, uint8=uint8))
     return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
                         seed=seed, rank=rank, world_size=world_size, device=device,
-                        channels_last=channels_last)
+                        channels_last=channels_last,
+                        normalise_on=(device or "cpu", mean, std) if uint8 else None)
 
 
 def _torchrun_rank(rank, world_size):
