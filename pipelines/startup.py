@@ -23,6 +23,7 @@ and written again; it is never trusted.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -59,6 +60,15 @@ def _digest(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
         h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _list_digest(files: list, chunk: int = 4096) -> str:
+    """The key of a file list, hashed a chunk at a time (never the whole list as one string)."""
+    h = hashlib.sha256(json.dumps([check.__name__, len(files)]).encode())
+    for i in range(0, len(files), chunk):
+        h.update("\0".join(files[i:i + chunk]).encode("utf-8", "surrogateescape"))
         h.update(b"\0")
     return h.hexdigest()
 
@@ -120,8 +130,9 @@ def _stat(path) -> tuple[int, int]:
 
 def stat_files(paths) -> tuple[np.ndarray, np.ndarray]:
     """Size and modification time (ns) of each path; -1 where it cannot be read."""
-    a = np.array(list(map(_stat, paths)), np.int64).reshape(-1, 2)
-    return np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1])
+    n = len(paths)  # no list of tuples: a numpy array filled from the stream of numbers
+    a = np.fromiter(itertools.chain.from_iterable(map(_stat, paths)), np.int64, 2 * n)
+    return a[0::2].copy(), a[1::2].copy()
 
 
 # ----------------------------------------------------------------------------- the listing
@@ -182,13 +193,14 @@ def check_shard(files: list, rank: int, world_size: int, cached: dict | None = N
     """Check this rank's files (``files[rank::world_size]``), those whose size or time differs
     from ``cached`` only; returns the shard's stats and the verdict of what it checked."""
     idx = np.arange(rank, len(files), world_size, dtype=np.int64)
-    size, mtime = stat_files(files[rank::world_size])
+    mine = files if world_size == 1 else files[rank::world_size]
+    size, mtime = stat_files(mine)
     if cached is None:
         redo = idx
     else:
         redo = idx[(size != cached["size"][idx]) | (mtime != cached["mtime"][idx])]
     cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    scan = check.scan(files[rank::world_size] if cached is None else [files[i] for i in redo],
+    scan = check.scan(mine if cached is None else [files[i] for i in redo],
                       threads, processes=cores if len(redo) >= PROCESSES_FROM else 0) \
         if len(redo) else check.scan([])
     return dict(index=idx, size=size, mtime=mtime, redo=redo,
@@ -239,7 +251,7 @@ def checked(files: list, root=None, *, rank: int = 0, world_size: int = 1,
     process group of ``world_size`` (else this process checks every file), refreshed for files
     whose size or time changed. ``gather(obj) -> [obj of each rank]`` overrides the group."""
     files = files if isinstance(files, list) else list(files)
-    key = _digest([check.__name__, len(files)], "\0".join(files).encode("utf-8", "surrogateescape"))
+    key = _list_digest(files)
     path = cache_folder(root) / f"check-{key[:20]}.npz"
     cached = None if recheck else read(path, "verdict", key, log)
     gather = gather or _gather_for(world_size)
