@@ -67,3 +67,14 @@ def test_loader_uint8_then_normalise_equals_float32_batches(synth_root, train):
     assert len(got) == len(want) == 4
     for (x8, y8), (x, y) in zip(got, want):
         assert x8.dtype == torch.float32 and torch.equal(x8, x) and torch.equal(y8, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalise_on_the_gpu_equals_the_cpu_batch(dtype):
+    """IEEE division and subtraction on the GPU: the same float32 values as on the CPU."""
+    a = torch.randint(0, 256, (16, 1, 64, 64), dtype=torch.uint8)
+    want = normalise(a, dtype=dtype)
+    got = normalise(a.pin_memory().to("cuda", non_blocking=True), dtype=dtype).cpu()
+    assert got.dtype == dtype and torch.equal(got, want)
