@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .kernels import IMPLS
+from .names import IMPLS
 
 STAGES = ("heated", "baseline", "finetune")
 
