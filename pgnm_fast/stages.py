@@ -18,16 +18,20 @@ import torch
 from . import checkpoint as ckpt_io
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
+from .console import epoch_lines, format_val, resume_hint
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
                           gather_to_main, init_distributed)
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
+from .evaluate import write_json_atomic
 from .graphs import GraphedStep
 from .kernels import make_masker
-from .metrics import classification_metrics, format_metrics, json_safe
+from .metrics import classification_metrics, json_safe
 from .models import PolicyNet, create_model
+from .observe import RunObserver
 from .pipelines import make_loader
 from .pipelines.sources import open_source
+from .provenance import run_record
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 
 
@@ -43,6 +47,7 @@ class Run:
     out: Path
     resume_state: dict | None = None
     init_state: dict | None = None
+    init_from: str | None = None  # the checkpoint path of init_state
 
 
 def resolve_data(data, states, cfg: TrainConfig, log) -> Path:
@@ -89,7 +94,8 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
     if len(train_split) < cfg.batch_size * info.world_size:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
-    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state)
+    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state,
+               init_from)
 
 
 def _load_classifier(model, state: dict, classes: list, log) -> None:
@@ -115,6 +121,13 @@ def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
     try:
         return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
+    except KeyboardInterrupt:
+        if run.info.is_main:
+            last = run.out / "last.pt"
+            log(resume_hint(run.cfg.stage, last, run.init_from) if last.exists() else
+                "interrupted before the first epoch ended: nothing to resume")
+        cleanup(run.info)
+        raise
     except BaseException:
         cleanup(run.info)
         raise
@@ -260,15 +273,17 @@ def _train(run: Run, log, show_progress) -> Path:
             averager.load_state_dict(run.resume_state["averaged"], log)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(
-            dict(dataclasses.asdict(cfg), data=str(run.data_root)), indent=2) + "\n")
+        write_json_atomic(dict(dataclasses.asdict(cfg), data=str(run.data_root),
+                               run_record=run_record()), run.out / "config.json")
     write = MetricsLog(run.out / "metrics.jsonl").write if info.is_main else (lambda record: None)
     log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
-        + f") on {dev}, {len(run.train_split)} train / {len(run.val_split)} val images from "
-          f"{run.data_root}, {cfg.epochs} epochs of batch {cfg.batch_size}"
+        + f") on {dev}, {cfg.epochs} epochs of batch {cfg.batch_size}"
         + (f" x {info.world_size}" if info.distributed else "")
-        + f", data through {_loader_name(train_loader)} -> {run.out}")
+        + (f"\n  weights from {run.init_from}" if run.init_from else "")
+        + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "
+          f"{run.data_root} through {_loader_name(train_loader)}\n  run folder: {run.out}")
+    observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 
     t0, images_seen, best_epoch, last_val = time.perf_counter(), 0, None, None
     for epoch in range(start_epoch, cfg.epochs):
@@ -281,13 +296,15 @@ def _train(run: Run, log, show_progress) -> Path:
         global_step, train_stats = train_one_epoch(
             step, train_loader, dev, epoch, global_step, cfg.print_freq,
             log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
-            show_progress=show_progress and info.is_main)
+            show_progress=show_progress and info.is_main, log_line=log)
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
         broadcast_buffers(unwrap(parts.model), info)
+        t_val, val_scores = time.perf_counter(), []
         last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy,
-                             parts.val_masker)
+                             parts.val_masker, keep=val_scores, show_progress=show_progress)
+        t_val = time.perf_counter() - t_val
         averaged_val = None
         if averager is not None:
             averager.update(unwrap(parts.model), epoch)
@@ -306,13 +323,13 @@ def _train(run: Run, log, show_progress) -> Path:
             ckpt_io.save_checkpoint(state, run.out / "last.pt")
             if improved:
                 ckpt_io.save_checkpoint(state, run.out / "best.pt")
-            write(dict(kind="epoch", epoch=epoch, step=global_step,
-                       seconds=time.perf_counter() - t_epoch, **lrs,
+            seconds = time.perf_counter() - t_epoch
+            write(dict(kind="epoch", epoch=epoch, step=global_step, seconds=seconds, **lrs,
                        **{k if k.startswith("train_") else f"train_{k}": v
                           for k, v in train_stats.items()}, val=json_safe(last_val)))
-            mask_note = " (unconditional masks)" if parts.policy is not None else ""
-            log(f"epoch {epoch}: loss {train_stats['loss']:.4f} train_top1 "
-                f"{train_stats['train_top1']:.4f} | val{mask_note} {format_metrics(last_val)}")
+            log(epoch_lines(epoch, cfg.epochs, train_stats, last_val, lrs["lr"], seconds, t_val,
+                            heated=parts.policy is not None))
+            observer.end_epoch(epoch, global_step, parts.policy, val_loader, val_scores, improved)
         barrier(info)
 
     seconds = time.perf_counter() - t0
@@ -320,7 +337,9 @@ def _train(run: Run, log, show_progress) -> Path:
         best = f"best val f1_macro {best_f1:.4f}" + (f" (epoch {best_epoch})" if best_epoch is not None else "")
         log(f"{cfg.stage} stage done: {cfg.epochs - start_epoch} epochs, {global_step} steps, "
             f"{images_seen / max(seconds, 1e-9):.0f} img/s, {best}, final val top1 "
-            f"{last_val['top1']:.4f} -> {run.out / 'best.pt'}")
+            f"{last_val['top1']:.4f}\n  -> {run.out / 'best.pt'}")
+    if observer is not None:
+        observer.close()
     return run.out
 
 
@@ -341,14 +360,19 @@ def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
     return state
 
 
-def _validate(run: Run, model, val_loader, policy=None, masker=None) -> dict | None:
+def _validate(run: Run, model, val_loader, policy=None, masker=None, keep=None,
+              show_progress=False) -> dict | None:
     """Validation metrics of ``model`` on rank 0 (None on the others): every process with a
-    loader scores its shard, rank 0 gathers the logits (see ``_loaders``)."""
+    loader scores its shard, rank 0 gathers the logits (see ``_loaders``) and appends
+    (logits, labels) to the list ``keep`` if given."""
     scored = None
     if val_loader is not None:
         scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
-                         masker=masker)
+                         masker=masker, show_progress=show_progress and run.info.is_main,
+                         desc="validation")
     gathered = gather_to_main(scored, run.info)
+    if keep is not None and gathered is not None:
+        keep.extend(gathered)
     return classification_metrics(*gathered, run.classes)[0] if gathered is not None else None
 
 
@@ -361,7 +385,7 @@ def _save_average(run: Run, averager: LastEpochsAverage, parts: Parts, metrics: 
                                  averaged_epochs=averager.epochs, val_metrics=json_safe(metrics)),
                             path)
     log(f"averaged the weights of epochs {', '.join(map(str, averager.epochs))}: val "
-        f"{format_metrics(metrics)} -> {path}")
+        f"{format_val(metrics)}\n  -> {path}")
     return dict(kind="averaged", epochs=averager.epochs, val=json_safe(metrics))
 
 
