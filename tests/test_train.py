@@ -33,7 +33,9 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
     out = tmp_path / "heated"
     r = cli("train", "--data", data, "--out", out, "--grid", "8", "--impl", "reference", *SMALL)
     assert r.exit_code == 0, r.output
-    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "metrics.jsonl", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "metrics.jsonl", "config.json",
+                                               "curves.png", "masks.png", "masks.npz", "confusion.png",
+                                               "confusion.csv", "per_class.csv"}
     last = load_checkpoint(out / "last.pt")
     assert last["stage"] == "heated" and last["epoch"] == 1 and "policy" in last
     assert set(last["val_metrics"]) == set(METRIC_KEYS)
