@@ -34,7 +34,7 @@ def test_help_does_not_import_torch_scipy_or_sklearn(args):
             f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
             "heavy = [m for m in ('torch', 'scipy', 'sklearn', 'matplotlib') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert r.returncode == 0, r.stderr
     assert "Usage:" in r.stdout
@@ -64,7 +64,7 @@ def test_git_commit_of_a_checkout(tmp_path):
     (tmp_path / "f").write_text("1")
     subprocess.run([*git, "add", "f"], check=True)
     subprocess.run([*git, "commit", "-qm", "x"], check=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert provenance.git_commit(tmp_path) == head
     (tmp_path / "f").write_text("2")
     assert provenance.git_commit(tmp_path) == head + "-dirty"
