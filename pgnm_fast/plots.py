@@ -34,13 +34,13 @@ class PlotsUnavailable(PgnmError):
     """matplotlib is not installed."""
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = "constrained"):
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise PlotsUnavailable("matplotlib is not installed: no pictures are drawn "
                                "(pip install matplotlib)") from None
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
 
 
 def _save(fig, path: Path) -> Path:
@@ -162,8 +162,9 @@ def draw_masks(gallery: dict, path: Path) -> Path:
     images, names = gallery["images"], [str(n) for n in gallery["classes"]]
     n = len(images)
     cols = max(n, 2)
-    fig = _figure(1.6 * cols + 1.2, 1.75 * 5 + 0.6)
-    axes = fig.subplots(5, cols, squeeze=False)
+    fig = _figure(1.6 * cols + 1.4, 1.75 * 5 + 0.8, layout=None)  # placed by hand: colour bars
+    axes = fig.subplots(5, cols, squeeze=False, gridspec_kw=dict(
+        left=0.07, right=0.9, top=0.9, bottom=0.02, wspace=0.08, hspace=0.3))
     rows = [("image", "images", "gray", None), ("expected mask\nalpha/(alpha+beta)", "expected",
                                                    "viridis", (0, 1)),
             ("one sampled mask", "sampled", "viridis", (0, 1)), ("masked image", "masked", "gray", None)]
@@ -195,9 +196,10 @@ def draw_masks(gallery: dict, path: Path) -> Path:
         im = ax.imshow(gallery[key], cmap="viridis" if c == 0 else "magma",
                        vmin=0, vmax=1 if c == 0 else None)
         ax.set_title(label, fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        if c == 1:  # the mean shares the masks' colour bar; the spread has its own scale
+            fig.colorbar(im, cax=ax.inset_axes([1.04, 0.0, 0.07, 1.0]))
     if mask_im is not None:
-        fig.colorbar(mask_im, ax=axes[1:3, :].ravel().tolist(), fraction=0.02, label="mask value")
+        fig.colorbar(mask_im, cax=fig.add_axes([0.92, 0.42, 0.012, 0.3]), label="mask value")
     fig.suptitle(f"policy masks after epoch {int(gallery['epoch'])} (the same validation images "
                  f"every epoch)", fontsize=10)
     return _save(fig, path)
