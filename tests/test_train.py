@@ -43,7 +43,7 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert steps[-1]["step"] == last["step"] and all(s["S"] > 0 for s in steps)
     assert "policy_lr" in steps[0] and "heated stage done" in r.output
-    assert "data through DALI (CPU)" in r.output  # DALI is installed with the package
+    assert "val images from " in r.output and " through DALI (CPU)" in r.output  # DALI is installed
     # the policy's base buffers moved by the EMA during training
     base = last["policy"]["base_alpha"]
     assert base.shape == (1, 64) and not torch.equal(base, torch.zeros_like(base))
