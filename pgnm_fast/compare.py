@@ -41,7 +41,7 @@ def _stage(stage, folder: Path, log, **kwargs) -> tuple[Path, float]:
         log(f"compare: {stage} stopped after epoch {state['epoch']} in {folder}: resuming")
         resume = last
     t0 = time.perf_counter()
-    run_stage(stage, out=folder, resume=resume, log=log, **kwargs)
+    run_stage(stage, out=folder, resume=resume, log=log, resume_hint_on_interrupt=False, **kwargs)
     return folder, time.perf_counter() - t0
 
 

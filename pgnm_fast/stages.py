@@ -115,14 +115,15 @@ def _load_classifier(model, state: dict, classes: list, log) -> None:
 
 def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
               init_from=None, device=None, log=print, show_progress=True,
-              keep_process_group: bool = False) -> Path:
+              keep_process_group: bool = False, resume_hint_on_interrupt: bool = True) -> Path:
     """Train one stage; returns the run folder. Under torchrun the process group is taken down
-    at the end unless ``keep_process_group`` (several stages in one run: compare)."""
+    at the end unless ``keep_process_group`` (several stages in one run: compare). On Ctrl-C the
+    command that resumes is printed unless ``resume_hint_on_interrupt`` is False."""
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
     try:
         return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
     except KeyboardInterrupt:
-        if run.info.is_main:
+        if run.info.is_main and resume_hint_on_interrupt:
             last = run.out / "last.pt"
             log(resume_hint(run.cfg.stage, last, run.init_from) if last.exists() else
                 "interrupted before the first epoch ended: nothing to resume")
