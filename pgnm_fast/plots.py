@@ -140,14 +140,15 @@ def draw_curves(records: list[dict], path: Path, title: str = "") -> Path:
         ax.text(0.5, 0.5, "no masks in this stage", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("policy masks (gallery images)")
 
-    for i, ax in enumerate(axes):
+    lrs = axes[3].lines
+    if lrs and all(np.all(np.asarray(line.get_ydata()) > 0) for line in lrs):
+        axes[3].set_yscale("log")  # step decay reads as equal steps
+    for ax in axes:
         ax.set_xlabel("step")
         for end in ends:
             ax.axvline(end, color="0.85", lw=0.6, zorder=0)
         if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-        if i == 3 and ax.lines and all(np.all(np.asarray(line.get_ydata()) > 0) for line in ax.lines):
-            ax.set_yscale("log")
     fig.suptitle(title + ("  (grey lines: epoch ends)" if ends else ""))
     return _save(fig, path)
 

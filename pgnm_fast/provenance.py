@@ -41,7 +41,11 @@ def library_versions() -> dict:
 
 def run_record(argv: list[str] | None = None) -> dict:
     from . import __version__
-    argv = sys.argv if argv is None else argv
+    argv = list(sys.argv if argv is None else argv)
+    if argv and Path(argv[0]).name == "__main__.py":  # python -m pgnm_fast
+        argv[0] = "python -m pgnm_fast"
+    elif argv and Path(argv[0]).name == "pgnm-fast":
+        argv[0] = "pgnm-fast"
     return {"pgnm_fast": __version__, "git_commit": git_commit(),
-            "command": " ".join(shlex.quote(a) for a in argv),
+            "command": " ".join(argv[:1] + [shlex.quote(a) for a in argv[1:]]),
             "host": platform.node(), "libraries": library_versions()}
