@@ -164,8 +164,8 @@ def draw_masks(gallery: dict, path: Path) -> Path:
     n = len(images)
     cols = max(n, 2)
     fig = _figure(1.6 * cols + 1.4, 1.75 * 5 + 0.8, layout=None)  # placed by hand: colour bars
-    axes = fig.subplots(5, cols, squeeze=False, gridspec_kw=dict(
-        left=0.07, right=0.9, top=0.9, bottom=0.02, wspace=0.08, hspace=0.3))
+    axes = fig.subplots(5, cols, squeeze=False, gridspec_kw={
+        "left": 0.07, "right": 0.9, "top": 0.9, "bottom": 0.02, "wspace": 0.08, "hspace": 0.3})
     rows = [("image", "images", "gray", None), ("expected mask\nalpha/(alpha+beta)", "expected",
                                                    "viridis", (0, 1)),
             ("one sampled mask", "sampled", "viridis", (0, 1)), ("masked image", "masked", "gray", None)]
