@@ -1,6 +1,6 @@
 """The PGNM mask step in plain PyTorch: the reference every fast path is checked against.
 
-SPEC sections 3 and 4, written for clarity, not speed:
+docs/method.md §3 and §4, written for clarity, not speed:
 - sample m ~ Beta(exp a~, exp b~) per grid cell with ``torch.distributions`` (no gradient through m),
 - score it: log p per cell, S = logsumexp over the cells of each image (stable form),
 - mask the normalised image with nearest-upsample + reflect-padded Gaussian blur (k 13, sigma 6)
@@ -84,7 +84,7 @@ def mask_image_matrix(m: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor | No
     return (a_h @ x @ a_w.T).unsqueeze(1)
 
 
-def apply_mask(images: torch.Tensor, m: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE,
+def mask_apply(images: torch.Tensor, m: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE,
                sigma: float = BLUR_SIGMA) -> torch.Tensor:
     """Multiply the normalised images (B, C, H, W) by the mask of m, broadcast over channels."""
     mask = mask_image(m, images.shape[-2:], kernel_size, sigma)
@@ -92,7 +92,7 @@ def apply_mask(images: torch.Tensor, m: torch.Tensor, kernel_size: int = BLUR_KE
 
 
 def beta_log_prob(m: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """log Beta(m; alpha, beta), SPEC section 4 (differentiable in alpha and beta)."""
+    """log Beta(m; alpha, beta), docs/method.md §4 (differentiable in alpha and beta)."""
     return ((alpha - 1) * torch.log(m) + (beta - 1) * torch.log1p(-m)
             - torch.lgamma(alpha) - torch.lgamma(beta) + torch.lgamma(alpha + beta))
 
@@ -148,4 +148,4 @@ class ReferenceMasker(torch.nn.Module):
         return m, S
 
     def apply(self, images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return apply_mask(images, m, self.kernel_size, self.sigma)
+        return mask_apply(images, m, self.kernel_size, self.sigma)

@@ -1,11 +1,11 @@
 """`pgnm-fast compare`: does PGNM beat plain training on this data? One command, the paper's
-protocol (SPEC 5 and 6): the heated stage, its fine-tune, and the baseline (the same classifier
-trained the same way without masks), then both final models on the test split, paired.
+protocol (docs/method.md §5 and §6): the heated stage, its fine-tune, and the baseline (the same
+classifier trained the same way without masks), then both final models on the test split, paired.
 
 Runs go to ``OUT/heated``, ``OUT/finetune`` and ``OUT/baseline``. Running the same command again
 continues where it stopped: a finished stage is reused, an interrupted one resumed from its
-``last.pt``. The report (printed, and ``OUT/compare.json``) gives SPEC 6's metrics of both models
-on the test split, and for top-1, balanced accuracy and macro F1 the difference PGNM - baseline
+``last.pt``. The report (printed, and ``OUT/compare.json``) gives the metrics of docs/method.md §6
+of both models on the test split, and for top-1, balanced accuracy and macro F1 the difference PGNM - baseline
 with a 95% paired bootstrap interval over the test images and the share of resamples in which
 PGNM is ahead, plus each stage's wall time.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt_io
 from .config import make_config
 from .distributed import shutdown
 from .errors import ConfigError, DataError
@@ -25,6 +24,7 @@ from .evaluate import predict_checkpoint, write_json_atomic
 from .metrics import (BOOTSTRAP_KEYS, METRIC_KEYS, classification_metrics, json_safe,
                       paired_bootstrap)
 from .pipelines.sources import open_source
+from .run_state import load_run_state
 from .stages import resolve_data, run_stage
 
 
@@ -33,12 +33,12 @@ def _stage(stage, folder: Path, log, **kwargs) -> tuple[Path, float]:
     last = folder / "last.pt"
     resume = None
     if last.exists():
-        state = ckpt_io.load_checkpoint(last)
-        if state["epoch"] + 1 >= state["config"]["epochs"]:
-            log(f"compare: {stage} already finished its {state['config']['epochs']} epochs in "
+        state = load_run_state(last)
+        if state.is_finished:
+            log(f"compare: {stage} already finished its {state.config['epochs']} epochs in "
                 f"{folder}: reusing it (another --out trains afresh)")
             return folder, 0.0
-        log(f"compare: {stage} stopped after epoch {state['epoch']} in {folder}: resuming")
+        log(f"compare: {stage} stopped after epoch {state.epoch} in {folder}: resuming")
         resume = last
     t0 = time.perf_counter()
     run_stage(stage, out=folder, resume=resume, log=log, resume_hint_on_interrupt=False, **kwargs)

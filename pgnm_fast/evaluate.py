@@ -1,4 +1,4 @@
-"""`pgnm-fast eval`: a checkpoint's classifier on a split, scored with SPEC section 6's metrics."""
+"""`pgnm-fast eval`: a checkpoint's classifier on a split, scored with the metrics of docs/method.md §6."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 from scipy.special import softmax
 
-from . import checkpoint as ckpt_io
 from .atomic import atomic_open
 from .config import config_from_dict
 from .distributed import init_distributed
@@ -18,6 +17,7 @@ from .metrics import classification_metrics, json_safe, per_class_metrics
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
+from .run_state import load_run_state
 
 
 def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, batch_size=None,
@@ -84,14 +84,14 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
 
 def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log, show_progress):
     """:func:`predict_checkpoint`'s result and the split's file paths."""
-    state = ckpt_io.load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
-    root = Path(data) if data is not None else Path(state["data"])
+    state = load_run_state(checkpoint)
+    cfg = config_from_dict(state.config)
+    root = Path(data) if data is not None else Path(state.data)
     source = open_source(root)
     if split not in source.splits:
         raise DataError(f"data at {root} has no {split!r} split (it has: {', '.join(source.splits)})")
     part = source.split(split)
-    classes = list(state["classes"])
+    classes = list(state.classes)
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({source.classes[i] for i in np.unique(part.labels)} - set(index))
     if unknown:
@@ -99,8 +99,8 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
                         f"trained on: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
     remap = np.array([index.get(name, -1) for name in source.classes], dtype=np.int64)
     info = init_distributed(device)
-    model = create_model(state["model_name"], len(classes), in_chans=state.get("in_chans", 1))
-    model.load_state_dict(state["model"])
+    model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
+    model.load_state_dict(state.model)
     model.to(info.device)
     loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
                          crop_size=cfg.val_crop_size, resize_size=cfg.val_resize_size,
