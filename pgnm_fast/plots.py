@@ -140,8 +140,8 @@ def draw_curves(records: list[dict], path: Path, title: str = "") -> Path:
         ax.text(0.5, 0.5, "no masks in this stage", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("policy masks (gallery images)")
 
-    lrs = axes[3].lines
-    if lrs and all(np.all(np.asarray(line.get_ydata()) > 0) for line in lrs):
+    lrs = [np.asarray(line.get_ydata(), dtype=float) for line in axes[3].lines]
+    if lrs and all(np.all(y > 0) for y in lrs) and max(y.max() / y.min() for y in lrs) > 1.01:
         axes[3].set_yscale("log")  # step decay reads as equal steps
     for ax in axes:
         ax.set_xlabel("step")
