@@ -7,9 +7,9 @@ import pytest
 
 from pgnm_fast import cli, config, provenance
 from pgnm_fast.atomic import atomic_open
-from pgnm_fast.checkpoint import save_checkpoint
 from pgnm_fast.models.resnet import MODEL_CFGS
 from pgnm_fast.names import MODELS
+from pgnm_fast.run_state import save_checkpoint
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
