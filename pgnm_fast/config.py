@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 from .names import IMPLS
+from .speed import check_flags
 
 STAGES = ("heated", "baseline", "finetune")
 
@@ -39,6 +40,8 @@ class TrainConfig:
     loader: str = "auto"             # data loading: auto (DALI if installed), dali, torch
     amp: bool = False
     graphs: bool = False
+    channels_last: bool | None = None  # NHWC model and batches; None: on for CUDA (speed.py)
+    compile: bool = False            # torch.compile of classifier and policy (speed.py)
     impl: str = "fast"               # mask step: fast (Triton / fused torch) or reference
     sync_bn: bool = True             # SyncBatchNorm when distributed (the authors' setting)
     seed: int = 0
@@ -81,6 +84,7 @@ class TrainConfig:
         if self.val_crop_size > self.val_resize_size:
             raise ConfigError(f"--val-crop-size {self.val_crop_size} exceeds --val-resize-size "
                               f"{self.val_resize_size}")
+        check_flags(self.compile, self.graphs)
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, not {self.channels}")
         return self

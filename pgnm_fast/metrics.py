@@ -13,8 +13,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy.special import softmax
-from sklearn import metrics as skm
 
 METRIC_KEYS = ("top1", "top5", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
                "roc_auc_ovo_macro", "n_images")
@@ -33,6 +31,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     Returns ``(metrics, absent)``: the dict with exactly :data:`METRIC_KEYS` (floats; the AUC is
     NaN when fewer than two classes are present) and the names of classes absent from ``labels``.
     """
+    from scipy.special import softmax  # lazily (with sklearn): the trainer imports this module
+    from sklearn import metrics as skm
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
@@ -78,6 +78,8 @@ def per_class_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.
 
 
 def _auc_ovo(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float:
+    from scipy.special import softmax
+    from sklearn import metrics as skm
     if len(present) < 2:
         return math.nan
     scores = softmax(logits[:, present], axis=1)  # renormalised over the present classes

@@ -36,6 +36,7 @@ from . import run_state
 from .provenance import run_record
 from .run_state import RunState, load_run_state
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
+from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
 
 
 @dataclasses.dataclass
@@ -158,6 +159,7 @@ class Parts:
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
     val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
+    channels_last: bool = False  # NHWC model and batches (speed.use_channels_last)
 
 
 def _build(run: Run, log) -> Parts:
@@ -165,25 +167,32 @@ def _build(run: Run, log) -> Parts:
     model = create_model(cfg.model, len(run.classes), in_chans=cfg.channels)
     if run.init_state is not None:
         _load_classifier(model, run.init_state, run.classes, log)
-    model.to(dev)
+    set_backends(dev)
+    layout = torch.channels_last if use_channels_last(cfg.channels_last, dev) else None
+    model.to(dev, memory_format=layout or torch.preserve_format)
     policy = masker = None
     if cfg.policy:
-        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model).to(dev)
+        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model).to(
+            dev, memory_format=layout or torch.preserve_format)
         masker = make_masker(cfg.impl, cfg.grid, cfg.train_crop_size,
                              seed=cfg.seed + 1000 * info.rank).to(dev)
+    if cfg.compile:
+        compile_modules([model, policy], dev, log)
     if info.distributed:
         model = _distribute(model, cfg, info)
         policy = _distribute(policy, cfg, info) if policy is not None else None
-    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, **sgd_kind(dev))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, **sgd)
     if policy is None:
-        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev))
+        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev),
+                     channels_last=layout is not None)
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None)
     val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
         cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
-    return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker)
+    return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker,
+                 channels_last=layout is not None)
 
 
 def _distribute(module, cfg, info):
@@ -210,7 +219,8 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
         optimizer.load_state_dict(saved)  # momentum buffers
         for group in optimizer.param_groups:
             group.pop("initial_lr", None)
-            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         **sgd_kind(run.info.device))  # this device's form, not the saved one
     if run.info.world_size == 1:
         torch.set_rng_state(s.rng)
     start_epoch = s.epoch + 1
@@ -225,7 +235,8 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, log=log)
+                  backend=cfg.loader, log=log,
+                  channels_last=use_channels_last(cfg.channels_last, info.device))
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
     static = cfg.graphs and _graphs_blocked(info) is None
@@ -302,7 +313,8 @@ def _train(run: Run, log, show_progress) -> Path:
         global_step, train_stats = train_one_epoch(
             step, train_loader, dev, epoch, global_step, cfg.print_freq,
             log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
-            show_progress=show_progress and info.is_main, log_line=log)
+            show_progress=show_progress and info.is_main, channels_last=parts.channels_last,
+            log_line=log)
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
@@ -409,7 +421,8 @@ def _validate(run: Run, model: torch.nn.Module, val_loader: BatchLoader | None,
     if val_loader is not None:
         scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
                          masker=masker, show_progress=show_progress and run.info.is_main,
-                         desc="validation")
+                         desc="validation",
+                         channels_last=use_channels_last(run.cfg.channels_last, run.info.device))
     gathered = gather_to_main(scored, run.info)
     if keep is not None and gathered is not None:
         keep.extend(gathered)

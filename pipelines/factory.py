@@ -73,7 +73,8 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                         resize_size: int = 256, channels: int = 1, workers: int = 2,
                         seed: int = 0, rank: int = 0, world_size: int = 1,
                         device: torch.device | str | None = None,
-                        mean: float = MEAN, std: float = STD) -> PlainLoader:
+                        mean: float = MEAN, std: float = STD,
+                        channels_last: bool = False) -> PlainLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
     sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
     seed gives the same batches as from the files)."""
@@ -81,7 +82,8 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                                                    resize_size=resize_size, channels=channels,
                                                    mean=mean, std=std))
     return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
-                        seed=seed, rank=rank, world_size=world_size, device=device)
+                        seed=seed, rank=rank, world_size=world_size, device=device,
+                        channels_last=channels_last)
 
 
 def _torchrun_rank(rank, world_size):
@@ -102,7 +104,8 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
-    ``channels_last``, ``static``: output form (DALI; the plain loader yields float32 NCHW).
+    ``channels_last``, ``static``: output form (DALI; the plain loader yields float32, NHWC
+    memory with ``channels_last``).
     """
     check.check_on_bad(on_bad_image)
     if not isinstance(data, Split):
@@ -142,4 +145,4 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                           else None, threads=max(1, workers), dtype=dtype,
                           channels_last=channels_last, static=static, scan=scan)
     build = build_cached_loader if packed else build_loader
-    return build(data, **common, workers=workers, device=device)
+    return build(data, **common, workers=workers, device=device, channels_last=channels_last)
