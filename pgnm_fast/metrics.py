@@ -67,6 +67,7 @@ def per_class_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.
     """Precision, recall, F1 and support of every class (0 where undefined, e.g. a class never
     predicted), and the confusion matrix (rows: true class, columns: predicted), both over all
     ``logits.shape[1]`` classes."""
+    from sklearn import metrics as skm  # lazily, as above
     classes = np.arange(np.asarray(logits).shape[1])
     pred = np.asarray(logits).argmax(axis=1)
     with warnings.catch_warnings():
