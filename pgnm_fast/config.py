@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .kernels import IMPLS
+from .names import IMPLS
 from .speed import check_flags
 
 STAGES = ("heated", "baseline", "finetune")
@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     print_freq: int = 20             # read device-side metrics every N steps
     average_last: int = 0            # also save the mean of the last N epochs' weights (docs/method.md §5)
+    tensorboard: bool = False        # also write TensorBoard event files into RUN/tensorboard
     synth_images: int = 2400         # size of the embedded default data set
     synth_size: int = 96
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .console import bar_fields, step_line
 from .errors import PgnmError
 from .objective import pgnm_loss
 
@@ -105,15 +106,21 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (images, ta
 def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch: int,
                     global_step: int, print_freq: int, log_step: Callable[[dict], None],
                     masker: torch.nn.Module | None = None, show_progress: bool = True,
-                    channels_last: bool = False) -> tuple[int, dict]:
+                    channels_last: bool = False, log_line: Callable[[str], None] | None = None,
+                    ) -> tuple[int, dict]:
     """Run one epoch; every ``print_freq`` steps read the device stats (one sync), check them and
-    the masker's non-finite flag, and hand a record to ``log_step``. Returns (global_step, record)."""
+    the masker's non-finite flag, and hand a record to ``log_step``; where no live bar is drawn
+    (output not a terminal) also print a step line through ``log_line``. Returns
+    (global_step, record)."""
     stats = torch.zeros(N_STATS, device=device)
     window = torch.zeros(N_STATS, device=device)
     bar = tqdm(total=len(loader) * loader.batch_size, unit="img", unit_scale=True, leave=False,
                desc=f"epoch {epoch}", disable=None if show_progress else True,  # None: TTY only
                mininterval=1.0)
+    lines = show_progress and bar.disable and log_line is not None
+    heated = masker is not None
     t_window, first = time.perf_counter(), global_step
+    t_start = t_window
     last = None
     for i, (images, target) in enumerate(loader):
         images = images.to(device, non_blocking=True)
@@ -126,7 +133,9 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
         if (i + 1) % print_freq == 0 or i + 1 == len(loader):
             last = _read_window(window, masker, epoch, first, global_step, time.perf_counter() - t_window)
             log_step(last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_top1']:.3f}")
+            bar.set_postfix(bar_fields(last, heated))
+            if lines:
+                log_line(step_line(last, i + 1, len(loader), time.perf_counter() - t_start, heated))
             stats += window
             window.zero_()
             t_window, first = time.perf_counter(), global_step
@@ -163,7 +172,7 @@ def predict(model: torch.nn.Module, loader: Iterable, device: torch.device, amp:
     every batch is masked with masks drawn from the unconditional Beta(exp A_a, exp A_b)."""
     model.eval()
     outputs, labels = [], []
-    for images, target in tqdm(loader, desc=desc, leave=False, mininterval=1.0,
+    for images, target in tqdm(loader, desc=desc, leave=False, mininterval=1.0, unit="batch",
                                disable=None if show_progress else True):
         images = images.to(device, non_blocking=True)
         if channels_last:

@@ -19,17 +19,21 @@ import torch
 
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
+from .console import epoch_lines, format_val, resume_hint
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
                           gather_to_main, init_distributed)
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
+from .evaluate import write_json_atomic
 from .graphs import GraphedStep
 from .kernels import make_masker
-from .metrics import classification_metrics, format_metrics, json_safe
+from .metrics import classification_metrics, json_safe
 from .models import PolicyNet, create_model
+from .observe import RunObserver
 from .pipelines import BatchLoader, make_loader
 from .pipelines.sources import open_source
 from . import run_state
+from .provenance import run_record
 from .run_state import RunState, load_run_state
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
@@ -47,6 +51,7 @@ class Run:
     out: Path
     resume_state: RunState | None = None
     init_state: RunState | None = None
+    init_from: str | None = None  # the checkpoint path of init_state
 
 
 def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
@@ -98,7 +103,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     if len(train_split) < cfg.batch_size * info.world_size:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
-    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state)
+    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state,
+               init_from)
 
 
 def _load_classifier(model, state: RunState, classes: list, log) -> None:
@@ -120,12 +126,21 @@ def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
               data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
               resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
               device: str | None = None, log: Callable[[str], None] = print,
-              show_progress: bool = True, keep_process_group: bool = False) -> Path:
+              show_progress: bool = True, keep_process_group: bool = False,
+              resume_hint_on_interrupt: bool = True) -> Path:
     """Train one stage; returns the run folder. Under torchrun the process group is taken down
-    at the end unless ``keep_process_group`` (several stages in one run: compare)."""
+    at the end unless ``keep_process_group`` (several stages in one run: compare). On Ctrl-C the
+    command that resumes is printed unless ``resume_hint_on_interrupt`` is False."""
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
     try:
         return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
+    except KeyboardInterrupt:
+        if run.info.is_main and resume_hint_on_interrupt:
+            last = run.out / "last.pt"
+            log(resume_hint(run.cfg.stage, last, run.init_from) if last.exists() else
+                "interrupted before the first epoch ended: nothing to resume")
+        cleanup(run.info)
+        raise
     except BaseException:
         cleanup(run.info)
         raise
@@ -275,15 +290,17 @@ def _train(run: Run, log, show_progress) -> Path:
             averager.load_state_dict(run.resume_state.averaged, log)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(
-            dict(dataclasses.asdict(cfg), data=str(run.data_root)), indent=2) + "\n")
+        write_json_atomic(dict(dataclasses.asdict(cfg), data=str(run.data_root),
+                               run_record=run_record()), run.out / "config.json")
     write = MetricsLog(run.out / "metrics.jsonl").write if info.is_main else (lambda record: None)
     log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
-        + f") on {dev}, {len(run.train_split)} train / {len(run.val_split)} val images from "
-          f"{run.data_root}, {cfg.epochs} epochs of batch {cfg.batch_size}"
+        + f") on {dev}, {cfg.epochs} epochs of batch {cfg.batch_size}"
         + (f" x {info.world_size}" if info.distributed else "")
-        + f", data through {train_loader.name} -> {run.out}")
+        + (f"\n  weights from {run.init_from}" if run.init_from else "")
+        + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "
+          f"{run.data_root} through {train_loader.name}\n  run folder: {run.out}")
+    observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 
     t0, images_seen = time.perf_counter(), 0
     progress = EpochProgress(best_f1)
@@ -296,12 +313,13 @@ def _train(run: Run, log, show_progress) -> Path:
         global_step, train_stats = train_one_epoch(
             step, train_loader, dev, epoch, global_step, cfg.print_freq,
             log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
-            show_progress=show_progress and info.is_main, channels_last=parts.channels_last)
+            show_progress=show_progress and info.is_main, channels_last=parts.channels_last,
+            log_line=log)
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
         end_epoch(run, parts, val_loader, averager, progress, epoch, global_step, train_stats,
-                  lrs, t_epoch, write, log)
+                  lrs, t_epoch, write, log, observer, show_progress)
         barrier(info)
     best_f1, best_epoch, last_val = progress.best_f1, progress.best_epoch, progress.last_val
 
@@ -310,7 +328,9 @@ def _train(run: Run, log, show_progress) -> Path:
         best = f"best val f1_macro {best_f1:.4f}" + (f" (epoch {best_epoch})" if best_epoch is not None else "")
         log(f"{cfg.stage} stage done: {cfg.epochs - start_epoch} epochs, {global_step} steps, "
             f"{images_seen / max(seconds, 1e-9):.0f} img/s, {best}, final val top1 "
-            f"{last_val['top1']:.4f} -> {run.out / 'best.pt'}")
+            f"{last_val['top1']:.4f}\n  -> {run.out / 'best.pt'}")
+    if observer is not None:
+        observer.close()
     return run.out
 
 
@@ -326,14 +346,19 @@ class EpochProgress:
 def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
               averager: LastEpochsAverage | None, progress: EpochProgress, epoch: int,
               global_step: int, train_stats: dict, lrs: dict, t_epoch: float,
-              write: Callable[[dict], None], log: Callable[[str], None]) -> None:
+              write: Callable[[dict], None], log: Callable[[str], None],
+              observer: RunObserver | None = None, show_progress: bool = False) -> None:
     """Everything after an epoch's training steps: validate (and the weight average after the
     last epoch), then on rank 0 save ``averaged.pt``, ``last.pt`` and ``best.pt``, log the epoch
     to ``metrics.jsonl`` and the console. ``lrs``: the epoch's learning rates; ``t_epoch``: when
-    its training started (``time.perf_counter``)."""
+    its training started (``time.perf_counter``). ``observer``: rank 0's pictures and tables
+    (:mod:`pgnm_fast.observe`)."""
     cfg, info = run.cfg, run.info
     broadcast_buffers(unwrap(parts.model), info)
-    last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker)
+    t_val, val_scores = time.perf_counter(), []
+    last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker,
+                         keep=val_scores, show_progress=show_progress)
+    t_val = time.perf_counter() - t_val
     progress.last_val = last_val
     averaged_val = None
     if averager is not None:
@@ -352,13 +377,14 @@ def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
         if averaged_val is not None:  # before last.pt: a crash between can resume
             write(_save_average(run, averager, parts, averaged_val, state, log))
     save_epoch_states(state, run.out, improved)
-    write(dict(kind="epoch", epoch=epoch, step=global_step,
-               seconds=time.perf_counter() - t_epoch, **lrs,
+    seconds = time.perf_counter() - t_epoch
+    write(dict(kind="epoch", epoch=epoch, step=global_step, seconds=seconds, **lrs,
                **{k if k.startswith("train_") else f"train_{k}": v for k, v in train_stats.items()},
                val=json_safe(last_val)))
-    mask_note = " (unconditional masks)" if parts.policy is not None else ""
-    log(f"epoch {epoch}: loss {train_stats['loss']:.4f} train_top1 "
-        f"{train_stats['train_top1']:.4f} | val{mask_note} {format_metrics(last_val)}")
+    log(epoch_lines(epoch, cfg.epochs, train_stats, last_val, lrs["lr"], seconds, t_val,
+                    heated=parts.policy is not None))
+    if observer is not None:
+        observer.end_epoch(epoch, global_step, parts.policy, val_loader, val_scores, improved)
 
 
 def save_epoch_states(state: RunState, out: Path, improved: bool) -> None:
@@ -386,16 +412,20 @@ def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
 
 
 def _validate(run: Run, model: torch.nn.Module, val_loader: BatchLoader | None,
-              policy: torch.nn.Module | None = None,
-              masker: torch.nn.Module | None = None) -> dict | None:
+              policy: torch.nn.Module | None = None, masker: torch.nn.Module | None = None,
+              keep: list | None = None, show_progress: bool = False) -> dict | None:
     """Validation metrics of ``model`` on rank 0 (None on the others): every process with a
-    loader scores its shard, rank 0 gathers the logits (see ``_loaders``)."""
+    loader scores its shard, rank 0 gathers the logits (see ``_loaders``) and appends
+    (logits, labels) to the list ``keep`` if given."""
     scored = None
     if val_loader is not None:
         scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
-                         masker=masker,
+                         masker=masker, show_progress=show_progress and run.info.is_main,
+                         desc="validation",
                          channels_last=use_channels_last(run.cfg.channels_last, run.info.device))
     gathered = gather_to_main(scored, run.info)
+    if keep is not None and gathered is not None:
+        keep.extend(gathered)
     return classification_metrics(*gathered, run.classes)[0] if gathered is not None else None
 
 
@@ -408,7 +438,7 @@ def _save_average(run: Run, averager: LastEpochsAverage, parts: Parts, metrics: 
                                        averaged_epochs=averager.epochs,
                                        val_metrics=json_safe(metrics)), path)
     log(f"averaged the weights of epochs {', '.join(map(str, averager.epochs))}: val "
-        f"{format_metrics(metrics)} -> {path}")
+        f"{format_val(metrics)}\n  -> {path}")
     return dict(kind="averaged", epochs=averager.epochs, val=json_safe(metrics))
 
 
