@@ -29,6 +29,8 @@ from .models import PolicyNet, create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
+from .weights import (STEM_LR_SCALE, Weights, build_optimizer, fit_classifier, fit_policy,
+                      param_groups, read_weights, reset_hyperparameters, resolve_model)
 
 
 @dataclasses.dataclass
@@ -42,7 +44,7 @@ class Run:
     val_split: object
     out: Path
     resume_state: dict | None = None
-    init_state: dict | None = None
+    init: Weights | None = None  # --initial-checkpoint / --from
 
 
 def resolve_data(data, states, cfg: TrainConfig, log) -> Path:
@@ -59,20 +61,19 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
                 init_from=None, device=None, log=print) -> Run:
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     resume_state = ckpt_io.load_checkpoint(resume) if resume else None
-    init_state = ckpt_io.load_checkpoint(init_from) if init_from else None
+    init = read_weights(init_from) if init_from else None  # any form (pgnm_fast.weights)
     if resume_state is not None:
         if resume_state["stage"] != stage:
             raise ConfigError(f"--resume {resume} is a {resume_state['stage']} checkpoint, not {stage}")
         cfg = config_from_dict(resume_state["config"]).replace(**overrides).check()
     else:
-        if init_state is not None:
-            if overrides.get("model", init_state["model_name"]) != init_state["model_name"]:
-                raise ConfigError(f"--model {overrides['model']} differs from the checkpoint's "
-                                  f"{init_state['model_name']} in {init_from}")
-            overrides["model"] = init_state["model_name"]
+        if init is not None:
+            overrides["model"] = resolve_model(init, overrides.get("model"))
+            if init.in_chans == 3 and overrides.get("channels", 1) == 1:
+                overrides.setdefault("stem_lr_scale", STEM_LR_SCALE)
         cfg = make_config(stage, preset, **overrides)
     info = init_distributed(device)
-    data_root = resolve_data(data, (resume_state, init_state), cfg, log)
+    data_root = resolve_data(data, (resume_state, init and init.checkpoint), cfg, log)
     source = open_source(data_root)
     train_split = source.split("train")
     if "val" not in source.splits:
@@ -89,22 +90,7 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
     if len(train_split) < cfg.batch_size * info.world_size:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
-    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state)
-
-
-def _load_classifier(model, state: dict, classes: list, log) -> None:
-    """Weights of a previous stage into the classifier; a new head when the classes differ."""
-    weights = state["model"]
-    if list(state["classes"]) != list(classes):
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.startswith("fc.") for k in missing):
-            raise ConfigError(f"checkpoint weights do not fit {state['model_name']}: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        log(f"classes differ from the checkpoint's ({len(state['classes'])} -> {len(classes)}): "
-            f"new classifier head, trunk loaded")
-    else:
-        model.load_state_dict(weights)
+    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init)
 
 
 def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
@@ -138,24 +124,29 @@ class Parts:
 def _build(run: Run, log) -> Parts:
     cfg, info, dev = run.cfg, run.info, run.info.device
     model = create_model(cfg.model, len(run.classes), in_chans=cfg.channels)
-    if run.init_state is not None:
-        _load_classifier(model, run.init_state, run.classes, log)
+    if run.init is not None:
+        fit_classifier(model, run.init, cfg.model, run.classes, log)
     model.to(dev)
     policy = masker = None
     if cfg.policy:
-        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model).to(dev)
+        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model)
+        if run.init is not None and run.init.policy is not None:
+            fit_policy(policy, run.init, log)
+        policy.to(dev)
         masker = make_masker(cfg.impl, cfg.grid, cfg.train_crop_size,
                              seed=cfg.seed + 1000 * info.rank).to(dev)
     if info.distributed:
         model = _distribute(model, cfg, info)
         policy = _distribute(policy, cfg, info) if policy is not None else None
-    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, **sgd)
+    optimizer = build_optimizer(param_groups(unwrap(model), cfg.stem_lr_scale, cfg.weight_decay),
+                                cfg, cfg.lr, capturable=cfg.graphs and dev.type == "cuda")
+    loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm)
     if policy is None:
-        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev))
+        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss))
+    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)  # the policy: SGD (§5)
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
-                      ema_sync=all_reduce_mean if info.distributed else None)
+                      ema_sync=all_reduce_mean if info.distributed else None, **loss)
     val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
         cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
     return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker)
@@ -183,9 +174,7 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
         pairs.append((parts.policy_optimizer, "policy_optimizer", cfg.effective_policy_lr()))
     for optimizer, key, lr in pairs:
         optimizer.load_state_dict(s[key])  # momentum buffers
-        for group in optimizer.param_groups:
-            group.pop("initial_lr", None)
-            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        reset_hyperparameters(optimizer, lr, cfg)
     if run.info.world_size == 1:
         torch.set_rng_state(s["rng"])
     start_epoch = s["epoch"] + 1
@@ -200,12 +189,13 @@ def _loaders(run: Run, log=print):
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, log=log)
+                  backend=cfg.loader, log=log, **cfg.normalisation())
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
     static = cfg.graphs and _graphs_blocked(info) is None
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
-                        rank=info.rank, world_size=info.world_size, static=static, **common)
+                        rank=info.rank, world_size=info.world_size, static=static,
+                        class_balanced=cfg.class_balanced, **common)
     # validation: every process scores its shard (each image once); a split smaller than the
     # number of processes is scored by rank 0 alone (val is None on the others)
     shards = info.world_size if len(run.val_split) >= info.world_size else 1

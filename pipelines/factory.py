@@ -69,7 +69,8 @@ class CachedDataset(Dataset):
 def build_cached_loader(split, *, train: bool, batch_size: int, crop_size: int = 224,
                         resize_size: int = 256, channels: int = 1, workers: int = 2,
                         seed: int = 0, rank: int = 0, world_size: int = 1, device=None,
-                        mean: float = MEAN, std: float = STD) -> DataLoader:
+                        mean: float = MEAN, std: float = STD,
+                        class_balanced: bool = False) -> DataLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
     sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
     seed gives the same batches as from the files)."""
@@ -77,7 +78,8 @@ def build_cached_loader(split, *, train: bool, batch_size: int, crop_size: int =
                                                    resize_size=resize_size, channels=channels,
                                                    mean=mean, std=std))
     return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
-                        seed=seed, rank=rank, world_size=world_size, device=device)
+                        seed=seed, rank=rank, world_size=world_size, device=device,
+                        class_balanced=class_balanced)
 
 
 def _torchrun_rank(rank, world_size):
@@ -93,11 +95,14 @@ def make_loader(data, *, train: bool, batch_size: int, split: str | None = None,
                 workers: int = 2, seed: int = 0, rank: int | None = None,
                 world_size: int | None = None, device=None, backend: str = "auto",
                 dtype=torch.float32, channels_last: bool = False, static: bool = False,
-                on_bad_image: str = "error", bad_list=None, log=print):
+                on_bad_image: str = "error", bad_list=None, log=print, mean: float = MEAN,
+                std: float = STD, class_balanced: bool = False):
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
     ``channels_last``, ``static``: output form (DALI; the plain loader yields float32 NCHW).
+    ``mean``, ``std``: normalisation (RadImageNet's by default). ``class_balanced``: train
+    order drawn with weight 1 / class count (:class:`~pgnm_fast.pipelines.loader.ClassBalancedSampler`).
     """
     check.check_on_bad(on_bad_image)
     if not isinstance(data, Split):
@@ -129,7 +134,8 @@ def make_loader(data, *, train: bool, batch_size: int, split: str | None = None,
                                     scan.nbytes[keep])
     common = dict(train=train, batch_size=batch_size, crop_size=crop_size,
                   resize_size=resize_size, channels=channels, seed=seed, rank=rank,
-                  world_size=world_size)
+                  world_size=world_size, mean=mean, std=std,
+                  class_balanced=class_balanced and train)
     if kind == "dali":
         from .dali import DaliLoader
         dev = torch.device(device) if device is not None else None
