@@ -103,9 +103,9 @@ def training_options(f):
     return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
 
 
-INIT_HELP = ("Initial weights: a pgnm-fast checkpoint, a state dict (.pth, .safetensors), a "
-             "timm / Hugging Face model folder or the authors' checkpoint. A head of another "
-             "class count is replaced.")
+WEIGHT_FORMS = ("a pgnm-fast checkpoint, a state dict (.pth, .safetensors), a timm / Hugging "
+                "Face model folder or the authors' checkpoint")
+INIT_HELP = WEIGHT_FORMS + "; a head of another class count is replaced."
 
 
 def _split(kwargs):
@@ -122,7 +122,7 @@ def _split(kwargs):
 @click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")
 @click.option("--resume", type=str, default=None, help="Continue a run from its last.pt.")
 @click.option("--initial-checkpoint", "init_from", type=str, default=None, metavar="PATH",
-              help=INIT_HELP)
+              help="Initial weights: " + INIT_HELP)
 def train(no_policy, resume, init_from, **kwargs):
     """Heated stage (policy + noise masks), or with --no-policy the baseline."""
     from .stages import run_stage
@@ -133,7 +133,8 @@ def train(no_policy, resume, init_from, **kwargs):
 
 @main.command()
 @click.option("--from", "--initial-checkpoint", "init_from", type=str, required=True,
-              metavar="PATH", help="The heated (or baseline) stage's checkpoint; " + INIT_HELP)
+              metavar="PATH", help="The heated (or baseline) stage's checkpoint, or other "
+                                   "initial weights: " + INIT_HELP)
 @training_options
 @click.option("--resume", type=str, default=None, help="Continue a fine-tune run from its last.pt.")
 def finetune(init_from, resume, **kwargs):
@@ -145,7 +146,7 @@ def finetune(init_from, resume, **kwargs):
 
 
 @main.command("eval")
-@click.option("--checkpoint", type=str, required=True, help=INIT_HELP.split(". A head")[0] + ".")
+@click.option("--checkpoint", type=str, required=True, help="Weights to score: " + WEIGHT_FORMS + ".")
 @click.option("--model", type=click.Choice(model_names()), default=None,
               help="Architecture of a state dict that does not name one.")
 @click.option("--data", type=str, default=None, help="Default: the data the checkpoint was trained on.")

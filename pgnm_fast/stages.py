@@ -69,6 +69,11 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
     else:
         if init is not None:
             overrides["model"] = resolve_model(init, overrides.get("model"))
+            if init.checkpoint is not None:  # a pgnm-fast run's input form carries over
+                overrides.setdefault("channels", init.checkpoint.get("in_chans", 1))
+                for key in ("mean", "std"):
+                    if init.checkpoint["config"].get(key) is not None:
+                        overrides.setdefault(key, init.checkpoint["config"][key])
             if init.in_chans == 3 and overrides.get("channels", 1) == 1:
                 overrides.setdefault("stem_lr_scale", STEM_LR_SCALE)
         cfg = make_config(stage, preset, **overrides)

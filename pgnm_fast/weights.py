@@ -186,7 +186,7 @@ def _read_folder(path: Path) -> Weights:
     state = _safetensors_load(weights) if weights.suffix == SAFETENSORS else _torch_load(weights)
     if not _is_state_dict(state):
         raise CheckpointError(f"{weights} is not a state dict")
-    name = meta.get("architecture")
+    name = str(meta.get("architecture", "")).split(".")[0]  # "resnet50.a1_in1k" -> resnet50
     labels = meta.get("label_names") or meta.get("pretrained_cfg", {}).get("label_names")
     return _from_state_dict(path, state, "timm folder", name if name in model_names() else None,
                             list(labels) if isinstance(labels, (list, tuple)) else None, meta)

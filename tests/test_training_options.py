@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgnm_fast.engine import PlainStep, clip_gradients
 from pgnm_fast.config import make_config
+from pgnm_fast.engine import PlainStep, clip_gradients
 from pgnm_fast.errors import ConfigError
 from pgnm_fast.pipelines import MEAN, STD, make_loader
 from pgnm_fast.pipelines.loader import ClassBalancedSampler, EpochSampler

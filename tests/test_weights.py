@@ -15,7 +15,7 @@ from pgnm_fast.config import make_config
 from pgnm_fast.errors import CheckpointError
 from pgnm_fast.models import PolicyNet, convert_to_grey, create_model
 from pgnm_fast.synth import make_synthetic
-from pgnm_fast.weights import (build_optimizer, export, fit_classifier, guess_model, param_groups,
+from pgnm_fast.weights import (build_optimizer, fit_classifier, guess_model, param_groups,
                                read_weights)
 
 SMALL = ["--epochs", "1", "-b", "16", "--train-crop-size", "32", "--val-resize-size", "36",
