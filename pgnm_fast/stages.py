@@ -148,7 +148,8 @@ def _build(run: Run, log) -> Parts:
     loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm)
     if policy is None:
         return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss))
-    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)  # the policy: SGD (§5)
+    # the policy always trains with SGD (docs/method.md §5)
+    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None, **loss)

@@ -105,7 +105,8 @@ def _torch_load(path: Path):
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
             KeyError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a checkpoint or is truncated ({reason[:120]})") from None
+        raise CheckpointError(f"{path} is not a checkpoint or is truncated "
+                              f"({reason[:120]})") from None
 
 
 def _safetensors_load(path: Path) -> dict:
@@ -287,11 +288,13 @@ def fit_policy(policy, w: Weights, log) -> None:
     key = f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight"
     if key in state and state[key].shape[1] != policy.state_dict()[key].shape[1]:
         state = convert_to_grey(state, "policy")
-    try:
-        policy.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"the policy in {w.path} does not fit this run's policy "
-                              f"({str(e).splitlines()[1].strip()[:160] if len(str(e).splitlines()) > 1 else e})") from None
+    ours = policy.state_dict()
+    wrong = [k for k in ours if k not in state or state[k].shape != ours[k].shape]
+    if wrong or set(state) - set(ours):
+        raise CheckpointError(f"the policy in {w.path} does not fit this run's policy (--grid "
+                              f"{policy.grid}, resnet10t trunk): first mismatched keys "
+                              f"{(wrong or sorted(set(state) - set(ours)))[:3]}")
+    policy.load_state_dict(state)
     log(f"policy and its base buffers loaded from {w.path}")
 
 
