@@ -126,7 +126,7 @@ def _is_state_dict(obj) -> bool:
 
 def read_weights(path) -> Weights:
     """The classifier (and policy) weights in ``path``, in any form of the module docstring."""
-    from .checkpoint import FORMAT, load_checkpoint
+    from .run_state import FORMAT, load_checkpoint
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")

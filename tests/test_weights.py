@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from pgnm_fast.checkpoint import load_checkpoint, save_checkpoint
+from pgnm_fast.run_state import load_checkpoint, save_checkpoint
 from pgnm_fast.cli import main
 from pgnm_fast.config import make_config
 from pgnm_fast.errors import CheckpointError
