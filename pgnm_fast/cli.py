@@ -1,4 +1,5 @@
-"""`pgnm-fast`: train (heated or baseline), finetune, eval, compare, synth, pack, validate.
+"""`pgnm-fast`: train (heated or baseline), finetune, eval, compare, transfer, synth, pack,
+validate.
 
 Flag names follow torchvision's classification reference scripts where they apply. A user mistake
 (missing data, bad checkpoint, unknown model, ...) prints one ``Error:`` line and exits non-zero.
@@ -66,11 +67,17 @@ def training_options(f):
         click.option("--val-crop-size", type=int, default=None),
         click.option("-j", "--workers", type=int, default=None,
                      help="Data-loading processes (plain loader) or DALI CPU threads."),
-        click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default=None,
-                     help="Data loading: DALI (GPU or CPU-only), the plain PyTorch loader, or "
-                          "auto: DALI where it is installed."),
+        click.option("--loader", type=click.Choice(["auto", "device", "dali", "torch"]),
+                     default=None,
+                     help="Data loading: a packed cache held in device memory (device), DALI "
+                          "(GPU or CPU-only), the plain PyTorch loader, or auto: device for a "
+                          "packed cache that fits on the GPU, else DALI where it is installed."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast (CUDA or CPU)."),
         click.option("--graphs/--no-graphs", default=None, help="CUDA-graph-captured step (GPU)."),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="NHWC model and batches (default: on for CUDA, off on the CPU)."),
+        click.option("--compile", "--torchcompile", "compile", is_flag=True, default=None,
+                     help="torch.compile the classifier and policy (not with --graphs)."),
         click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under torchrun."),
         click.option("--seed", type=int, default=None),
         click.option("--print-freq", type=int, default=None, help="Log every N steps."),
@@ -175,11 +182,16 @@ def evaluate(checkpoint, model, data, split, json_path, batch_size, workers, amp
 @click.option("--size", type=int, default=96, show_default=True, help="Image side in pixels.")
 @click.option("--layout", type=click.Choice(["radimagenet", "folders"]), default="radimagenet",
               show_default=True)
-def synth(out, images, seed, size, layout):
+@click.option("--concepts", type=click.Choice(["default", "unseen"]), default="default",
+              show_default=True,
+              help="unseen: 5 classes absent from the default set (new lesion kinds and places), "
+                   "a downstream set for `pgnm-fast transfer`.")
+def synth(out, images, seed, size, layout, concepts):
     """Write a synthetic RadImageNet-like data set (CT/MR/US-like images, CSV splits)."""
     from .synth import make_synthetic
-    root = make_synthetic(out, images=images, seed=seed, size=size, layout=layout)
-    click.echo(f"wrote {images} synthetic images ({layout} layout) to {root}")
+    root = make_synthetic(out, images=images, seed=seed, size=size, layout=layout,
+                          concepts=concepts)
+    click.echo(f"wrote {images} synthetic images ({layout} layout, {concepts} concepts) to {root}")
 
 
 @main.command()
@@ -223,26 +235,76 @@ def pack(data, out, verify_path, on_bad_image, channels, workers):
 @click.option("--finetune-epochs", type=int, default=None)
 @click.option("-b", "--batch-size", type=int, default=None, help="Images per process.")
 @click.option("-j", "--workers", type=int, default=None)
-@click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default=None)
+@click.option("--loader", type=click.Choice(["auto", "device", "dali", "torch"]), default=None)
 @click.option("--amp/--no-amp", default=None)
 @click.option("--graphs/--no-graphs", default=None)
 @click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")
 @click.option("--grid", type=int, default=None, help="Mask grid G.")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="First seed; seed s sets data order, masks and initialisation.")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="Seeds per arm (--seed, --seed + 1, ...); run again with more to add seeds.")
+@click.option("--finetune-from", type=click.Choice(["last", "best"]), default="last",
+              show_default=True,
+              help="Fine-tune from the heated stage's last epoch (the authors' protocol) or its "
+                   "best.pt (picked on masked validation).")
+@click.option("--match-budget", is_flag=True,
+              help="Train the baseline as many epochs in all as heated + fine-tune.")
 @click.option("--resamples", type=int, default=1000, show_default=True,
-              help="Paired bootstrap resamples of the test images.")
+              help="Bootstrap resamples of the test images.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 def compare(data, out, preset, model, epochs, finetune_epochs, batch_size, workers, loader, amp,
-            graphs, impl, grid, seed, resamples, device):
-    """Does PGNM beat plain training here? Heated + fine-tune vs baseline, paired on the test split."""
+            graphs, impl, grid, seed, seeds, finetune_from, match_budget, resamples, device):
+    """Does PGNM beat plain training here? Heated + fine-tune vs baseline over seeds, paired on
+    the test split, with 95% intervals over seeds and test images."""
     from .compare import compare as run_compare
-    shared = dict(batch_size=batch_size, workers=workers, loader=loader, amp=amp, graphs=graphs,
-                  seed=seed)
+    shared = dict(batch_size=batch_size, workers=workers, loader=loader, amp=amp, graphs=graphs)
     run_compare(data, out, preset, overrides=dict(shared, model=model, epochs=epochs, impl=impl,
                                                   grid=grid),
                 finetune_overrides=dict(shared, epochs=finetune_epochs), device=device,
-                resamples=resamples, seed=seed or 0, log=click.echo)
+                resamples=resamples, seed=seed, seeds=seeds, finetune_from=finetune_from,
+                match_budget=match_budget, log=click.echo)
+
+
+@main.command()
+@click.option("--from", "froms", type=str, multiple=True, required=True,
+              help="Starting checkpoint (repeat the flag for each), e.g. compare's "
+                   "seed-0/finetune/best.pt and seed-0/baseline/best.pt.")
+@click.option("--label", "labels", type=str, multiple=True,
+              help="A name per --from, in order (default: the checkpoint's folder).")
+@click.option("--data", type=str, required=True,
+              help="Downstream data set with train and test splits (any layout train reads).")
+@click.option("--shots", type=str, default="16,32,64,128,256", show_default=True,
+              help="Training images in all (class-stratified), comma-separated.")
+@click.option("--repeats", type=int, default=5, show_default=True,
+              help="Subsets drawn per n (seeded; the same for every checkpoint).")
+@click.option("--out", type=str, default=None,
+              help="Folder for transfer.json and transfer.png (default runs/transfer-<time>).")
+@click.option("--probe", is_flag=True,
+              help="Train only the new head, BatchNorm frozen (else the whole network).")
+@click.option("--steps", type=int, default=100, show_default=True, help="SGD steps per run.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate, cosine to 0 (default 0.01; 0.1 with --probe).")
+@click.option("-b", "--batch-size", type=int, default=32, show_default=True,
+              help="Images per step (at most n).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-j", "--workers", type=int, default=2, show_default=True,
+              help="Loader processes for the test split (read once).")
+@click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default="auto",
+              show_default=True, help="Loader of the test split.")
+@click.option("--amp/--no-amp", default=False)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+def transfer(froms, labels, data, shots, repeats, out, probe, steps, lr, batch_size, seed,
+             workers, loader, amp, device):
+    """Few-shot transfer: fine-tune each checkpoint on n images of a downstream set, score the
+    test split; F1 against n with 95% intervals over repeats."""
+    from .transfer import parse_shots
+    from .transfer import transfer as run_transfer
+    run_transfer(froms, data, parse_shots(shots), repeats=repeats, out=out, probe=probe,
+                 steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels,
+                 workers=workers, loader=loader, amp=amp, device=device, log=click.echo)
 
 
 @main.command()

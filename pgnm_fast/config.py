@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 from .kernels import IMPLS
+from .speed import check_flags
 
 STAGES = ("heated", "baseline", "finetune")
 OPTIMIZERS = ("sgd", "adamw")
@@ -37,9 +38,11 @@ class TrainConfig:
     val_crop_size: int = 224
     channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
     workers: int = 8
-    loader: str = "auto"             # data loading: auto (DALI if installed), dali, torch
+    loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
     amp: bool = False
     graphs: bool = False
+    channels_last: bool | None = None  # NHWC model and batches; None: on for CUDA (speed.py)
+    compile: bool = False            # torch.compile of classifier and policy (speed.py)
     impl: str = "fast"               # mask step: fast (Triton / fused torch) or reference
     sync_bn: bool = True             # SyncBatchNorm when distributed (the authors' setting)
     seed: int = 0
@@ -94,6 +97,7 @@ class TrainConfig:
         if self.val_crop_size > self.val_resize_size:
             raise ConfigError(f"--val-crop-size {self.val_crop_size} exceeds --val-resize-size "
                               f"{self.val_resize_size}")
+        check_flags(self.compile, self.graphs)
         if self.channels not in (1, 3):
             raise ConfigError(f"--in-chans must be 1 or 3, not {self.channels}")
         if self.opt not in OPTIMIZERS:

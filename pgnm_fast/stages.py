@@ -32,6 +32,7 @@ from .pipelines.sources import open_source
 from . import run_state
 from .run_state import RunState, load_run_state
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
+from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
 from .weights import (STEM_LR_SCALE, Weights, build_optimizer, fit_classifier, fit_policy,
                       param_groups, read_weights, reset_hyperparameters, resolve_model)
 
@@ -136,6 +137,7 @@ class Parts:
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
     val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
+    channels_last: bool = False  # NHWC model and batches (speed.use_channels_last)
 
 
 def _build(run: Run, log) -> Parts:
@@ -143,31 +145,37 @@ def _build(run: Run, log) -> Parts:
     model = create_model(cfg.model, len(run.classes), in_chans=cfg.channels)
     if run.init is not None:
         fit_classifier(model, run.init, cfg.model, run.classes, log)
-    model.to(dev)
+    set_backends(dev)
+    layout = torch.channels_last if use_channels_last(cfg.channels_last, dev) else None
+    model.to(dev, memory_format=layout or torch.preserve_format)
     policy = masker = None
     if cfg.policy:
         policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model)
         if run.init is not None and run.init.policy is not None:
             fit_policy(policy, run.init, log)
-        policy.to(dev)
+        policy.to(dev, memory_format=layout or torch.preserve_format)
         masker = make_masker(cfg.impl, cfg.grid, cfg.train_crop_size,
                              seed=cfg.seed + 1000 * info.rank).to(dev)
+    if cfg.compile:
+        compile_modules([model, policy], dev, log)
     if info.distributed:
         model = _distribute(model, cfg, info)
         policy = _distribute(policy, cfg, info) if policy is not None else None
     optimizer = build_optimizer(param_groups(unwrap(model), cfg.stem_lr_scale, cfg.weight_decay),
-                                cfg, cfg.lr, capturable=cfg.graphs and dev.type == "cuda")
+                                cfg, cfg.lr, dev, capturable=cfg.graphs and dev.type == "cuda")
     loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm)
     if policy is None:
-        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss))
+        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss),
+                     channels_last=layout is not None)
     # the policy always trains with SGD (docs/method.md §5)
-    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, **sgd_kind(dev))
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None, **loss)
     val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
         cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
-    return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker)
+    return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker,
+                 channels_last=layout is not None)
 
 
 def _distribute(module, cfg, info):
@@ -192,7 +200,7 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
         pairs.append((parts.policy_optimizer, s.policy_optimizer, cfg.effective_policy_lr()))
     for optimizer, saved, lr in pairs:
         optimizer.load_state_dict(saved)  # momentum buffers
-        reset_hyperparameters(optimizer, lr, cfg)
+        reset_hyperparameters(optimizer, lr, cfg, run.info.device)
     if run.info.world_size == 1:
         torch.set_rng_state(s.rng)
     start_epoch = s.epoch + 1
@@ -207,7 +215,8 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, log=log, **cfg.normalisation())
+                  backend=cfg.loader, log=log, **cfg.normalisation(),
+                  channels_last=use_channels_last(cfg.channels_last, info.device))
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
     static = cfg.graphs and _graphs_blocked(info) is None
@@ -239,9 +248,9 @@ def _graphed(parts: Parts, train_loader: BatchLoader, run: Run, log):
         log(why_not)
         return parts.step
     optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
-    static = train_loader.static  # DALI fills the same two tensors
+    static = train_loader.static  # DALI / device fill the same two tensors
     log("--graphs: the step is captured as a CUDA graph after 3 eager steps"
-        + (", reading DALI's static batch buffers" if static else ""))
+        + (", reading the loader's static batch buffers" if static else ""))
     return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static, log=log)
 
 
@@ -283,7 +292,7 @@ def _train(run: Run, log, show_progress) -> Path:
         global_step, train_stats = train_one_epoch(
             step, train_loader, dev, epoch, global_step, cfg.print_freq,
             log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
-            show_progress=show_progress and info.is_main)
+            show_progress=show_progress and info.is_main, channels_last=parts.channels_last)
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
@@ -380,7 +389,8 @@ def _validate(run: Run, model: torch.nn.Module, val_loader: BatchLoader | None,
     scored = None
     if val_loader is not None:
         scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
-                         masker=masker)
+                         masker=masker,
+                         channels_last=use_channels_last(run.cfg.channels_last, run.info.device))
     gathered = gather_to_main(scored, run.info)
     return classification_metrics(*gathered, run.classes)[0] if gathered is not None else None
 

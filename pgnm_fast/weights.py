@@ -38,6 +38,7 @@ from .atomic import atomic_open
 from .errors import CheckpointError, ConfigError
 from .models import POLICY_TRUNK_PREFIX, convert_to_grey, create_model, model_names
 from .models.resnet import FIRST_CONV
+from .speed import sgd_kind
 
 PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 SAFETENSORS = ".safetensors"
@@ -312,26 +313,29 @@ def param_groups(model, stem_lr_scale: float, weight_decay: float) -> list[dict]
                  weight_decay=weight_decay / stem_lr_scale)]
 
 
-def build_optimizer(params, cfg, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
-    """``--opt sgd`` (momentum, coupled weight decay, the paper's) or ``adamw``. Each group's
-    lr is ``lr * lr_scale``. ``capturable``: AdamW's step counters stay on the device, as CUDA
-    graph capture requires (SGD needs nothing)."""
+def build_optimizer(params, cfg, lr: float, device: torch.device,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """``--opt sgd`` (momentum, coupled weight decay, the paper's; fused on CUDA, foreach
+    elsewhere) or ``adamw``. Each group's lr is ``lr * lr_scale``. ``capturable``: AdamW's step
+    counters stay on the device, as CUDA graph capture requires (SGD needs nothing)."""
     groups = [dict(g, lr=lr * g.get("lr_scale", 1.0)) for g in params]
     if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               **sgd_kind(device))
     if cfg.opt == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay,
                                  capturable=capturable)
     raise ConfigError(f"--opt must be sgd or adamw, not {cfg.opt!r}")
 
 
-def reset_hyperparameters(optimizer, lr: float, cfg) -> None:
+def reset_hyperparameters(optimizer, lr: float, cfg, device: torch.device) -> None:
     """After loading an optimiser's state on resume: the config's lr, momentum and weight decay,
-    each group scaled by its ``lr_scale``."""
+    each group scaled by its ``lr_scale``, and SGD's form for this device (not the saved one)."""
+    kind = sgd_kind(device) if isinstance(optimizer, torch.optim.SGD) else {}
     for group in optimizer.param_groups:
         group.pop("initial_lr", None)
         s = group.get("lr_scale", 1.0)
-        group.update(lr=lr * s, weight_decay=cfg.weight_decay / s)
+        group.update(lr=lr * s, weight_decay=cfg.weight_decay / s, **kind)
         if "momentum" in group:
             group["momentum"] = cfg.momentum
 

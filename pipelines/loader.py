@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from pgnm_fast.errors import DataError
 
@@ -127,18 +127,21 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
                  resize_size: int = 256, channels: int = 1, workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
                  device: torch.device | str | None = None, mean: float = MEAN,
-                 std: float = STD, class_balanced: bool = False) -> PlainLoader:
+                 std: float = STD, class_balanced: bool = False,
+                 channels_last: bool = False) -> PlainLoader:
     """A DataLoader over ``split`` (module docstring for sampling and seeding).
 
     ``device``: where the batches will go; a CUDA device turns on pinned memory (the loader
     itself yields CPU tensors). ``drop_last``: None means True for train, False for eval.
+    ``channels_last``: the workers hand NHWC batches (the step then needs no copy).
     """
     transform = build_transform(train, crop_size=crop_size, resize_size=resize_size,
                                 channels=channels, mean=mean, std=std)
     return batch_loader(ImageDataset(split, transform), split.name, train=train,
                         batch_size=batch_size, workers=workers, seed=seed, rank=rank,
                         world_size=world_size, drop_last=drop_last, device=device,
-                        class_balanced=class_balanced)
+                        class_balanced=class_balanced,
+                        channels_last=channels_last)
 
 
 class PlainLoader(DataLoader):
@@ -159,7 +162,8 @@ class PlainLoader(DataLoader):
 def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
                  rank: int, world_size: int, drop_last: bool | None = None,
                  device: torch.device | str | None = None,
-                 class_balanced: bool = False) -> PlainLoader:
+                 class_balanced: bool = False,
+                 channels_last: bool = False) -> PlainLoader:
     """Sampling, seeding and batching of a map-style dataset (module docstring), shared by the
     PNG files and the packed cache, so both give the same batches for the same seed."""
     if not 0 <= rank < world_size:
@@ -176,4 +180,11 @@ def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, w
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     return PlainLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=train if drop_last is None else drop_last, pin_memory=pin,
-                      persistent_workers=workers > 0, generator=generator)
+                      persistent_workers=workers > 0, generator=generator,
+                      collate_fn=collate_channels_last if channels_last else None)
+
+
+def collate_channels_last(batch):
+    """The default batch, its images in NHWC memory (made in the worker; pinning keeps it)."""
+    images, labels = default_collate(batch)
+    return images.contiguous(memory_format=torch.channels_last), labels

@@ -81,7 +81,7 @@ def test_summed_stem_steps_match_the_three_channel_steps(opt):
         return grey, _opt(grey, scale)
 
     def _opt(model, scale):
-        o = build_optimizer(param_groups(model, scale, cfg.weight_decay), cfg, 0.05)
+        o = build_optimizer(param_groups(model, scale, cfg.weight_decay), cfg, 0.05, torch.device("cpu"))
         for group in o.param_groups:
             group.update(eps=1e-3) if "eps" in group else None
         return o
