@@ -13,7 +13,7 @@ import sys
 import click
 
 from .errors import PgnmError
-from .names import IMPLS, MODELS, SCHEDULERS
+from .names import IMPLS, MODELS, OPTIMIZERS, SCHEDULERS
 
 PRESETS = ("paper", "tiny")  # pgnm_fast.config.PRESETS (a test checks they agree)
 
@@ -81,6 +81,26 @@ def training_options(f):
         click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under torchrun."),
         click.option("--seed", type=int, default=None),
         click.option("--print-freq", type=int, default=None, help="Log every N steps."),
+        click.option("--in-chans", "channels", type=click.Choice(["1", "3"]), default=None,
+                     callback=lambda ctx, param, v: None if v is None else int(v),
+                     help="Classifier input channels: 1 (grey, default) or 3 (the grey image "
+                          "replicated, the authors' form). A 3-channel checkpoint on a 1-channel "
+                          "run has its stem summed and trained with lr x3, weight decay /3: the "
+                          "same SGD/AdamW steps as the 3-channel stem."),
+        click.option("--opt", type=click.Choice(OPTIMIZERS), default=None,
+                     help="Classifier optimiser (default sgd with --momentum, the paper's; the "
+                          "policy always uses SGD)."),
+        click.option("--label-smoothing", type=float, default=None,
+                     help="Cross-entropy label smoothing (0: off, the paper's)."),
+        click.option("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                     help="Clip each network's gradient 2-norm to MAX (0: off), on the device."),
+        click.option("--mean", type=float, default=None,
+                     help="Input normalisation mean on [0, 1] pixels (default: RadImageNet's)."),
+        click.option("--std", type=float, default=None,
+                     help="Input normalisation std (default: RadImageNet's)."),
+        click.option("--class-balanced/--no-class-balanced", default=None,
+                     help="Draw training images with weight 1 / class size (imbalanced sets); "
+                          "deterministic by --seed, sharded under torchrun."),
         click.option("--average-last", type=int, default=None, metavar="N",
                      help="Also write averaged.pt: the weights averaged over the last N epochs "
                           "(fine-tune and --no-policy baseline; the paper's option is 3)."),
@@ -91,6 +111,11 @@ def training_options(f):
                           "RUN/tensorboard (needs the tensorboard package)."),
     ]
     return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+WEIGHT_FORMS = ("a pgnm-fast checkpoint, a state dict (.pth, .safetensors), a timm / Hugging "
+                "Face model folder or the authors' checkpoint")
+INIT_HELP = WEIGHT_FORMS + "; a head of another class count is replaced."
 
 
 def _split(kwargs):
@@ -106,17 +131,20 @@ def _split(kwargs):
 @click.option("--grid", type=int, default=None, help="Mask grid G (G x G cells).")
 @click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")
 @click.option("--resume", type=str, default=None, help="Continue a run from its last.pt.")
-def train(no_policy, resume, **kwargs):
+@click.option("--initial-checkpoint", "init_from", type=str, default=None, metavar="PATH",
+              help="Initial weights: " + INIT_HELP)
+def train(no_policy, resume, init_from, **kwargs):
     """Heated stage (policy + noise masks), or with --no-policy the baseline."""
     from .stages import run_stage
     run, overrides = _split(kwargs)
     run_stage("baseline" if no_policy else "heated", overrides=overrides, resume=resume,
-              log=click.echo, **run)
+              init_from=init_from, log=click.echo, **run)
 
 
 @main.command()
-@click.option("--from", "init_from", type=str, required=True,
-              help="Checkpoint of the heated (or baseline) stage.")
+@click.option("--from", "--initial-checkpoint", "init_from", type=str, required=True,
+              metavar="PATH", help="The heated (or baseline) stage's checkpoint, or other "
+                                   "initial weights: " + INIT_HELP)
 @training_options
 @click.option("--resume", type=str, default=None, help="Continue a fine-tune run from its last.pt.")
 def finetune(init_from, resume, **kwargs):
@@ -128,7 +156,9 @@ def finetune(init_from, resume, **kwargs):
 
 
 @main.command("eval")
-@click.option("--checkpoint", type=str, required=True)
+@click.option("--checkpoint", type=str, required=True, help="Weights to score: " + WEIGHT_FORMS + ".")
+@click.option("--model", type=click.Choice(MODELS), default=None,
+              help="Architecture of a state dict that does not name one.")
 @click.option("--data", type=str, default=None, help="Default: the data the checkpoint was trained on.")
 @click.option("--split", type=str, default="test", show_default=True)
 @click.option("--json", "json_path", type=str, default=None,
@@ -140,13 +170,14 @@ def finetune(init_from, resume, **kwargs):
 @click.option("-j", "--workers", type=int, default=None)
 @click.option("--amp/--no-amp", default=False)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-def evaluate(checkpoint, data, split, json_path, predictions_path, batch_size, workers, amp, device):
+def evaluate(checkpoint, model, data, split, json_path, predictions_path, batch_size, workers, amp,
+             device):
     """Top-1/5, balanced accuracy, macro precision/recall/F1 and one-vs-one ROC-AUC."""
     from .evaluate import evaluate_checkpoint
     from .metrics import format_metrics
     metrics = evaluate_checkpoint(checkpoint, data, split, json_path, batch_size, workers, device,
                                   amp, log=click.echo, warn=lambda s: click.echo(s, err=True),
-                                  predictions_path=predictions_path)
+                                  predictions_path=predictions_path, model_name=model)
     click.echo(f"{split}: {format_metrics(metrics)}")
 
 
@@ -304,6 +335,23 @@ def validate(device, json_path, seed, quick, backend):
     """Check the fast mask step against the reference; exit 0 only if every check passes."""
     from .validate import validate_command
     validate_command(device, json_path, seed, quick, backend)
+
+
+@click.argument("checkpoint", type=str)
+@click.option("--out", type=str, required=True, help="Folder to write (created).")
+@click.option("--in-chans", type=click.Choice(["1", "3"]), default=None,
+              help="Stem of the export: 3 for RGB pipelines (the grey stem / 3 per channel, same "
+                   "logits on a grey image replicated); default: the checkpoint's.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript"]),
+              default="safetensors", show_default=True,
+              help="safetensors: model.safetensors + timm config.json, loaded by "
+                   "timm.create_model('local-dir:OUT', pretrained=True); torchscript: model.pt.")
+def export(checkpoint, out, in_chans, fmt):
+    """Write a checkpoint's classifier as a timm model folder (or TorchScript)."""
+    from .weights import export as export_weights
+    export_weights(checkpoint, out, in_chans=int(in_chans) if in_chans else None, fmt=fmt,
+                   log=click.echo)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -51,21 +51,25 @@ class HeatedStep:
     def __init__(self, model: torch.nn.Module, policy: torch.nn.Module, masker: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, policy_optimizer: torch.optim.Optimizer,
                  amp: bool, device: torch.device,
-                 ema_sync: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 ema_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 label_smoothing: float = 0.0, clip_grad_norm: float = 0.0):
         self.model, self.policy, self.masker = model, policy, masker
         self.optimizer, self.policy_optimizer = optimizer, policy_optimizer
         self.amp, self.device = amp, device
         self.ema_sync = ema_sync  # all-reduces the head means across ranks when distributed
+        self.label_smoothing, self.clip_grad_norm = label_smoothing, clip_grad_norm
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
             out = self.policy(images)
             m, S = self.masker.sample_score(out.a_tilde, out.b_tilde)
             logits = self.model(self.masker.apply(images, m))
-        loss, ce = pgnm_loss(S, logits, target)
+        loss, ce = pgnm_loss(S, logits, target, self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(self.model, self.clip_grad_norm)
+        clip_gradients(self.policy, self.clip_grad_norm)
         self.optimizer.step()
         self.policy_optimizer.step()
         h_a, h_b = out.h_a.detach(), out.h_b.detach()
@@ -80,17 +84,29 @@ class PlainStep:
     """Baseline and fine-tune: cross-entropy on clean images, no policy."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: bool,
-                 device: torch.device):
+                 device: torch.device, label_smoothing: float = 0.0,
+                 clip_grad_norm: float = 0.0):
         self.model, self.optimizer, self.amp, self.device = model, optimizer, amp, device
+        self.label_smoothing, self.clip_grad_norm = label_smoothing, clip_grad_norm
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
             logits = self.model(images)
-        ce = F.cross_entropy(logits.float(), target)
+        ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         ce.backward()
+        clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
         _accumulate(stats, ce, ce, ce.new_zeros(()), logits, target)
+
+
+def clip_gradients(module, max_norm: float) -> None:
+    """``--clip-grad-norm``: scale ``module``'s gradients to a total 2-norm of at most
+    ``max_norm`` (0: off). All on the device, no host sync (CUDA-graph capturable); a non-finite
+    norm is not raised here, the epoch loop's loss check stops the run."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, foreach=True,
+                                       error_if_nonfinite=False)
 
 
 def _accumulate(stats, loss, ce, s_mean, logits, target):

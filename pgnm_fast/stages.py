@@ -37,6 +37,8 @@ from .provenance import run_record
 from .run_state import RunState, load_run_state
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
+from .weights import (STEM_LR_SCALE, Weights, build_optimizer, fit_classifier, fit_policy,
+                      param_groups, read_weights, reset_hyperparameters, resolve_model)
 
 
 @dataclasses.dataclass
@@ -50,8 +52,8 @@ class Run:
     val_split: object
     out: Path
     resume_state: RunState | None = None
-    init_state: RunState | None = None
-    init_from: str | None = None  # the checkpoint path of init_state
+    init: Weights | None = None  # --initial-checkpoint / --from
+    init_from: str | None = None  # the path of --initial-checkpoint / --from
 
 
 def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
@@ -73,20 +75,26 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     """Check everything about a stage's input and assemble its :class:`Run` (nothing written)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     resume_state = load_run_state(resume) if resume else None
-    init_state = load_run_state(init_from) if init_from else None
+    init = read_weights(init_from) if init_from else None  # any form (pgnm_fast.weights)
     if resume_state is not None:
         if resume_state.stage != stage:
             raise ConfigError(f"--resume {resume} is a {resume_state.stage} checkpoint, not {stage}")
         cfg = config_from_dict(resume_state.config).replace(**overrides).check()
     else:
-        if init_state is not None:
-            if overrides.get("model", init_state.model_name) != init_state.model_name:
-                raise ConfigError(f"--model {overrides['model']} differs from the checkpoint's "
-                                  f"{init_state.model_name} in {init_from}")
-            overrides["model"] = init_state.model_name
+        if init is not None:
+            overrides["model"] = resolve_model(init, overrides.get("model"))
+            if init.checkpoint is not None:  # a pgnm-fast run's input form carries over
+                overrides.setdefault("channels", init.checkpoint.get("in_chans", 1))
+                for key in ("mean", "std"):
+                    if init.checkpoint["config"].get(key) is not None:
+                        overrides.setdefault(key, init.checkpoint["config"][key])
+            if init.in_chans == 3 and overrides.get("channels", 1) == 1:
+                overrides.setdefault("stem_lr_scale", STEM_LR_SCALE)
         cfg = make_config(stage, preset, **overrides)
     info = init_distributed(device)
-    data_root = resolve_data(data, (resume_state, init_state), cfg, log)
+    if data is None and init is not None and init.checkpoint is not None:
+        data = init.checkpoint.get("data") or None  # the data the checkpoint was trained on
+    data_root = resolve_data(data, (resume_state,), cfg, log)
     source = open_source(data_root)
     train_split = source.split("train")
     if "val" not in source.splits:
@@ -103,23 +111,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     if len(train_split) < cfg.batch_size * info.world_size:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
-    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state,
-               init_from)
-
-
-def _load_classifier(model, state: RunState, classes: list, log) -> None:
-    """Weights of a previous stage into the classifier; a new head when the classes differ."""
-    weights = state.model
-    if list(state.classes) != list(classes):
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.startswith("fc.") for k in missing):
-            raise ConfigError(f"checkpoint weights do not fit {state.model_name}: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        log(f"classes differ from the checkpoint's ({len(state.classes)} -> {len(classes)}): "
-            f"new classifier head, trunk loaded")
-    else:
-        model.load_state_dict(weights)
+    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init,
+               str(init_from) if init_from else None)
 
 
 def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
@@ -165,15 +158,17 @@ class Parts:
 def _build(run: Run, log) -> Parts:
     cfg, info, dev = run.cfg, run.info, run.info.device
     model = create_model(cfg.model, len(run.classes), in_chans=cfg.channels)
-    if run.init_state is not None:
-        _load_classifier(model, run.init_state, run.classes, log)
+    if run.init is not None:
+        fit_classifier(model, run.init, cfg.model, run.classes, log)
     set_backends(dev)
     layout = torch.channels_last if use_channels_last(cfg.channels_last, dev) else None
     model.to(dev, memory_format=layout or torch.preserve_format)
     policy = masker = None
     if cfg.policy:
-        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model).to(
-            dev, memory_format=layout or torch.preserve_format)
+        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model)
+        if run.init is not None and run.init.policy is not None:
+            fit_policy(policy, run.init, log)
+        policy.to(dev, memory_format=layout or torch.preserve_format)
         masker = make_masker(cfg.impl, cfg.grid, cfg.train_crop_size,
                              seed=cfg.seed + 1000 * info.rank).to(dev)
     if cfg.compile:
@@ -181,14 +176,17 @@ def _build(run: Run, log) -> Parts:
     if info.distributed:
         model = _distribute(model, cfg, info)
         policy = _distribute(policy, cfg, info) if policy is not None else None
-    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, **sgd_kind(dev))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, **sgd)
+    optimizer = build_optimizer(param_groups(unwrap(model), cfg.stem_lr_scale, cfg.weight_decay),
+                                cfg, cfg.lr, dev, capturable=cfg.graphs and dev.type == "cuda")
+    loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm)
     if policy is None:
-        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev),
+        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss),
                      channels_last=layout is not None)
+    # the policy always trains with SGD (docs/method.md §5)
+    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, **sgd_kind(dev))
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
-                      ema_sync=all_reduce_mean if info.distributed else None)
+                      ema_sync=all_reduce_mean if info.distributed else None, **loss)
     val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
         cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
     return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker,
@@ -217,10 +215,7 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
         pairs.append((parts.policy_optimizer, s.policy_optimizer, cfg.effective_policy_lr()))
     for optimizer, saved, lr in pairs:
         optimizer.load_state_dict(saved)  # momentum buffers
-        for group in optimizer.param_groups:
-            group.pop("initial_lr", None)
-            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                         **sgd_kind(run.info.device))  # this device's form, not the saved one
+        reset_hyperparameters(optimizer, lr, cfg, run.info.device)
     if run.info.world_size == 1:
         torch.set_rng_state(s.rng)
     start_epoch = s.epoch + 1
@@ -235,13 +230,14 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, log=log,
+                  backend=cfg.loader, log=log, **cfg.normalisation(),
                   channels_last=use_channels_last(cfg.channels_last, info.device))
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
     static = cfg.graphs and _graphs_blocked(info) is None
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
-                        rank=info.rank, world_size=info.world_size, static=static, **common)
+                        rank=info.rank, world_size=info.world_size, static=static,
+                        class_balanced=cfg.class_balanced, **common)
     # validation: every process scores its shard (each image once); a split smaller than the
     # number of processes is scored by rank 0 alone (val is None on the others)
     shards = info.world_size if len(run.val_split) >= info.world_size else 1
