@@ -337,6 +337,7 @@ def validate(device, json_path, seed, quick, backend):
     validate_command(device, json_path, seed, quick, backend)
 
 
+@main.command()
 @click.argument("checkpoint", type=str)
 @click.option("--out", type=str, required=True, help="Folder to write (created).")
 @click.option("--in-chans", type=click.Choice(["1", "3"]), default=None,
