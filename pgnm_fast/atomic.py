@@ -10,11 +10,13 @@ from pathlib import Path
 @contextmanager
 def atomic_open(path, mode: str = "wb"):
     """Yield a temporary file beside ``path``; on success fsync it and rename it over ``path``,
-    on any error remove it and leave ``path`` as it was."""
+    on any error remove it and leave ``path`` as it was. The file gets the permissions a plain
+    ``open`` would give (0666 less the user's umask), not ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -23,3 +25,10 @@ def atomic_open(path, mode: str = "wb"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -1,8 +1,9 @@
-"""`pgnm-fast`: train (heated or baseline), finetune, eval, compare, transfer, synth, pack,
-validate.
+"""`pgnm-fast`: train (heated or baseline), finetune, eval, compare, transfer, plot, synth,
+pack, validate.
 
 Flag names follow torchvision's classification reference scripts where they apply. A user mistake
 (missing data, bad checkpoint, unknown model, ...) prints one ``Error:`` line and exits non-zero.
+Each command imports what it needs (torch, scipy, scikit-learn) when it runs, so ``--help`` is quick.
 """
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import sys
 
 import click
 
-from .config import IMPLS, PRESETS
 from .errors import PgnmError
-from .models import model_names
-from .schedules import SCHEDULERS
-from .validate import validate
+from .names import IMPLS, MODELS, OPTIMIZERS, SCHEDULERS
+
+PRESETS = ("paper", "tiny")  # pgnm_fast.config.PRESETS (a test checks they agree)
 
 
 def _one_line(e: Exception) -> str:
@@ -51,7 +51,7 @@ def training_options(f):
                      help="Run folder for last.pt, best.pt, metrics.jsonl (default runs/<stage>-<time>)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
                      help="tiny: minutes on a CPU; paper: the authors' schedules."),
-        click.option("--model", type=click.Choice(model_names()), default=None, help="Classifier."),
+        click.option("--model", type=click.Choice(MODELS), default=None, help="Classifier."),
         click.option("--epochs", type=int, default=None),
         click.option("-b", "--batch-size", type=int, default=None, help="Images per process."),
         click.option("--lr", type=float, default=None),
@@ -81,6 +81,26 @@ def training_options(f):
         click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under torchrun."),
         click.option("--seed", type=int, default=None),
         click.option("--print-freq", type=int, default=None, help="Log every N steps."),
+        click.option("--in-chans", "channels", type=click.Choice(["1", "3"]), default=None,
+                     callback=lambda ctx, param, v: None if v is None else int(v),
+                     help="Classifier input channels: 1 (grey, default) or 3 (the grey image "
+                          "replicated, the authors' form). A 3-channel checkpoint on a 1-channel "
+                          "run has its stem summed and trained with lr x3, weight decay /3: the "
+                          "same SGD/AdamW steps as the 3-channel stem."),
+        click.option("--opt", type=click.Choice(OPTIMIZERS), default=None,
+                     help="Classifier optimiser (default sgd with --momentum, the paper's; the "
+                          "policy always uses SGD)."),
+        click.option("--label-smoothing", type=float, default=None,
+                     help="Cross-entropy label smoothing (0: off, the paper's)."),
+        click.option("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                     help="Clip each network's gradient 2-norm to MAX (0: off), on the device."),
+        click.option("--mean", type=float, default=None,
+                     help="Input normalisation mean on [0, 1] pixels (default: RadImageNet's)."),
+        click.option("--std", type=float, default=None,
+                     help="Input normalisation std (default: RadImageNet's)."),
+        click.option("--class-balanced/--no-class-balanced", default=None,
+                     help="Draw training images with weight 1 / class size (imbalanced sets); "
+                          "deterministic by --seed, sharded under torchrun."),
         click.option("--average-last", type=int, default=None, metavar="N",
                      help="Also write averaged.pt: the weights averaged over the last N epochs "
                           "(fine-tune and --no-policy baseline; the paper's option is 3)."),
@@ -92,8 +112,16 @@ def training_options(f):
         click.option("--recheck", is_flag=True,
                      help="Check every image file afresh instead of reusing the verdict cached "
                           "beside the data."),
+        click.option("--tensorboard/--no-tensorboard", default=None,
+                     help="Also write TensorBoard event files (scalars, mask images) to "
+                          "RUN/tensorboard (needs the tensorboard package)."),
     ]
     return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+WEIGHT_FORMS = ("a pgnm-fast checkpoint, a state dict (.pth, .safetensors), a timm / Hugging "
+                "Face model folder or the authors' checkpoint")
+INIT_HELP = WEIGHT_FORMS + "; a head of another class count is replaced."
 
 
 def _split(kwargs):
@@ -104,22 +132,25 @@ def _split(kwargs):
 @main.command()
 @training_options
 @click.option("--no-policy", is_flag=True, help="Baseline: the same classifier without masks.")
-@click.option("--policy-model", type=click.Choice(model_names()), default=None)
+@click.option("--policy-model", type=click.Choice(MODELS), default=None)
 @click.option("--policy-lr", type=float, default=None, help="Default: --lr / 10.")
 @click.option("--grid", type=int, default=None, help="Mask grid G (G x G cells).")
 @click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")
 @click.option("--resume", type=str, default=None, help="Continue a run from its last.pt.")
-def train(no_policy, resume, **kwargs):
+@click.option("--initial-checkpoint", "init_from", type=str, default=None, metavar="PATH",
+              help="Initial weights: " + INIT_HELP)
+def train(no_policy, resume, init_from, **kwargs):
     """Heated stage (policy + noise masks), or with --no-policy the baseline."""
     from .stages import run_stage
     run, overrides = _split(kwargs)
     run_stage("baseline" if no_policy else "heated", overrides=overrides, resume=resume,
-              log=click.echo, **run)
+              init_from=init_from, log=click.echo, **run)
 
 
 @main.command()
-@click.option("--from", "init_from", type=str, required=True,
-              help="Checkpoint of the heated (or baseline) stage.")
+@click.option("--from", "--initial-checkpoint", "init_from", type=str, required=True,
+              metavar="PATH", help="The heated (or baseline) stage's checkpoint, or other "
+                                   "initial weights: " + INIT_HELP)
 @training_options
 @click.option("--resume", type=str, default=None, help="Continue a fine-tune run from its last.pt.")
 def finetune(init_from, resume, **kwargs):
@@ -131,23 +162,38 @@ def finetune(init_from, resume, **kwargs):
 
 
 @main.command("eval")
-@click.option("--checkpoint", type=str, required=True)
+@click.option("--checkpoint", type=str, required=True, help="Weights to score: " + WEIGHT_FORMS + ".")
+@click.option("--model", type=click.Choice(MODELS), default=None,
+              help="Architecture of a state dict that does not name one.")
 @click.option("--data", type=str, default=None, help="Default: the data the checkpoint was trained on.")
 @click.option("--split", type=str, default="test", show_default=True)
-@click.option("--json", "json_path", type=str, default=None, help="Write the metrics to this file.")
+@click.option("--json", "json_path", type=str, default=None,
+              help="Write the metrics to this file, and beside it NAME.per_class.csv "
+                   "(precision/recall/F1/support per class) and NAME.confusion.csv/.png.")
+@click.option("--predictions", "predictions_path", type=str, default=None, metavar="FILE.csv",
+              help="Write one row per image: path, label, predicted class, top-5 classes and scores.")
 @click.option("-b", "--batch-size", type=int, default=None)
 @click.option("-j", "--workers", type=int, default=None)
 @click.option("--amp/--no-amp", default=False)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-def evaluate(checkpoint, data, split, json_path, batch_size, workers, amp, device):
+def evaluate(checkpoint, model, data, split, json_path, predictions_path, batch_size, workers, amp,
+             device):
     """Top-1/5, balanced accuracy, macro precision/recall/F1 and one-vs-one ROC-AUC."""
     from .evaluate import evaluate_checkpoint
     from .metrics import format_metrics
     metrics = evaluate_checkpoint(checkpoint, data, split, json_path, batch_size, workers, device,
-                                  amp, log=click.echo, warn=lambda s: click.echo(s, err=True))
+                                  amp, log=click.echo, warn=lambda s: click.echo(s, err=True),
+                                  predictions_path=predictions_path, model_name=model)
     click.echo(f"{split}: {format_metrics(metrics)}")
-    if json_path:
-        click.echo(f"metrics written to {json_path}")
+
+
+@main.command()
+@click.argument("run", type=str)
+def plot(run):
+    """Draw curves.png, masks.png and confusion.png of a run folder from the files in it."""
+    from .plots import plot_run
+    for path in plot_run(run):
+        click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -207,7 +253,7 @@ def pack(data, out, verify_path, on_bad_image, channels, workers, recheck):
               help="Folder for the three runs and compare.json (default runs/compare-<time>); "
                    "run again to continue an interrupted comparison.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
-@click.option("--model", type=click.Choice(model_names()), default=None, help="Classifier.")
+@click.option("--model", type=click.Choice(MODELS), default=None, help="Classifier.")
 @click.option("--epochs", type=int, default=None, help="Heated and baseline epochs.")
 @click.option("--finetune-epochs", type=int, default=None)
 @click.option("-b", "--batch-size", type=int, default=None, help="Images per process.")
@@ -284,7 +330,37 @@ def transfer(froms, labels, data, shots, repeats, out, probe, steps, lr, batch_s
                  workers=workers, loader=loader, amp=amp, device=device, log=click.echo)
 
 
-main.add_command(validate)
+@main.command()
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (or cuda:N)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="write every number and 'passed' to this file")
+@click.option("--seed", type=int, default=None, help="seed of the random inputs (default: fresh)")
+@click.option("--quick", is_flag=True, help="a smaller sweep")
+@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+              help="fast path to check: auto = Triton on CUDA, torch on the CPU (triton on the CPU needs "
+                   "TRITON_INTERPRET=1)")
+def validate(device, json_path, seed, quick, backend):
+    """Check the fast mask step against the reference; exit 0 only if every check passes."""
+    from .validate import validate_command
+    validate_command(device, json_path, seed, quick, backend)
+
+
+@main.command()
+@click.argument("checkpoint", type=str)
+@click.option("--out", type=str, required=True, help="Folder to write (created).")
+@click.option("--in-chans", type=click.Choice(["1", "3"]), default=None,
+              help="Stem of the export: 3 for RGB pipelines (the grey stem / 3 per channel, same "
+                   "logits on a grey image replicated); default: the checkpoint's.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript"]),
+              default="safetensors", show_default=True,
+              help="safetensors: model.safetensors + timm config.json, loaded by "
+                   "timm.create_model('local-dir:OUT', pretrained=True); torchscript: model.pt.")
+def export(checkpoint, out, in_chans, fmt):
+    """Write a checkpoint's classifier as a timm model folder (or TorchScript)."""
+    from .weights import export as export_weights
+    export_weights(checkpoint, out, in_chans=int(in_chans) if in_chans else None, fmt=fmt,
+                   log=click.echo)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -104,7 +104,7 @@ def _stage(stage, folder: Path, expected: dict, log, **kwargs) -> tuple[Path, fl
         log(f"compare: {stage} stopped after epoch {state.epoch} in {folder}: resuming")
         resume = last
     t0 = time.perf_counter()
-    run_stage(stage, out=folder, resume=resume, log=log, **kwargs)
+    run_stage(stage, out=folder, resume=resume, log=log, resume_hint_on_interrupt=False, **kwargs)
     return folder, time.perf_counter() - t0
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .kernels import IMPLS
+from .names import IMPLS, OPTIMIZERS
 from .speed import check_flags
 
 STAGES = ("heated", "baseline", "finetune")
@@ -48,6 +48,14 @@ class TrainConfig:
     seed: int = 0
     print_freq: int = 20             # read device-side metrics every N steps
     average_last: int = 0            # also save the mean of the last N epochs' weights (docs/method.md §5)
+    tensorboard: bool = False        # also write TensorBoard event files into RUN/tensorboard
+    opt: str = "sgd"                 # sgd (the paper's) | adamw, timm's --opt
+    label_smoothing: float = 0.0     # cross-entropy label smoothing, timm's --smoothing
+    clip_grad_norm: float = 0.0      # max total gradient norm (0: off), clipped on the device
+    mean: float | None = None        # input normalisation; None: RadImageNet's grey statistics
+    std: float | None = None
+    class_balanced: bool = False     # sample train images with weight 1 / class count
+    stem_lr_scale: float = 1.0       # 3: a stem summed from 3 channels (pgnm_fast.weights)
     synth_images: int = 2400         # size of the embedded default data set
     synth_size: int = 96
 
@@ -57,6 +65,12 @@ class TrainConfig:
 
     def effective_policy_lr(self) -> float:
         return self.lr / 10 if self.policy_lr is None else self.policy_lr
+
+    def normalisation(self) -> dict:
+        """``mean``/``std`` keyword arguments of the loaders (RadImageNet's where unset)."""
+        from .pipelines import MEAN, STD
+        return dict(mean=MEAN if self.mean is None else self.mean,
+                    std=STD if self.std is None else self.std)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -88,7 +102,15 @@ class TrainConfig:
                               f"{self.val_resize_size}")
         check_flags(self.compile, self.graphs)
         if self.channels not in (1, 3):
-            raise ConfigError(f"channels must be 1 or 3, not {self.channels}")
+            raise ConfigError(f"--in-chans must be 1 or 3, not {self.channels}")
+        if self.opt not in OPTIMIZERS:
+            raise ConfigError(f"--opt must be one of {', '.join(OPTIMIZERS)}, not {self.opt!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.clip_grad_norm < 0:
+            raise ConfigError(f"--clip-grad-norm must be >= 0 (0: off), not {self.clip_grad_norm}")
+        if self.std is not None and self.std <= 0:
+            raise ConfigError(f"--std must be positive, not {self.std}")
         return self
 
 
@@ -142,4 +164,5 @@ def config_from_dict(values: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
 
-__all__ = ["TrainConfig", "make_config", "config_from_dict", "PRESETS", "STAGES", "IMPLS"]
+__all__ = ["TrainConfig", "make_config", "config_from_dict", "PRESETS", "STAGES", "IMPLS",
+           "OPTIMIZERS"]

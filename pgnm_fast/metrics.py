@@ -63,6 +63,21 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     return out, absent
 
 
+def per_class_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Precision, recall, F1 and support of every class (0 where undefined, e.g. a class never
+    predicted), and the confusion matrix (rows: true class, columns: predicted), both over all
+    ``logits.shape[1]`` classes."""
+    from sklearn import metrics as skm  # lazily, as above
+    classes = np.arange(np.asarray(logits).shape[1])
+    pred = np.asarray(logits).argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p, r, f, support = skm.precision_recall_fscore_support(labels, pred, labels=classes,
+                                                               average=None, zero_division=0)
+    table = {"precision": p, "recall": r, "f1": f, "support": support}
+    return table, skm.confusion_matrix(labels, pred, labels=classes)
+
+
 def _auc_ovo(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float:
     from scipy.special import softmax
     from sklearn import metrics as skm

@@ -47,7 +47,7 @@ from .pipelines.loader import batch_loader
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform, load_grey
 from .run_state import load_run_state
-from .stages import _load_classifier
+from .weights import Weights, fit_classifier
 
 DEFAULT_SHOTS = (16, 32, 64, 128, 256)
 SCORE_KEYS = ("f1_macro", "balanced_accuracy", "roc_auc_ovo_macro", "top1")
@@ -128,7 +128,9 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
 
 def _model(state: dict, classes: list, device, probe: bool):
     model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
-    _load_classifier(model, state, classes, log=lambda *_: None)
+    weights = Weights(Path(f"{state.model_name} checkpoint"), "pgnm-fast", state.model,
+                      state.model_name, list(state.classes))
+    fit_classifier(model, weights, state.model_name, classes, log=lambda *_: None)
     model.to(device).train()
     head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
     if not probe:

@@ -78,6 +78,7 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                         seed: int = 0, rank: int = 0, world_size: int = 1,
                         device: torch.device | str | None = None,
                         mean: float = MEAN, std: float = STD,
+                        class_balanced: bool = False,
                         channels_last: bool = False, uint8: bool | None = None) -> PlainLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
     sampling, seeding and batching (and its ``uint8`` rule), pixels from the cache instead of
@@ -88,7 +89,7 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                                                    mean=mean, std=std, uint8=uint8))
     return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
                         seed=seed, rank=rank, world_size=world_size, device=device,
-                        channels_last=channels_last,
+                        class_balanced=class_balanced, channels_last=channels_last,
                         normalise_on=(device or "cpu", mean, std) if uint8 else None)
 
 
@@ -138,12 +139,15 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                 world_size: int | None = None, device: torch.device | str | None = None,
                 backend: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
                 on_bad_image: str = "error", bad_list: str | os.PathLike | None = None,
-                recheck: bool = False, log: Callable[[str], None] = print) -> BatchLoader:
+                log: Callable[[str], None] = print, mean: float = MEAN, std: float = STD,
+                class_balanced: bool = False, recheck: bool = False) -> BatchLoader:
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
     ``channels_last``, ``static``: output form (DALI and device; the plain loader yields
-    float32, NHWC memory with ``channels_last``).
+    float32, NHWC memory with ``channels_last``). ``mean``, ``std``: normalisation (RadImageNet's
+    by default). ``class_balanced``: train order drawn with weight 1 / class count
+    (:class:`~pgnm_fast.pipelines.loader.ClassBalancedSampler`; not with the device loader).
     """
     check.check_on_bad(on_bad_image)
     if not isinstance(data, Split):
@@ -176,11 +180,15 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                                     scan.nbytes[keep])
     common = dict(train=train, batch_size=batch_size, crop_size=crop_size,
                   resize_size=resize_size, channels=channels, seed=seed, rank=rank,
-                  world_size=world_size)
+                  world_size=world_size, mean=mean, std=std)
     if kind == "device":
+        if class_balanced and train:
+            raise ConfigError("--class-balanced is not available with --loader device (its "
+                              "epoch order is drawn on the device): use --loader dali or torch")
         from .device import DeviceLoader
         return DeviceLoader(data, **common, device=device, dtype=dtype,
                             channels_last=channels_last, static=static)
+    common["class_balanced"] = class_balanced and train
     if kind == "dali":
         from .dali import DaliLoader
         dev = torch.device(device) if device is not None else None

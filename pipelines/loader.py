@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
@@ -76,7 +77,34 @@ class EpochSampler(DistributedSampler):
         if self._passes and not self._epoch_set:
             self.epoch += 1
         self._passes, self._epoch_set = self._passes + 1, False
-        yield from super().__iter__()
+        yield from self._indices()
+
+    def _indices(self):
+        return DistributedSampler.__iter__(self)
+
+
+class ClassBalancedSampler(EpochSampler):
+    """Class-balanced training order (``--class-balanced``): each epoch draws as many indices as
+    :class:`EpochSampler` gives, with replacement, image i with weight ``1 / count(label_i)``,
+    so every class is drawn equally often in expectation. The draw is a function of ``(seed,
+    epoch)``, the same on every rank; rank r takes every ``num_replicas``-th index from r."""
+
+    def __init__(self, labels, num_replicas=1, rank=0, seed=0):
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        super().__init__(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed)
+        self.weights = 1.0 / torch.bincount(labels).double()[labels]
+
+    def _indices(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g)
+        return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
+
+
+def train_sampler(labels, num_replicas: int, rank: int, seed: int, class_balanced: bool = False):
+    """The training sampler of both backends: shuffled epochs, or class-balanced draws."""
+    if class_balanced:
+        return ClassBalancedSampler(labels, num_replicas=num_replicas, rank=rank, seed=seed)
+    return EpochSampler(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed)
 
 
 class EvalShardSampler(Sampler):
@@ -99,8 +127,8 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
                  resize_size: int = 256, channels: int = 1, workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
                  device: torch.device | str | None = None, mean: float = MEAN,
-                 std: float = STD, channels_last: bool = False,
-                 uint8: bool | None = None) -> PlainLoader:
+                 std: float = STD, class_balanced: bool = False,
+                 channels_last: bool = False, uint8: bool | None = None) -> PlainLoader:
     """A DataLoader over ``split`` (module docstring for sampling and seeding).
 
     ``device``: where the batches will go; a CUDA device turns on pinned memory.
@@ -116,7 +144,7 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
     return batch_loader(ImageDataset(split, transform), split.name, train=train,
                         batch_size=batch_size, workers=workers, seed=seed, rank=rank,
                         world_size=world_size, drop_last=drop_last, device=device,
-                        channels_last=channels_last,
+                        class_balanced=class_balanced, channels_last=channels_last,
                         normalise_on=(device or "cpu", mean, std) if uint8 else None)
 
 
@@ -151,6 +179,7 @@ class PlainLoader(DataLoader):
 def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
                  rank: int, world_size: int, drop_last: bool | None = None,
                  device: torch.device | str | None = None,
+                 class_balanced: bool = False,
                  channels_last: bool = False, normalise_on: tuple | None = None) -> PlainLoader:
     """Sampling, seeding and batching of a map-style dataset (module docstring), shared by the
     PNG files and the packed cache, so both give the same batches for the same seed.
@@ -158,7 +187,7 @@ def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, w
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if train:
-        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+        sampler = train_sampler(dataset.labels, world_size, rank, seed, class_balanced)
         per_rank = math.ceil(len(dataset) / world_size)
         if per_rank < batch_size and (drop_last is None or drop_last):
             raise DataError(f"the {name} split has {len(dataset)} images, fewer than one "
