@@ -229,3 +229,37 @@ def test_unwritable_data_folder_caches_in_the_user_cache(folders, tmp_path, monk
     files = _files(folders)
     _check(files, folders)
     assert list(where.glob("check-*.npz"))
+
+
+def _rank_main(rank, world, init, files, root, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        read = []
+        real = check.probe
+        check.probe = lambda p: (read.append(p), real(p))[1]
+        result = startup.checked(files, root, rank=rank, world_size=world, log=lambda s: None)
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump({"read": read, "kind": result.kind.tolist(), "bad": result.bad}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checked_over_a_real_process_group(folders, tmp_path, probes):
+    """Two gloo processes: each reads its half, both get the whole verdict, rank 0 caches it."""
+    import torch.multiprocessing as mp
+    files, world = _files(folders), 2
+    with open(files[1], "wb") as f:
+        f.write(b"not an image")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank_main, args=(world, init, files, str(folders), str(tmp_path / "rank")),
+             nprocs=world, join=True)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(world)]
+    for r, got in enumerate(ranks):
+        assert sorted(got["read"]) == sorted(files[r::world])
+        assert got["kind"] == ranks[0]["kind"] and got["bad"] == ranks[0]["bad"]
+    assert [i for i, _ in ranks[0]["bad"]] == [1]
+    assert ranks[0]["kind"] == check.scan(files).kind.tolist()
+    probes.clear()
+    cached = startup.checked(files, folders, log=print)     # rank 0 wrote the merged verdict
+    assert probes == [] and [list(b) for b in cached.bad] == ranks[0]["bad"]
