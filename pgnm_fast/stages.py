@@ -311,10 +311,10 @@ def _train(run: Run, log, show_progress) -> Path:
     write = MetricsLog(run.out / "metrics.jsonl").write if info.is_main else (lambda record: None)
     log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
-        + f") on {dev}" + (f" ({threads} intra-op thread{'s' if threads > 1 else ''})"
-                           if threads is not None else "")
-        + f", {cfg.epochs} epochs of batch {cfg.batch_size}"
+        + f") on {dev}, {cfg.epochs} epochs of batch {cfg.batch_size}"
         + (f" x {info.world_size}" if info.distributed else "")
+        + (f"\n  {threads} intra-op thread{'s' if threads > 1 else ''} (--threads)"
+           if threads is not None else "")
         + (f"\n  weights from {run.init_from}" if run.init_from else "")
         + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "
           f"{run.data_root} through {train_loader.name}\n  run folder: {run.out}")
