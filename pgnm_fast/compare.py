@@ -22,6 +22,7 @@ from .config import make_config
 from .distributed import shutdown
 from .errors import ConfigError, DataError
 from .evaluate import predict_checkpoint, write_json_atomic
+from .folders import check_output_dir
 from .metrics import (BOOTSTRAP_KEYS, METRIC_KEYS, classification_metrics, json_safe,
                       paired_bootstrap)
 from .pipelines.sources import open_source
@@ -54,6 +55,8 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
         raise ConfigError(f"--resamples must be positive, not {resamples}")
     cfg = make_config("heated", preset, **{k: v for k, v in (overrides or {}).items()
                                            if v is not None})
+    make_config("finetune", preset, **{k: v for k, v in (finetune_overrides or {}).items()
+                                       if v is not None})  # its flags checked before any stage
     data = resolve_data(data, (), cfg, log)  # before any training: the test split must exist
     if "test" not in open_source(data).splits:
         raise DataError(f"data at {data} has no test split: compare scores both models on it")
@@ -61,6 +64,7 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
         raise ConfigError("compare under torchrun needs --out (every process must name the same "
                           "folder)")
     out = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(out, "--out")
     common = dict(preset=preset, data=data, device=device, keep_process_group=True)
     try:
         return _compare(out, common, overrides, finetune_overrides, data, device, resamples,

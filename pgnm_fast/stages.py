@@ -7,9 +7,11 @@ macro F1), ``metrics.jsonl`` and ``config.json``, and with ``--average-last N`` 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -21,12 +23,15 @@ from .config import TrainConfig, config_from_dict, make_config
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
                           gather_to_main, init_distributed)
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
+from .atomic import remove_stale_temporaries
 from .errors import ConfigError, DataError
+from .folders import check_output_dir, lock_folder
 from .graphs import GraphedStep
 from .kernels import make_masker
 from .metrics import classification_metrics, format_metrics, json_safe
 from .models import PolicyNet, create_model
 from .pipelines import make_loader
+from .pipelines.check import report_bad
 from .pipelines.sources import open_source
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 
@@ -46,8 +51,8 @@ class Run:
 
 
 def resolve_data(data, states, cfg: TrainConfig, log) -> Path:
-    if data is not None:
-        return Path(data)
+    if data is not None:  # stored absolute: --resume and eval work from any folder
+        return Path(os.path.abspath(Path(data).expanduser()))
     for state in states:
         if state is not None and state.get("data"):
             return Path(state["data"])
@@ -73,23 +78,52 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
         cfg = make_config(stage, preset, **overrides)
     info = init_distributed(device)
     data_root = resolve_data(data, (resume_state, init_state), cfg, log)
-    source = open_source(data_root)
+    source = open_source(data_root, skip_bad=cfg.on_bad_image == "skip")
     train_split = source.split("train")
     if "val" not in source.splits:
         raise DataError(f"data at {data_root} has no val split (the run selects best.pt on it)")
     val_split = source.split("val")
+    report_bad(source.problems, cfg.on_bad_image, None, log, what="entry")
     classes = list(source.classes)
     if resume_state is not None and list(resume_state["classes"]) != classes:
         raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
     run_dir = Path(out) if out else (Path(resume).parent if resume else
                                      Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if resume is None and (run_dir / "last.pt").exists():
-        raise ConfigError(f"run folder {run_dir} already holds a run (last.pt): continue it with "
-                          f"--resume {run_dir / 'last.pt'} or choose another --out")
+    _check_fresh(run_dir, resume)
+    check_output_dir(run_dir, "--out")
     if len(train_split) < cfg.batch_size * info.world_size:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
     return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state)
+
+
+def _check_fresh(run_dir: Path, resume) -> None:
+    if resume is None and (run_dir / "last.pt").exists():
+        raise ConfigError(f"run folder {run_dir} already holds a run (last.pt): continue it with "
+                          f"--resume {run_dir / 'last.pt'} or choose another --out")
+
+
+@contextlib.contextmanager
+def _hold_run_folder(run: Run, resume, init_from, log):
+    """Rank 0 locks the run folder (:mod:`pgnm_fast.folders`) and removes the temporaries of a
+    killed checkpoint write; an interrupted run (Ctrl-C, SIGTERM) says how to resume."""
+    if not run.info.is_main:
+        yield
+        return
+    with lock_folder(run.out, "run folder"):
+        _check_fresh(run.out, resume)  # another run may have finished here since the check
+        remove_stale_temporaries(run.out)
+        try:
+            yield
+        except KeyboardInterrupt:
+            last = run.out / "last.pt"
+            if last.is_file():
+                command = {"heated": "train", "baseline": "train --no-policy",
+                           "finetune": f"finetune --from {init_from}"}[run.cfg.stage]
+                log(f"interrupted: continue with  pgnm-fast {command} --resume {last}")
+            else:
+                log(f"interrupted before the first epoch ended: nothing saved in {run.out}")
+            raise
 
 
 def _load_classifier(model, state: dict, classes: list, log) -> None:
@@ -114,7 +148,8 @@ def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=
     at the end unless ``keep_process_group`` (several stages in one run: compare)."""
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
     try:
-        return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
+        with _hold_run_folder(run, resume, init_from, log):
+            return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
     except BaseException:
         cleanup(run.info)
         raise
@@ -200,7 +235,7 @@ def _loaders(run: Run, log=print):
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, log=log)
+                  backend=cfg.loader, on_bad_image=cfg.on_bad_image, log=log)
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
     static = cfg.graphs and _graphs_blocked(info) is None
