@@ -1,6 +1,7 @@
 """Checkpoints: written atomically (never half-written), read with one clear error per failure."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -16,8 +17,10 @@ FORMAT = "pgnm-fast/1"
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically: a crash or Ctrl-C leaves the previous file intact."""
+    buffer = io.BytesIO()  # serialised first: a failed file write is then an OSError naming
+    torch.save(dict(state, format=FORMAT), buffer)  # the path, not torch's writer error
     with atomic_open(path, "wb") as f:
-        torch.save(dict(state, format=FORMAT), f)
+        f.write(buffer.getbuffer())
     return Path(path)
 
 

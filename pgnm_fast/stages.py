@@ -23,7 +23,7 @@ from .config import TrainConfig, config_from_dict, make_config
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
                           gather_to_main, init_distributed)
 from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
-from .atomic import remove_stale_temporaries
+from .atomic import atomic_open, remove_stale_temporaries, write_error
 from .errors import ConfigError, DataError
 from .folders import check_output_dir, lock_folder
 from .graphs import GraphedStep
@@ -295,8 +295,9 @@ def _train(run: Run, log, show_progress) -> Path:
             averager.load_state_dict(run.resume_state["averaged"], log)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(
-            dict(dataclasses.asdict(cfg), data=str(run.data_root)), indent=2) + "\n")
+        with atomic_open(run.out / "config.json", "w") as f:
+            f.write(json.dumps(dict(dataclasses.asdict(cfg), data=str(run.data_root)),
+                               indent=2) + "\n")
     write = MetricsLog(run.out / "metrics.jsonl").write if info.is_main else (lambda record: None)
     log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
@@ -407,5 +408,8 @@ class MetricsLog:
         self.path = path
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.path, e) from None
