@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from pgnm_fast.errors import ConfigError
 
 from . import check
-from .loader import batch_loader, build_loader
+from .loader import batch_loader, build_loader, split_key
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
 
@@ -60,10 +60,11 @@ class CachedDataset(Dataset):
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, generator = split_key(key)
         a = self.cache.image(self.records[i])
         img = Image.fromarray(a[:, :, 0]) if a.shape[2] == 1 else Image.fromarray(a).convert("L")
-        return self.transform(img), int(self.labels[i])
+        return self.transform(img, generator), int(self.labels[i])
 
 
 def build_cached_loader(split, *, train: bool, batch_size: int, crop_size: int = 224,

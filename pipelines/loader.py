@@ -18,14 +18,16 @@ Sampling:
   exactly once over all ranks, no padding, so shard lengths differ by at most one (gather the
   results with a size-aware collective, or pad them yourself).
 
-Augmentation randomness comes from torch's generator inside each worker, which DataLoader seeds
-from the loader's own generator (seeded by ``seed`` and ``rank``), so a run is reproducible for a
-given ``workers`` count. With ``workers=0`` the main process's global torch generator is used.
+Augmentation randomness: every train sample's draws come from a torch generator seeded by
+:func:`sample_seeds` from ``(seed, rank, epoch, sample index)`` alone (an
+:class:`AugmentedSampler` hands each index its seed), so a batch is the same whatever the number
+of workers, whether the workers persist across epochs, and in a run resumed at any epoch.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -48,12 +50,13 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, generator = split_key(key)
         try:
             img = load_grey(self.files[i])
         except DataError as e:
             raise ImageDecodeError(str(e)) from None
-        return self.transform(img), int(self.labels[i])
+        return self.transform(img, generator), int(self.labels[i])
 
 
 class EpochSampler(DistributedSampler):
@@ -76,6 +79,34 @@ class EpochSampler(DistributedSampler):
             self.epoch += 1
         self._passes, self._epoch_set = self._passes + 1, False
         yield from super().__iter__()
+
+
+def sample_seeds(seed: int, rank: int, epoch: int, indices) -> np.ndarray:
+    """One uint64 generator seed per sample index, a pure function of ``(seed, rank, epoch,
+    index)``: SplitMix64's finaliser over a per-epoch base drawn by numpy's SeedSequence."""
+    base = np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0]
+    z = base + (np.asarray(indices, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class AugmentedSampler(EpochSampler):
+    """:class:`EpochSampler` yielding ``(index, generator seed)`` (:func:`sample_seeds`): the
+    datasets seed each sample's augmentation draws with it."""
+
+    def __iter__(self):
+        indices = list(super().__iter__())  # decides the epoch
+        seeds = sample_seeds(self.seed, self.rank, self.epoch, indices)
+        yield from zip(indices, seeds.tolist())
+
+
+def split_key(key):
+    """``(index, generator)`` from what a sampler yields: an index (no augmentation draws,
+    evaluation) or ``(index, seed)`` from :class:`AugmentedSampler`."""
+    if isinstance(key, tuple):
+        return key[0], torch.Generator().manual_seed(key[1])
+    return key, None
 
 
 class EvalShardSampler(Sampler):
@@ -118,7 +149,7 @@ def batch_loader(dataset, name: str, *, train: bool, batch_size: int, workers: i
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if train:
-        sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+        sampler = AugmentedSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
         per_rank = math.ceil(len(dataset) / world_size)
         if per_rank < batch_size and (drop_last is None or drop_last):
             raise DataError(f"the {name} split has {len(dataset)} images, fewer than one "
