@@ -11,6 +11,7 @@ import torch
 
 from .atomic import atomic_open
 from .errors import CheckpointError
+from .state_checks import check_finite, check_types, verify_integrity
 
 FORMAT = "pgnm-fast/1"
 
@@ -34,6 +35,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    verify_integrity(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
@@ -45,4 +47,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     for key in ("model", "model_name", "classes", "stage", "epoch", "config"):
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks '{key}': written by another tool or damaged")
+    check_types(state, path)
+    check_finite(state, path)
     return state

@@ -16,6 +16,7 @@ from .metrics import classification_metrics, json_safe
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
+from .state_checks import load_weights
 
 
 def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, batch_size=None,
@@ -55,7 +56,7 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
     remap = np.array([index.get(name, -1) for name in source.classes], dtype=np.int64)
     info = init_distributed(device)
     model = create_model(state["model_name"], len(classes), in_chans=state.get("in_chans", 1))
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], f"checkpoint {checkpoint}")
     model.to(info.device)
     loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
                          crop_size=cfg.val_crop_size, resize_size=cfg.val_resize_size,

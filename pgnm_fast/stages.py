@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
+from .atomic import atomic_open, remove_stale_temporaries, write_error
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
                           gather_to_main, init_distributed)
-from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
-from .atomic import atomic_open, remove_stale_temporaries, write_error
+from .engine import (HeatedStep, PlainStep, check_finite_weights, predict, train_one_epoch,
+                     unwrap)
 from .errors import ConfigError, DataError
 from .folders import check_output_dir, lock_folder
 from .graphs import GraphedStep
@@ -34,6 +35,7 @@ from .pipelines import make_loader
 from .pipelines.check import report_bad
 from .pipelines.sources import open_source
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
+from .state_checks import check_fits, check_weights_fit, load_weights
 
 
 @dataclasses.dataclass
@@ -69,13 +71,17 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
         if resume_state["stage"] != stage:
             raise ConfigError(f"--resume {resume} is a {resume_state['stage']} checkpoint, not {stage}")
         cfg = config_from_dict(resume_state["config"]).replace(**overrides).check()
+        check_fits(resume_state, cfg, resume, "--resume")
     else:
         if init_state is not None:
             if overrides.get("model", init_state["model_name"]) != init_state["model_name"]:
                 raise ConfigError(f"--model {overrides['model']} differs from the checkpoint's "
                                   f"{init_state['model_name']} in {init_from}")
             overrides["model"] = init_state["model_name"]
+            overrides["channels"] = init_state.get("in_chans", 1)  # the trunk's stem decides
         cfg = make_config(stage, preset, **overrides)
+        if init_state is not None:
+            check_fits(init_state, cfg, init_from, "--from")
     info = init_distributed(device)
     data_root = resolve_data(data, (resume_state, init_state), cfg, log)
     source = open_source(data_root, skip_bad=cfg.on_bad_image == "skip")
@@ -87,6 +93,9 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
     classes = list(source.classes)
     if resume_state is not None and list(resume_state["classes"]) != classes:
         raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
+    for state, path, how in ((resume_state, resume, "--resume"), (init_state, init_from, "--from")):
+        if state is not None:
+            check_weights_fit(state, cfg, classes, path, how)
     run_dir = Path(out) if out else (Path(resume).parent if resume else
                                      Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_fresh(run_dir, resume)
@@ -131,14 +140,14 @@ def _load_classifier(model, state: dict, classes: list, log) -> None:
     weights = state["model"]
     if list(state["classes"]) != list(classes):
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = load_weights(model, weights, "the --from checkpoint", strict=False)
         if unexpected or any(not k.startswith("fc.") for k in missing):
             raise ConfigError(f"checkpoint weights do not fit {state['model_name']}: "
                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         log(f"classes differ from the checkpoint's ({len(state['classes'])} -> {len(classes)}): "
             f"new classifier head, trunk loaded")
     else:
-        model.load_state_dict(weights)
+        load_weights(model, weights, "the --from checkpoint")
 
 
 def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
@@ -167,7 +176,7 @@ class Parts:
     policy: torch.nn.Module | None = None
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
-    val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
+    val_masker: torch.nn.Module | None = None  # validation's own, restarted at each validation
 
 
 def _build(run: Run, log) -> Parts:
@@ -191,8 +200,9 @@ def _build(run: Run, log) -> Parts:
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None)
-    val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
-        cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
+    # its own stream, restarted at every validation (_validate): the same masks each epoch,
+    # and a resumed run validates exactly as an uninterrupted one
+    val_masker = make_masker(cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
     return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker)
 
 
@@ -209,10 +219,11 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
     s, cfg = run.resume_state, run.cfg
     if s is None:
         return 0, 0, -math.inf
-    unwrap(parts.model).load_state_dict(s["model"])
+    load_weights(unwrap(parts.model), s["model"], "the --resume checkpoint")
     pairs = [(parts.optimizer, "optimizer", cfg.lr)]
     if parts.policy is not None:
-        unwrap(parts.policy).load_state_dict(s["policy"])
+        load_weights(unwrap(parts.policy), s["policy"], "the --resume checkpoint",
+                     "policy")
         if s["config"].get("impl") == cfg.impl:  # same implementation: continue its mask stream
             parts.masker.load_state_dict(s["masker"])
         pairs.append((parts.policy_optimizer, "policy_optimizer", cfg.effective_policy_lr()))
@@ -298,7 +309,10 @@ def _train(run: Run, log, show_progress) -> Path:
         with atomic_open(run.out / "config.json", "w") as f:
             f.write(json.dumps(dict(dataclasses.asdict(cfg), data=str(run.data_root)),
                                indent=2) + "\n")
-    write = MetricsLog(run.out / "metrics.jsonl").write if info.is_main else (lambda record: None)
+    metrics_log = MetricsLog(run.out / "metrics.jsonl")
+    if info.is_main:
+        metrics_log.keep_until(start_epoch - 1)
+    write = metrics_log.write if info.is_main else (lambda record: None)
     log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
         + f") on {dev}, {len(run.train_split)} train / {len(run.val_split)} val images from "
@@ -321,6 +335,7 @@ def _train(run: Run, log, show_progress) -> Path:
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
+        check_finite_weights((parts.model, parts.policy), epoch)
         broadcast_buffers(unwrap(parts.model), info)
         last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy,
                              parts.val_masker)
@@ -339,13 +354,15 @@ def _train(run: Run, log, show_progress) -> Path:
                 state["averaged"] = averager.state_dict()
                 if averaged_val is not None:  # before last.pt: a crash between can resume
                     write(_save_average(run, averager, parts, averaged_val, state, log))
-            ckpt_io.save_checkpoint(state, run.out / "last.pt")
+            # best.pt, the epoch's record, then last.pt: a kill between them leaves last.pt at
+            # the previous epoch, whose resume replays this one (and drops the record)
             if improved:
                 ckpt_io.save_checkpoint(state, run.out / "best.pt")
             write(dict(kind="epoch", epoch=epoch, step=global_step,
                        seconds=time.perf_counter() - t_epoch, **lrs,
                        **{k if k.startswith("train_") else f"train_{k}": v
                           for k, v in train_stats.items()}, val=json_safe(last_val)))
+            ckpt_io.save_checkpoint(state, run.out / "last.pt")
             mask_note = " (unconditional masks)" if parts.policy is not None else ""
             log(f"epoch {epoch}: loss {train_stats['loss']:.4f} train_top1 "
                 f"{train_stats['train_top1']:.4f} | val{mask_note} {format_metrics(last_val)}")
@@ -381,6 +398,8 @@ def _validate(run: Run, model, val_loader, policy=None, masker=None) -> dict | N
     """Validation metrics of ``model`` on rank 0 (None on the others): every process with a
     loader scores its shard, rank 0 gathers the logits (see ``_loaders``)."""
     scored = None
+    if hasattr(masker, "manual_seed"):  # the reference masker draws from torch's generator
+        masker.manual_seed(run.cfg.seed + 1)
     if val_loader is not None:
         scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
                          masker=masker)
@@ -407,9 +426,30 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
 
+    def keep_until(self, epoch: int) -> None:
+        """Drop the records of epochs after ``epoch`` (a resumed run replays them), so the log
+        holds each epoch once, as an uninterrupted run's does."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [ln for ln in lines if _record_epoch(ln) <= epoch]
+        if len(keep) != len(lines):
+            with atomic_open(self.path, "w") as f:
+                f.writelines(keep)
+
     def write(self, record: dict) -> None:
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise write_error(self.path, e) from None
+
+
+def _record_epoch(line: str) -> int:
+    """The (last) epoch a metrics.jsonl record belongs to; a line cut by a kill counts as after
+    every epoch (dropped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return 1 << 62
+    return max(record.get("epochs") or [record.get("epoch", -1)])

@@ -311,7 +311,7 @@ def test_augmentation_is_a_function_of_seed_rank_epoch_and_index(synth_root):
     """Epoch 1 from two workers that already ran epoch 0 (persistent, as in training) equals
     epoch 1 from a fresh loader without workers (a run resumed at epoch 1)."""
     split = open_source(synth_root).split("train")
-    kw = dict(train=True, batch_size=16, crop_size=24, resize_size=27, seed=7)
+    kw = {"train": True, "batch_size": 16, "crop_size": 24, "resize_size": 27, "seed": 7}
     persistent = build_loader(split, workers=2, **kw)
     for epoch in range(2):
         persistent.sampler.set_epoch(epoch)

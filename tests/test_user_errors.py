@@ -148,7 +148,8 @@ def tmpfs(path: Path, size: str, readonly: bool = False):
     path.mkdir(parents=True, exist_ok=True)
     opts = f"size={size}" + (",ro" if readonly else "")
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs",
-                                            str(path)], capture_output=True).returncode:
+                                            str(path)], capture_output=True,
+                                           check=False).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
         yield path
@@ -248,7 +249,7 @@ def folders(tmp_path):
 
 
 def _first_class(root: Path) -> Path:
-    return sorted((root / "train").iterdir())[0]
+    return min((root / "train").iterdir())
 
 
 @pytest.mark.parametrize("kind", ["symlink-loop", "line-break", "broken-stream"])
@@ -259,12 +260,12 @@ def test_bad_files_are_named_before_anything_runs(folders, tmp_path, kind):
         (cls / "loop2.png").symlink_to("loop1.png")
         bad, needle = cls / "loop", "symbolic links"  # loop1.png or loop2.png
     elif kind == "line-break":
-        victim = sorted(cls.iterdir())[0]
+        victim = min(cls.iterdir())
         bad = cls / "new\nline.png"
         shutil.copy(victim, bad)
         bad, needle = "line.png", "line break"
     else:
-        victim = sorted(cls.iterdir())[0]
+        victim = min(cls.iterdir())
         victim.write_bytes(_broken_stream_png(victim.read_bytes()))
         bad, needle = victim, "broken compressed image data"
     out = tmp_path / "run"
@@ -370,3 +371,75 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume(data, tmp_path):
     assert f"--resume {out / 'last.pt'}" in output
     assert load_checkpoint(out / "last.pt")["epoch"] >= 0
     assert torch.isfinite(load_checkpoint(out / "last.pt")["model"]["fc.weight"]).all()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _forged(run: Path, tmp_path: Path, name: str, **changes) -> Path:
+    """``run``'s last.pt with ``changes`` applied, saved properly (valid checksums)."""
+    from pgnm_fast.checkpoint import save_checkpoint
+    state = torch.load(run / "last.pt", weights_only=True)
+    for key, value in changes.items():
+        if callable(value):
+            value(state)
+        else:
+            state[key] = value
+    path = tmp_path / name / "last.pt"
+    save_checkpoint(state, path)
+    return path
+
+
+def _nan_weight(state):
+    state["model"]["fc.weight"][0, 0] = float("nan")
+
+
+def _heated(state):
+    state.update(stage="heated", policy={}, policy_model="resnet10t")
+    state["config"].update(stage="heated", grid=4, policy_model="resnet10t")
+
+
+def _uses(path: Path):
+    """The three ways a checkpoint is read: eval, --resume, finetune --from."""
+    out = path.parent.parent / "out"
+    return [["eval", "--checkpoint", path, "-j", "0"],
+            ["train", "--no-policy", "--resume", path, "--epochs", "3"],
+            ["finetune", "--from", path, "--out", out, *TINY]]
+
+
+def test_a_flipped_byte_is_found_on_load(run, tmp_path):
+    blob = bytearray((run / "last.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    bad = tmp_path / "flipped" / "last.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(blob))
+    for args in _uses(bad):
+        refused(args, bad, "damaged", untouched=[bad.parent])
+
+
+def test_non_finite_weights_are_refused(run, tmp_path):
+    bad = _forged(run, tmp_path, "nan", model=_nan_weight)
+    for args in _uses(bad):
+        refused(args, bad, "fc.weight", "not finite", untouched=[bad.parent])
+
+
+def test_metadata_of_the_wrong_type_is_refused(run, tmp_path):
+    bad = _forged(run, tmp_path, "types", epoch="3")
+    for args in _uses(bad):
+        refused(args, bad, "'epoch'", untouched=[bad.parent])
+
+
+@pytest.mark.parametrize("flags,flag", [(["--model", "resnet18"], "--model"),
+                                        (["--grid", "8"], "--grid"),
+                                        (["--policy-model", "resnet18"], "--policy-model")])
+def test_resume_with_another_architecture_names_both_sides(run, tmp_path, flags, flag):
+    heated = _forged(run, tmp_path, "heated", stage=_heated)
+    line = refused(["train", "--resume", heated, *flags], heated, flag, flags[1],
+                   untouched=[heated.parent])
+    assert ("resnet10t" if "resnet" in flags[1] else "4") in line
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_header(run, tmp_path):
+    bad = _forged(run, tmp_path, "rgb", in_chans=3)  # 1-channel stem weights, 3 claimed
+    refused(["finetune", "--from", bad, "--out", tmp_path / "ft", *TINY], bad,
+            "do not fit")
+    assert not (tmp_path / "ft").exists()
+    refused(["eval", "--checkpoint", bad, "-j", "0"], bad, "do not fit")
