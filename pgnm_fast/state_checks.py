@@ -87,11 +87,11 @@ def check_fits(state: dict, cfg, path, how: str) -> None:
 
 
 def load_weights(module: torch.nn.Module, weights: dict, source: str,
-                 what: str = "classifier", strict: bool = True):
-    """``module.load_state_dict(weights, strict)``; a mismatch is one line naming ``source``
-    (such as ``checkpoint runs/x/last.pt``). Returns load_state_dict's result."""
+                 what: str = "classifier", strict: bool = True, assign: bool = False):
+    """``module.load_state_dict(weights, strict, assign)``; a mismatch is one line naming
+    ``source`` (such as ``checkpoint runs/x/last.pt``). Returns load_state_dict's result."""
     try:
-        return module.load_state_dict(weights, strict=strict)
+        return module.load_state_dict(weights, strict=strict, assign=assign)
     except RuntimeError as e:
         first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise CheckpointError(f"{source}: its {what} weights do not fit this run's {what} "
@@ -111,9 +111,10 @@ def check_weights_fit(state: dict, cfg, classes: list, path, how: str) -> None:
     if list(state["classes"]) != list(classes):
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         strict = False
-    missing, unexpected = load_weights(model, weights, f"{how} {path}", strict=strict)
+    missing, unexpected = load_weights(model, weights, f"{how} {path}", strict=strict,
+                                       assign=True)  # meta modules take the tensors as they are
     if unexpected or any(not k.startswith("fc.") for k in missing):
         raise CheckpointError(f"{how} {path}: its classifier weights do not fit {cfg.model} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if policy is not None:
-        load_weights(policy, state.get("policy", {}), f"{how} {path}", "policy")
+        load_weights(policy, state.get("policy", {}), f"{how} {path}", "policy", assign=True)

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pgnm_fast.atomic import atomic_open, write_error
+from pgnm_fast.atomic import atomic_open, remove_stale_temporaries, write_error
 from pgnm_fast.errors import DataError
 from pgnm_fast.folders import LOCK_FILE, check_output_dir, lock_folder
 
@@ -224,6 +224,8 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
         raise DataError(f"{data}: no readable image to pack")
     with lock_folder(out, "cache folder"):  # one packer per folder
         _check_unfinished(out)
+        for folder in (out, out / PARTIAL, out / PARTIAL / "chunks"):
+            remove_stale_temporaries(folder)  # of a killed atomic write
         return _pack_locked(source, plan, out, on_bad_image, workers, chunk_size, log,
                             after_chunk)
 

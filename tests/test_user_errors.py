@@ -30,6 +30,7 @@ from pgnm_fast.synth import make_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "-b", "8", "--train-crop-size", "16", "--val-resize-size", "18",
         "--val-crop-size", "16", "--grid", "4", "-j", "0", "--impl", "reference"]
+FINETUNE = TINY[:-6] + ["-j", "0"]  # finetune has no --grid or --impl
 
 
 def digest(path: Path) -> dict:
@@ -402,7 +403,7 @@ def _uses(path: Path):
     out = path.parent.parent / "out"
     return [["eval", "--checkpoint", path, "-j", "0"],
             ["train", "--no-policy", "--resume", path, "--epochs", "3"],
-            ["finetune", "--from", path, "--out", out, *TINY]]
+            ["finetune", "--from", path, "--out", out, *FINETUNE]]
 
 
 def test_a_flipped_byte_is_found_on_load(run, tmp_path):
@@ -439,7 +440,36 @@ def test_resume_with_another_architecture_names_both_sides(run, tmp_path, flags,
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_header(run, tmp_path):
     bad = _forged(run, tmp_path, "rgb", in_chans=3)  # 1-channel stem weights, 3 claimed
-    refused(["finetune", "--from", bad, "--out", tmp_path / "ft", *TINY], bad,
+    refused(["finetune", "--from", bad, "--out", tmp_path / "ft", *FINETUNE], bad,
             "do not fit")
     assert not (tmp_path / "ft").exists()
     refused(["eval", "--checkpoint", bad, "-j", "0"], bad, "do not fit")
+
+
+def test_divergence_in_the_last_update_of_an_epoch_stops_before_saving(data, tmp_path):
+    """One step per epoch: the loss read by the epoch loop is from before the update that
+    diverges; the weights (and the validation outputs) are checked after it, before saving."""
+    from pgnm_fast.pipelines.sources import open_source
+    n_train = len(open_source(data).split("train"))
+    out = tmp_path / "run"
+    refused(["train", "--no-policy", "--data", data, "--out", out, *TINY, "-b", n_train,
+             "--lr", "1e30", "--momentum", "0"], "diverged", code=3)
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_non_finite_weights_after_an_update_stop_the_epoch():
+    from pgnm_fast.engine import TrainingDiverged, check_finite_weights
+    model, policy = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    check_finite_weights((model, None, policy), 4)
+    with torch.no_grad():
+        policy.weight[1, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="epoch 4"):
+        check_finite_weights((model, None, policy), 4)
+
+
+def test_eval_of_weights_whose_outputs_overflow(run, tmp_path):
+    def huge(state):
+        state["model"]["fc.weight"].mul_(1e38)
+
+    bad = _forged(run, tmp_path, "huge", model=huge)
+    refused(["eval", "--checkpoint", bad, "-j", "0"], "NaN or infinite", code=3)
