@@ -22,12 +22,12 @@ Data: a synthetic RadImageNet-like set of 224 x 224 grey PNGs (:mod:`pgnm_fast.s
 folders), made once under ``$PGNM_FAST_CACHE`` and packed once beside it. A round is one epoch
 of the train split after a warm-up epoch (worker processes and pipelines started); the table
 printed at the end gives the median images/s per path and its ratio to ``torch-png``, and the
-CPU time spent per image (this process and its worker processes, from ``/proc``): on a machine
+CPU time spent per image (this process and its worker processes, from ``/proc``): on a host
 shared with other jobs images/s drifts with the load, CPU time per image much less, and on an
-idle machine whose cores every path keeps busy the two ratios agree. Each benchmark's
-``extra_info`` holds the same numbers. The targets of the issue are printed beside
-them (on a 2-core CPU: DALI CPU 1.5x and the cache 3x the baseline; on a GPU: 10,000 images/s
-from the cache); they are reported, not asserted, because a shared machine's timings vary.
+idle host whose cores every path keeps busy the two ratios agree. Each benchmark's
+``extra_info`` holds the same numbers. The performance goals are printed beside them (on a
+2-core CPU: DALI CPU 1.5x and the cache 3x the baseline; on a GPU: 10,000 images/s from the
+cache); they are reported, not asserted, because timings on a shared host vary.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ import torch
 
 # Benchmarks time the real thing: compiled Triton on a GPU, the torch fast path on the CPU.
 os.environ.pop("TRITON_INTERPRET", None)
-# PGNM_BENCH_THREADS=N pins torch's CPU threads: on a shared 2-core machine, a busy neighbour makes
-# every 2-thread parallel region wait for a descheduled thread (milliseconds per op).
+# PGNM_BENCH_THREADS=N pins torch's CPU threads: on a 2-core host shared with other jobs, a busy
+# neighbour makes every 2-thread parallel region wait for a descheduled thread (milliseconds per op).
 if os.environ.get("PGNM_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["PGNM_BENCH_THREADS"]))
 

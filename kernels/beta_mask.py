@@ -1,4 +1,4 @@
-"""Triton kernels for the PGNM sample + score step (SPEC section 4), and their launchers.
+"""Triton kernels for the PGNM sample + score step (docs/method.md §4), and their launchers.
 
 One program per image (row of B x G^2): it walks the row in blocks and, per cell,
 - draws m ~ Beta(alpha, beta), alpha = exp(a~), beta = exp(b~), as G_a / (G_a + G_b) from the
@@ -138,7 +138,7 @@ def _beta_sample_score_kernel(a_ptr, b_ptr, state_ptr, m_ptr, logp_ptr, sa_ptr, 
 @triton.jit
 def _score_backward_kernel(gs_ptr, s_ptr, logp_ptr, sa_ptr, sb_ptr, ga_ptr, gb_ptr, N, stride_gs,
                            BLOCK: tl.constexpr):
-    """dS/da~ = gS * w * sa and dS/db~ = gS * w * sb with w = exp(log p - S) (SPEC section 4)."""
+    """dS/da~ = gS * w * sa and dS/db~ = gS * w * sb with w = exp(log p - S) (docs/method.md §4)."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < N

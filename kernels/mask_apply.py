@@ -1,4 +1,4 @@
-"""Triton kernel for the PGNM apply step (SPEC section 3): images * (A_h @ m @ A_w^T).
+"""Triton kernel for the PGNM apply step (docs/method.md §3): images * (A_h @ m @ A_w^T).
 
 One program per (tile of BH x BW output pixels, group of IMAGES images). For each image it forms
 its tile of the mask from the bands of A_h, A_w and m the tile needs (see :mod:`.mask_plan`; a few

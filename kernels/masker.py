@@ -3,7 +3,8 @@
 ``FastMasker(grid, crop_size, seed=0, backend="auto")`` is an ``nn.Module``:
 
 - ``sample_score(a~, b~) -> (m, S)``: m float32 (B, G*G) without gradient, S (B,) differentiable in
-  a~ and b~ (the backward is the closed form of SPEC section 4, from terms saved by the forward);
+  a~ and b~ (the backward is the closed form of docs/method.md §4, from terms saved by the
+  forward);
 - ``apply(images, m) -> masked images`` in the images' dtype and memory format;
 - buffers: ``rng_state`` int64 [seed, step] (read by the kernel, advanced by one on the device after
   every ``sample_score``: a replayed CUDA graph draws fresh masks, the same seed repeats them),

@@ -1,6 +1,6 @@
 """The PGNM mask step in plain PyTorch: the reference every fast path is checked against.
 
-SPEC sections 3 and 4, written for clarity, not speed:
+docs/method.md §3 and §4, written for clarity, not speed:
 - sample m ~ Beta(exp a~, exp b~) per grid cell with ``torch.distributions`` (no gradient through m),
 - score it: log p per cell, S = logsumexp over the cells of each image (stable form),
 - mask the normalised image with nearest-upsample + reflect-padded Gaussian blur (k 13, sigma 6)
@@ -92,7 +92,7 @@ def apply_mask(images: torch.Tensor, m: torch.Tensor, kernel_size: int = BLUR_KE
 
 
 def beta_log_prob(m: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """log Beta(m; alpha, beta), SPEC section 4 (differentiable in alpha and beta)."""
+    """log Beta(m; alpha, beta), docs/method.md §4 (differentiable in alpha and beta)."""
     return ((alpha - 1) * torch.log(m) + (beta - 1) * torch.log1p(-m)
             - torch.lgamma(alpha) - torch.lgamma(beta) + torch.lgamma(alpha + beta))
 

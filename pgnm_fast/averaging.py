@@ -1,5 +1,5 @@
-"""``--average-last K``: the classifier's weights averaged over its last K epochs (SPEC 5, the
-fine-tune stage's option), with :class:`torch.optim.swa_utils.AveragedModel`.
+"""``--average-last K``: the classifier's weights averaged over its last K epochs (docs/method.md §5,
+the fine-tune stage's option), with :class:`torch.optim.swa_utils.AveragedModel`.
 
 The average is the plain mean of the weights and the BatchNorm statistics as they stand at the
 end of each of epochs ``epochs - K`` .. ``epochs - 1`` (the integer ``num_batches_tracked``

@@ -1,11 +1,11 @@
 """`pgnm-fast compare`: does PGNM beat plain training on this data? One command, the paper's
-protocol (SPEC 5 and 6): the heated stage, its fine-tune, and the baseline (the same classifier
-trained the same way without masks), then both final models on the test split, paired.
+protocol (docs/method.md §5 and §6): the heated stage, its fine-tune, and the baseline (the same
+classifier trained the same way without masks), then both final models on the test split, paired.
 
 Runs go to ``OUT/heated``, ``OUT/finetune`` and ``OUT/baseline``. Running the same command again
 continues where it stopped: a finished stage is reused, an interrupted one resumed from its
-``last.pt``. The report (printed, and ``OUT/compare.json``) gives SPEC 6's metrics of both models
-on the test split, and for top-1, balanced accuracy and macro F1 the difference PGNM - baseline
+``last.pt``. The report (printed, and ``OUT/compare.json``) gives the metrics of docs/method.md §6
+of both models on the test split, and for top-1, balanced accuracy and macro F1 the difference PGNM - baseline
 with a 95% paired bootstrap interval over the test images and the share of resamples in which
 PGNM is ahead, plus each stage's wall time.
 """

@@ -31,12 +31,12 @@ class TrainConfig:
     lr_gamma: float = 0.1
     lr_warmup_epochs: int = 0
     lr_warmup_decay: float = 0.01    # warm-up starts at lr * lr_warmup_decay
-    policy_lr: float | None = None   # default lr / 10, cosine to 0 over the epochs (SPEC 5)
+    policy_lr: float | None = None   # default lr / 10, cosine to 0 over the epochs (docs/method.md §5)
     grid: int = 64
     train_crop_size: int = 224
     val_resize_size: int = 256
     val_crop_size: int = 224
-    channels: int = 1                # grey data through a 1-channel stem (exact, SPEC 1)
+    channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
     workers: int = 8
     loader: str = "auto"             # data loading: auto (DALI if installed), dali, torch
     on_bad_image: str = "error"      # a file that cannot be used: stop (error) or leave out (skip)
@@ -46,7 +46,7 @@ class TrainConfig:
     sync_bn: bool = True             # SyncBatchNorm when distributed (the authors' setting)
     seed: int = 0
     print_freq: int = 20             # read device-side metrics every N steps
-    average_last: int = 0            # also save the mean of the last N epochs' weights (SPEC 5)
+    average_last: int = 0            # also save the mean of the last N epochs' weights (docs/method.md §5)
     synth_images: int = 2400         # size of the embedded default data set
     synth_size: int = 96
 
@@ -124,7 +124,8 @@ class TrainConfig:
             raise ConfigError(f"--seed must be in [0, 2**32), not {self.seed}")
 
 
-# The authors' settings (SPEC 5): heated and baseline 90 epochs, fine-tune 10 with warm-up.
+# The authors' settings (docs/method.md §5): heated and baseline 90 epochs, fine-tune 10 with
+# warm-up.
 # Their global batch was 8 GPUs x 32 (heated) and 4 x 64 (fine-tune); our batch size is per
 # process, so `torchrun --nproc_per_node 8` with the paper preset reproduces it.
 PAPER = {

@@ -39,8 +39,8 @@ def unwrap(module):
 
 
 class HeatedStep:
-    """SPEC sections 3-5: policy -> a~, b~ -> sample + score -> mask -> classifier -> mean(S)*CE;
-    one backward, both optimisers step, then the EMA of the policy's base buffers."""
+    """docs/method.md §3-§5: policy -> a~, b~ -> sample + score -> mask -> classifier ->
+    mean(S) * CE; one backward, both optimisers step, then the EMA of the policy's base buffers."""
 
     def __init__(self, model, policy, masker, optimizer, policy_optimizer, amp: bool, device,
                  ema_sync=None):

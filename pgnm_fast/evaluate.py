@@ -1,4 +1,4 @@
-"""`pgnm-fast eval`: a checkpoint's classifier on a split, scored with SPEC section 6's metrics."""
+"""`pgnm-fast eval`: a checkpoint's classifier on a split, scored with the metrics of docs/method.md §6."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Evaluation metrics of SPEC section 6, computed with scikit-learn over the classes present.
+"""Evaluation metrics of docs/method.md §6, computed with scikit-learn over the classes present.
 
 Inputs are logits (or log-probabilities): softmax scores are formed in float64 here, so a peaked
 model's scores never underflow to an all-zero row. A test split that lacks some classes (small or

@@ -1,4 +1,4 @@
-"""The PGNM objective (SPEC section 4): one scalar, one backward, both optimisers step."""
+"""The PGNM objective (docs/method.md §4): one scalar, one backward, both optimisers step."""
 from __future__ import annotations
 
 import torch

@@ -40,5 +40,5 @@ def build_lr_scheduler(optimizer, cfg, start_epoch: int = 0):
 
 
 def build_policy_lr_scheduler(optimizer, cfg, start_epoch: int = 0):
-    """Policy: cosine from its lr to 0 over the stage's epochs (SPEC section 5)."""
+    """Policy: cosine from its lr to 0 over the stage's epochs (docs/method.md §5)."""
     return fast_forward(sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs), start_epoch)

@@ -14,7 +14,7 @@ orientation and contrast jitter, and images of one synthetic patient share its b
 task is learnable but not trivial. Images are grouped into patients; the train/val/test split
 (about 70/15/15) is by patient, per class, so every class is in every split.
 
-Layouts (see SPEC section 1):
+Layouts (see docs/method.md §1):
 
 - ``"radimagenet"``: ``out/radiology_ai/{CT,MR}/<anatomy>/<label>/*.png``,
   ``out/radiology_ai/US/<label>/*.png`` and ``out/RadiologyAI_{train,val,test}.csv`` with columns
@@ -48,7 +48,7 @@ INFO_FILE = "pgnm_fast_synth.json"
 SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}  # train gets the rest, at least one patient each
 
 # (modality, anatomy or None for US, label)
-CLASS_SPECS = [
+CLASS_PARTS = [
     ("CT", "abdomen", "normal"), ("CT", "abdomen", "nodule"), ("CT", "abdomen", "cyst"),
     ("CT", "chest", "normal"), ("CT", "chest", "nodule"),
     ("MR", "brain", "normal"), ("MR", "brain", "nodule"), ("MR", "brain", "cyst"),
@@ -62,7 +62,7 @@ def class_name(modality: str, anatomy: str | None, label: str) -> str:
     return "__".join(p for p in (modality, anatomy, label) if p)
 
 
-CLASSES = sorted(class_name(*c) for c in CLASS_SPECS)
+CLASSES = sorted(class_name(*c) for c in CLASS_PARTS)
 
 
 # ----------------------------------------------------------------------------- image synthesis
@@ -235,7 +235,7 @@ def _render(rng, spec, patient_of, size):
 # ----------------------------------------------------------------------------- data set
 def _plan(images, seed):
     """Per class: image count, patient of each image, split of each patient, patient numbers."""
-    k = len(CLASS_SPECS)
+    k = len(CLASS_PARTS)
     if images < 3 * k:
         raise ValueError(f"make_synthetic needs at least {3 * k} images (3 per class), "
                          f"got {images}")
@@ -298,7 +298,7 @@ def _write(out: Path, images: int, seed: int, size: int, layout: str) -> None:
     rows = {"train": [], "val": [], "test": []}
     made = set()
     plans = _plan(images, seed)
-    for ci, (spec, (patient_of, split_of, pids)) in enumerate(zip(CLASS_SPECS, plans)):
+    for ci, (spec, (patient_of, split_of, pids)) in enumerate(zip(CLASS_PARTS, plans)):
         modality, anatomy, label = spec
         pixels = _render(np.random.default_rng([seed, ci, 3]), spec, patient_of, size)
         stem = "-".join(p for p in (modality.lower(), anatomy, label) if p)

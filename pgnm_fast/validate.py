@@ -13,7 +13,7 @@ Checks, each with its stated threshold (all in the JSON):
    below LEVEL = 1%). The same tests must *reject* a deliberately wrong sampler (alpha and beta
    swapped) on the pairs where that changes the law: the ``power`` rows.
 2. Scores on shared samples: log p, S and the gradients of sum_b g_b S_b (random g) from the fast
-   path against float64 on the very samples it drew (``beta_log_prob`` and the SPEC section 4
+   path against float64 on the very samples it drew (``beta_log_prob`` and the docs/method.md §4
    closed form). Error bounds are float32 condition bounds, C eps x (sum of the magnitudes the
    float32 computation goes through, including the sensitivity to rounding alpha = exp(a~));
    ``norm`` = max error / bound must be <= 1. Plain max abs and relative errors are reported too.

@@ -1,7 +1,7 @@
 """Data pipelines, imported as ``pgnm_fast.pipelines``: sources (layouts), transforms, the plain
 PyTorch loader, the DALI pipelines, the packed cache and :func:`make_loader`, which picks one.
-DALI itself is imported only when a DALI loader is built, so this package imports on machines
-without DALI."""
+DALI itself is imported only when a DALI loader is built, so this package imports where DALI
+is not installed."""
 from .factory import make_loader, resolve_backend
 from .loader import build_loader
 from .sources import DataSource, Split, open_source

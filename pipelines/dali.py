@@ -1,4 +1,5 @@
-"""DALI pipelines: SPEC section 1 transforms from PNG files or a packed cache, GPU or CPU-only.
+"""DALI pipelines: the transforms of docs/method.md §1 from PNG files or a packed cache, GPU or
+CPU-only.
 
 One graph for both variants, only device placement differs (``device`` a CUDA device: decode
 with the ``mixed`` decoder where DALI can, everything after it on the GPU; ``device=None`` or a

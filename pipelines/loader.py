@@ -1,4 +1,5 @@
-"""The plain PyTorch loader: PIL decode + SPEC section 1 transforms in DataLoader workers.
+"""The plain PyTorch loader: PIL decode and the transforms of docs/method.md §1 in
+DataLoader workers.
 
 The fallback where DALI is missing and the baseline of the pipeline benchmarks. Yields
 ``(images, labels)``: float32 ``[N, C, H, W]`` normalised, int64 ``[N]``.

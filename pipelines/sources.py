@@ -1,4 +1,4 @@
-"""Data sources: one interface over the data layouts of SPEC section 1.
+"""Data sources: one interface over the data layouts of docs/method.md §1.
 
 ``open_source(path)`` detects the layout and returns a :class:`DataSource`; ``source.split(name)``
 gives a :class:`Split` (absolute file paths and int64 labels over ``source.classes``), which the

@@ -1,4 +1,5 @@
-"""SPEC section 1 image transforms on PIL images, with torchvision's semantics, without torchvision.
+"""The image transforms of docs/method.md §1 on PIL images, with torchvision's semantics, without
+torchvision.
 
 Train (``ClassificationPresetTrain``): RandomResizedCrop(crop_size, scale 0.08-1, ratio 3/4-4/3,
 bilinear) -> RandomHorizontalFlip(0.5) -> float in [0, 1] -> Normalize(mean, std).

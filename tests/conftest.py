@@ -1,4 +1,4 @@
-"""Shared fixtures: one small synthetic data set per session, in both layouts."""
+"""Shared fixtures: one small synthetic data set per test run, in both layouts."""
 import os
 
 # Triton chooses interpreted or compiled code when a kernel is decorated (@triton.jit), so this must

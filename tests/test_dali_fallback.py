@@ -1,4 +1,4 @@
-"""Without DALI (as on a GPU machine that lacks it): the package imports, `auto` falls back to
+"""Without DALI (as on a GPU host where it is not installed): the package imports, `auto` falls back to
 the plain loader and says so once, `--loader dali` is a one-line error, training runs."""
 import sys
 

@@ -1,4 +1,4 @@
-"""Networks of SPEC section 2 and the policy of SPEC section 3.
+"""Networks of docs/method.md §2 and the policy of docs/method.md §3.
 
 Reference numbers: timm publishes parameter counts rounded to 0.01 M (results/benchmark-*.csv in
 huggingface/pytorch-image-models: resnet10t 5.44, resnet18 11.69, resnet50 25.56); the exact counts

@@ -82,7 +82,8 @@ def test_stable_logsumexp_equals_naive_where_finite_and_stays_finite():
 
 
 def test_sample_and_score_gradients_match_closed_form():
-    """SPEC section 4: dS/da~ = alpha * w * (log m - psi(alpha) + psi(alpha+beta)), same for b~."""
+    """docs/method.md §4: dS/da~ = alpha * w * (log m - psi(alpha) + psi(alpha+beta)), same for
+    b~."""
     g = torch.Generator().manual_seed(5)
     a_t = torch.empty(4, 64).uniform_(-2, 3, generator=g).requires_grad_()
     b_t = torch.empty(4, 64).uniform_(-2, 3, generator=g).requires_grad_()

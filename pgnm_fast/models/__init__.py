@@ -1,4 +1,4 @@
-"""Classifier and policy networks (SPEC section 2), timm-compatible without timm."""
+"""Classifier and policy networks (docs/method.md §2), timm-compatible without timm."""
 from __future__ import annotations
 
 import math

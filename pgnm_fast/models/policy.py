@@ -1,4 +1,4 @@
-"""The PGNM policy network (SPEC section 2 and 3).
+"""The PGNM policy network (docs/method.md §2 and §3).
 
 Module names follow the authors' `MaskGenerator` (create_model.py in
 ogrenenmakine/Policy-Gradient-Driven-Noise-Mask): `fe` is the timm resnet10t trunk without head,
@@ -8,7 +8,7 @@ checkpoints load by name. The authors keep the base tensors outside the module (
 buffers of the same names, and `policy_state_from_authors` merges the two into one state dict.
 
 Unlike the authors' forward, the heads run once per step and the base update is a separate,
-in-place, graph-capturable method (SPEC section 7).
+in-place, graph-capturable method (docs/method.md §7 and §8).
 """
 from __future__ import annotations
 

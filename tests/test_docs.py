@@ -1,0 +1,41 @@
+"""The method is cited from inside the repository: every reference to docs/method.md names a
+section that exists there, and no file points at an outside specification."""
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUFFIXES = {".py", ".md", ".sh", ".toml"}
+SKIP_DIRS = {"__pycache__", "build", "dist", "runs"}
+REFERENCE = re.compile(r"docs/method\.md ((?:§\d+(?:\s*(?:,|and|-)\s*)?)+)")
+
+
+def _text_files():
+    """The repository's text files; hidden folders (.venv, .git) and build outputs are not walked."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS
+                   and not d.endswith(".egg-info")]
+        for name in files:
+            if Path(name).suffix in SUFFIXES:
+                yield Path(folder) / name
+
+
+def test_method_references_name_existing_sections():
+    method = (ROOT / "docs" / "method.md").read_text()
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", method, flags=re.MULTILINE)}
+    assert sections == set(range(1, 10)), sections
+    cited = {}
+    for path in _text_files():
+        for match in REFERENCE.finditer(path.read_text(errors="replace")):
+            for number in re.findall(r"§(\d+)", match.group(1)):
+                cited.setdefault(int(number), []).append(path.relative_to(ROOT).as_posix())
+    assert cited, "no file cites docs/method.md"
+    missing = {n: files for n, files in cited.items() if n not in sections}
+    assert not missing, f"references to sections docs/method.md lacks: {missing}"
+
+
+def test_no_reference_to_an_outside_specification():
+    outside = re.compile(r"\b" + "SP" + r"EC\b")  # spelled apart so that this file does not match
+    offenders = [path.relative_to(ROOT).as_posix() for path in _text_files()
+                 if outside.search(path.read_text(errors="replace"))]
+    assert not offenders, f"cite docs/method.md instead in: {offenders}"
