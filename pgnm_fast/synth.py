@@ -261,9 +261,9 @@ def _plan(images, seed):
 def check_options(images: int, seed: int, size: int) -> None:
     """One line naming the flag (``--images``, ``--seed``, ``--size``) that is out of range."""
     from pgnm_fast.errors import ConfigError
-    if images < 3 * len(CLASS_SPECS):
-        raise ConfigError(f"--images must be at least {3 * len(CLASS_SPECS)} (3 per class, "
-                          f"{len(CLASS_SPECS)} classes), not {images}")
+    if images < 3 * len(CLASS_PARTS):
+        raise ConfigError(f"--images must be at least {3 * len(CLASS_PARTS)} (3 per class, "
+                          f"{len(CLASS_PARTS)} classes), not {images}")
     if not 0 <= seed < 2 ** 32:
         raise ConfigError(f"--seed must be in [0, 2**32), not {seed}")
     if not MIN_SIZE <= size <= MAX_SIZE:
