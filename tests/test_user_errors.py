@@ -473,3 +473,17 @@ def test_eval_of_weights_whose_outputs_overflow(run, tmp_path):
 
     bad = _forged(run, tmp_path, "huge", model=huge)
     refused(["eval", "--checkpoint", bad, "-j", "0"], "NaN or infinite", code=3)
+
+
+def test_a_killed_generation_leaves_no_temporary_folder_for_good(tmp_path):
+    """The temporary folder of a generation whose process is gone is removed by the next one;
+    that of a live process is left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".data.tmp-{dead}-x1"
+    live = tmp_path / f".data.tmp-{os.getpid()}-x2"
+    for folder in (stale, live):
+        (folder / "radiology_ai").mkdir(parents=True)
+    make_synthetic(tmp_path / "data", images=39, seed=0, size=8)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", live.name])
