@@ -4,7 +4,7 @@ reference, at the authors' shapes (G = 64, 224 x 224, B = 32 / 64 / 256, 1 and 3
     python -m pytest bench/bench_kernels.py --benchmark-only [--benchmark-json FILE]
 
 - ``sample_score``: sample + score forward and the backward of sum(S) (the REINFORCE part);
-- ``apply``: the masked images from m;
+- ``mask_apply``: the masked images from m;
 - ``step``: both together, what one training step spends on the mask.
 On a GPU also: the apply's achieved bytes/s against a measured device-to-device copy of the same
 bytes (CUDA-event timing, L2 flushed, ``triton.testing.do_bench``), and sweeps of the kernels'
@@ -79,10 +79,10 @@ def test_sample_score(benchmark, impl, batch):
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("batch", BATCHES)
-def test_apply(benchmark, impl, batch, channels):
+def test_mask_apply(benchmark, impl, batch, channels):
     masker, _, _, x, m = _setup(impl, batch, channels)
-    _bench(benchmark, lambda: masker.apply(x, m), f"apply B={batch} C={channels}",
-           op="apply", impl=impl, batch=batch, channels=channels)
+    _bench(benchmark, lambda: masker.apply(x, m), f"mask_apply B={batch} C={channels}",
+           op="mask_apply", impl=impl, batch=batch, channels=channels)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
@@ -159,7 +159,7 @@ def summarize(bench_json, validate_json=None, tests_xml=None) -> dict:
         data = json.load(fh)
     rows = [dict(b["extra_info"], median_s=b["stats"]["median"], name=b["name"]) for b in data["benchmarks"]]
     med = {(r["op"], r["impl"], r["batch"], r["channels"]): r["median_s"] for r in rows
-           if r["op"] in ("sample_score", "apply", "step")}
+           if r["op"] in ("sample_score", "mask_apply", "step")}
     speedups = []
     for (op, impl, batch, channels), t in sorted(med.items()):
         ref = med.get((op, "reference", batch, channels))

@@ -4,7 +4,7 @@
 #     bash bench/run_gpu.sh            # tests, validate, bench (under 10 minutes, each step time-boxed)
 #     bash bench/run_gpu.sh bench      # or any of: tests validate bench
 #
-# 1. tests:    the kernel tests, compiled on the GPU (test_kernels_*, the GPU-only ones included),
+# 1. tests:    the kernel tests, compiled on the GPU (tests/kernels/, the GPU-only ones included),
 #              and --graphs: real CUDA-graph capture and replay against the eager step
 # 2. validate: pgnm-fast validate --device cuda --json
 # 3. bench:    bench/bench_kernels.py (fast vs reference, bandwidth vs copy, launch sweeps)
@@ -61,9 +61,9 @@ run() {  # run NAME TIMEOUT CMD...: time-boxed, status kept, output kept
 for step in $steps; do
     case $step in
         tests)
-            run tests 240 "$PY" -m pytest tests/test_kernels_special.py tests/test_kernels_beta_mask.py \
-                tests/test_kernels_mask_apply.py tests/test_kernels_masker.py tests/test_kernels_gpu.py \
-                tests/test_reference.py tests/test_graphs.py tests/test_graphs_gpu.py -q -rs -p no:cacheprovider --junitxml="$raw/$device-tests.xml" ;;
+            run tests 240 "$PY" -m pytest tests/kernels/test_special.py tests/kernels/test_sample_score.py \
+                tests/kernels/test_mask_apply.py tests/kernels/test_masker.py tests/kernels/test_kernels_gpu.py \
+                tests/kernels/test_reference.py tests/test_graphs.py tests/test_graphs_gpu.py -q -rs -p no:cacheprovider --junitxml="$raw/$device-tests.xml" ;;
         validate)
             run validate 100 "$PY" -m pgnm_fast.validate --device "$target" --json "$raw/$device-validate.json" ;;
         bench)

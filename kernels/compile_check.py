@@ -5,30 +5,30 @@
 with TRITON_INTERPRET unset (decorated functions are interpreted otherwise). It goes through
 Triton's whole pipeline down to a cubin (its bundled ptxas), so it catches what the interpreter
 cannot: loop-carried types, dot shapes, layouts. Prints one line per variant and stops with an
-error at the first failure. Used by tests/test_kernels_compile.py."""
+error at the first failure. Used by tests/kernels/test_compile_check.py."""
 import sys
 
 from triton import next_power_of_2 as triton_next_pow2
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from pgnm_fast.kernels import beta_mask, mask_apply
+from pgnm_fast.kernels import mask_apply, sample_score
 
 F32 = "*fp32"
 
 
 def variants():
     for dt in ("fp32", "bf16", "fp16"):
-        yield ("sample_score", dt), beta_mask._beta_sample_score_kernel, {
+        yield ("sample_score", dt), sample_score._sample_score_kernel, {
             "a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "state_ptr": "*i64", "m_ptr": F32, "logp_ptr": F32,
             "sa_ptr": F32, "sb_ptr": F32, "s_ptr": F32, "flag_ptr": "*u8", "stride_ar": "i32",
             "stride_ac": "i32", "stride_br": "i32", "stride_bc": "i32"}, \
-            {"N": 4096, "ROUNDS": beta_mask.ROUNDS, "BLOCK": beta_mask.BLOCK}, beta_mask.NUM_WARPS
-        yield ("score_backward", dt), beta_mask._score_backward_kernel, {
+            {"N": 4096, "ROUNDS": sample_score.ROUNDS, "BLOCK": sample_score.BLOCK}, sample_score.NUM_WARPS
+        yield ("score_backward", dt), sample_score._score_backward_kernel, {
             "gs_ptr": F32, "s_ptr": F32, "logp_ptr": F32, "sa_ptr": F32, "sb_ptr": F32,
             "ga_ptr": f"*{dt}", "gb_ptr": f"*{dt}", "N": "i32", "stride_gs": "i32"}, {"BLOCK": 1024}, 4
     for dt, channels in (("bf16", 1), ("fp32", 3), ("bf16", 3), ("fp16", 2)):
-        yield ("apply", dt, channels), mask_apply._mask_apply_kernel, {
+        yield ("mask_apply", dt, channels), mask_apply._mask_apply_kernel, {
             "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "m_ptr": F32, "ah_ptr": F32, "aw_ptr": F32,
             "hs_ptr": "*i32", "ws_ptr": "*i32", "B": "i32", "H": "i32", "W": "i32", "G": "i32",
             **{name: "i32" for name in ("sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw")}}, \

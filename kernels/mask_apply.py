@@ -1,4 +1,5 @@
-"""Triton kernel for the PGNM apply step (docs/method.md §3): images * (A_h @ m @ A_w^T).
+"""The PGNM mask_apply op (docs/method.md §3): images * (A_h @ m @ A_w^T), as a Triton kernel with its
+launcher and in plain torch for the CPU (:func:`mask_apply_torch`).
 
 One program per (tile of BH x BW output pixels, group of IMAGES images). For each image it forms
 its tile of the mask from the bands of A_h, A_w and m the tile needs (see :mod:`.mask_plan`; a few
@@ -15,10 +16,9 @@ computes: the kernel is bound by memory, not by the two small dots.
 """
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+import torch
 
-from .special import cast_for_store
+from .special import cast_for_store, tl, triton
 
 
 @triton.jit
@@ -70,7 +70,7 @@ IMAGES_PER_PROGRAM = 4
 NUM_WARPS = 8
 
 
-def apply(images, out, m, plan_h, plan_w, starts_h, starts_w, a_h, a_w,
+def launch_mask_apply(images, out, m, plan_h, plan_w, starts_h, starts_w, a_h, a_w,
           images_per_program: int | None = None, num_warps: int | None = None):
     """Launch the apply kernel: ``out`` (same shape as ``images``) gets images * mask(m).
 
@@ -88,3 +88,13 @@ def apply(images, out, m, plan_h, plan_w, starts_h, starts_w, a_h, a_w,
         CP=triton.next_power_of_2(channels), IMAGES=per,
         num_warps=num_warps or NUM_WARPS)
     return out
+
+
+def mask_apply_torch(images: torch.Tensor, m: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """The CPU path: images * (A_h @ m @ A_w^T), broadcast over channels, float32 math, the images'
+    dtype and layout."""
+    grid = a_h.shape[1]
+    with torch.autocast(images.device.type, enabled=False):
+        mask = torch.matmul(torch.matmul(a_h, m.view(-1, grid, grid)), a_w.t()).unsqueeze(1)
+        out = torch.empty_like(images)  # keeps channels-last; bf16 * float32 is computed in float32
+        return torch.mul(images, mask, out=out)

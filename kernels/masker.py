@@ -21,66 +21,24 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_fast
 from .mask_plan import TILE, axis_plan
 from .reference import BLUR_KERNEL_SIZE, BLUR_SIGMA, _pair
 
+ROUNDS = 8  # = sample_score.ROUNDS (the module is imported on first use)
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _IMAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_CELLS = (1 << 32) // (torch_fast.ROUNDS + 1)  # Philox counter: cell * (ROUNDS + 1) + round < 2^32
-
-
-def _empty(shape, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Every output buffer of the Triton path comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_MAX_CELLS = (1 << 32) // (ROUNDS + 1)  # Philox counter: cell * (ROUNDS + 1) + round < 2^32
 
 
 def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """The output of the Triton apply (tests poison it with NaN)."""
     return torch.empty_like(tensor)
 
 
-def _triton_modules():
-    from . import beta_mask, mask_apply  # imports triton: only when the Triton backend runs
-    return beta_mask, mask_apply
-
-
-def sample_score_parts(a_tilde, b_tilde, state, flag, use_triton: bool, launch: dict | None = None):
-    """The forward of the sample + score step: (m, logp, sa, sb, S), all float32, no autograd.
-
-    Reads ``state`` [seed, step] without advancing it; sets ``flag`` on non-finite input or S."""
-    if not use_triton:
-        return torch_fast.sample_score(a_tilde, b_tilde, state, flag)
-    beta_mask, _ = _triton_modules()
-    rows, n = a_tilde.shape
-    dev = a_tilde.device
-    out = tuple(_empty((rows, n), device=dev) for _ in range(4)) + (_empty((rows,), device=dev),)
-    beta_mask.sample_score(a_tilde, b_tilde, state, flag, out, **(launch or {}))
-    return out
-
-
-class _SampleScore(torch.autograd.Function):
-    """(m, S) from (a~, b~); gradients reach a~ and b~ through S only."""
-
-    @staticmethod
-    def forward(ctx, a_tilde, b_tilde, state, flag, use_triton, launch):
-        m, logp, sa, sb, s = sample_score_parts(a_tilde, b_tilde, state, flag, use_triton, launch)
-        ctx.save_for_backward(s, logp, sa, sb)
-        ctx.dtypes = (a_tilde.dtype, b_tilde.dtype)
-        ctx.use_triton = use_triton
-        ctx.mark_non_differentiable(m)
-        return m, s
-
-    @staticmethod
-    def backward(ctx, grad_m, grad_s):
-        s, logp, sa, sb = ctx.saved_tensors
-        if ctx.use_triton:
-            beta_mask, _ = _triton_modules()
-            grad_a = _empty(logp.shape, ctx.dtypes[0], logp.device)
-            grad_b = _empty(logp.shape, ctx.dtypes[1], logp.device)
-            beta_mask.score_backward(grad_s, s, logp, sa, sb, grad_a, grad_b)
-        else:
-            grad_a, grad_b = torch_fast.score_backward(grad_s, s, logp, sa, sb, *ctx.dtypes)
-        return grad_a, grad_b, None, None, None, None
+def _ops():
+    # imported on first use: importing triton decides interpreted or compiled kernels
+    from . import mask_apply, sample_score
+    return sample_score, mask_apply
 
 
 class FastMasker(torch.nn.Module):
@@ -136,7 +94,7 @@ class FastMasker(torch.nn.Module):
         self._check_device("b~", b_tilde)
         if a_tilde.numel() > _MAX_CELLS:
             raise ValueError(f"{a_tilde.numel()} cells exceed the sampler's counter range ({_MAX_CELLS})")
-        m, s = _SampleScore.apply(a_tilde, b_tilde, self.rng_state, self.nonfinite,
+        m, s = _ops()[0].SampleScore.apply(a_tilde, b_tilde, self.rng_state, self.nonfinite,
                                   self._use_triton(a_tilde.device), self.sample_launch)
         self.rng_state[1:].add_(1)  # on the device: the next call (or graph replay) draws new masks
         return m, s
@@ -155,9 +113,9 @@ class FastMasker(torch.nn.Module):
         if self.a_h.dtype != torch.float32:
             raise ValueError(f"the masker's apply matrices were cast to {self.a_h.dtype}: move the masker with "
                              f".to(device) only (its math is float32 whatever the image dtype)")
+        mask_apply = _ops()[1]
         if not self._use_triton(images.device):
-            return torch_fast.apply(images, m, self.a_h, self.a_w)
-        _, mask_apply = _triton_modules()
+            return mask_apply.mask_apply_torch(images, m, self.a_h, self.a_w)
         out = _empty_like(images)  # same dtype and memory format
-        return mask_apply.apply(images, out, m.contiguous(), self.plan_h, self.plan_w,
+        return mask_apply.launch_mask_apply(images, out, m.contiguous(), self.plan_h, self.plan_w,
                                 self.starts_h, self.starts_w, self.a_h, self.a_w, **self.apply_launch)

@@ -84,7 +84,7 @@ def mask_image_matrix(m: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor | No
     return (a_h @ x @ a_w.T).unsqueeze(1)
 
 
-def apply_mask(images: torch.Tensor, m: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE,
+def mask_apply(images: torch.Tensor, m: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE,
                sigma: float = BLUR_SIGMA) -> torch.Tensor:
     """Multiply the normalised images (B, C, H, W) by the mask of m, broadcast over channels."""
     mask = mask_image(m, images.shape[-2:], kernel_size, sigma)
@@ -148,4 +148,4 @@ class ReferenceMasker(torch.nn.Module):
         return m, S
 
     def apply(self, images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return apply_mask(images, m, self.kernel_size, self.sigma)
+        return mask_apply(images, m, self.kernel_size, self.sigma)

@@ -36,8 +36,8 @@ def _on_sigterm(signum, frame):
 
 class _Group(click.Group):
     def invoke(self, ctx):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) \
+            if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)
         except PgnmError as e:
@@ -54,6 +54,9 @@ class _Group(click.Group):
             what = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
             click.echo(f"Aborted ({what}).", err=True)
             ctx.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
+        finally:
+            if previous is not None:  # an embedding program (a test runner) keeps its own
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt_io
 from .config import make_config
 from .distributed import shutdown
 from .errors import ConfigError, DataError
@@ -26,6 +25,7 @@ from .folders import check_output_dir
 from .metrics import (BOOTSTRAP_KEYS, METRIC_KEYS, classification_metrics, json_safe,
                       paired_bootstrap)
 from .pipelines.sources import open_source
+from .run_state import load_run_state
 from .stages import resolve_data, run_stage
 
 
@@ -34,12 +34,12 @@ def _stage(stage, folder: Path, log, **kwargs) -> tuple[Path, float]:
     last = folder / "last.pt"
     resume = None
     if last.exists():
-        state = ckpt_io.load_checkpoint(last)
-        if state["epoch"] + 1 >= state["config"]["epochs"]:
-            log(f"compare: {stage} already finished its {state['config']['epochs']} epochs in "
+        state = load_run_state(last)
+        if state.is_finished:
+            log(f"compare: {stage} already finished its {state.config['epochs']} epochs in "
                 f"{folder}: reusing it (another --out trains afresh)")
             return folder, 0.0
-        log(f"compare: {stage} stopped after epoch {state['epoch']} in {folder}: resuming")
+        log(f"compare: {stage} stopped after epoch {state.epoch} in {folder}: resuming")
         resume = last
     t0 = time.perf_counter()
     run_stage(stage, out=folder, resume=resume, log=log, **kwargs)

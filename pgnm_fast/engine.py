@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from tqdm import tqdm
 
 from .errors import PgnmError
 from .objective import pgnm_loss
+
+if TYPE_CHECKING:
+    from .pipelines.contract import BatchLoader
 
 # Running sums kept on the device: loss, ce, mean S, correct top-1, images.
 N_STATS = 5
@@ -26,7 +30,7 @@ class TrainingDiverged(PgnmError):
     exit_code = 3
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA or CPU (no loss scaling needed for bf16). The weight-cast cache is
     off, as CUDA-graph capture requires (each weight is cast once per forward anyway)."""
     if not enabled:
@@ -34,7 +38,8 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def unwrap(module):
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the module itself otherwise)."""
     return module.module if hasattr(module, "module") else module
 
 
@@ -42,14 +47,16 @@ class HeatedStep:
     """docs/method.md §3-§5: policy -> a~, b~ -> sample + score -> mask -> classifier ->
     mean(S) * CE; one backward, both optimisers step, then the EMA of the policy's base buffers."""
 
-    def __init__(self, model, policy, masker, optimizer, policy_optimizer, amp: bool, device,
-                 ema_sync=None):
+    def __init__(self, model: torch.nn.Module, policy: torch.nn.Module, masker: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, policy_optimizer: torch.optim.Optimizer,
+                 amp: bool, device: torch.device,
+                 ema_sync: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.policy, self.masker = model, policy, masker
         self.optimizer, self.policy_optimizer = optimizer, policy_optimizer
         self.amp, self.device = amp, device
         self.ema_sync = ema_sync  # all-reduces the head means across ranks when distributed
 
-    def __call__(self, images, target, stats):
+    def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
             out = self.policy(images)
             m, S = self.masker.sample_score(out.a_tilde, out.b_tilde)
@@ -71,10 +78,11 @@ class HeatedStep:
 class PlainStep:
     """Baseline and fine-tune: cross-entropy on clean images, no policy."""
 
-    def __init__(self, model, optimizer, amp: bool, device):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: bool,
+                 device: torch.device):
         self.model, self.optimizer, self.amp, self.device = model, optimizer, amp, device
 
-    def __call__(self, images, target, stats):
+    def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
             logits = self.model(images)
         ce = F.cross_entropy(logits.float(), target)
@@ -91,8 +99,13 @@ def _accumulate(stats, loss, ce, s_mean, logits, target):
     stats[4] += bs
 
 
-def train_one_epoch(step, loader, device, epoch: int, global_step: int, print_freq: int,
-                    log_step, masker=None, show_progress: bool = True, channels_last: bool = False):
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (images, target, stats)
+
+
+def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch: int,
+                    global_step: int, print_freq: int, log_step: Callable[[dict], None],
+                    masker: torch.nn.Module | None = None, show_progress: bool = True,
+                    channels_last: bool = False) -> tuple[int, dict]:
     """Run one epoch; every ``print_freq`` steps read the device stats (one sync), check them and
     the masker's non-finite flag, and hand a record to ``log_step``. Returns (global_step, record)."""
     stats = torch.zeros(N_STATS, device=device)
@@ -153,8 +166,10 @@ def _read_window(window, masker, epoch, first, global_step, seconds):
 
 
 @torch.inference_mode()
-def predict(model, loader, device, amp: bool = False, policy=None, masker=None,
-            show_progress: bool = False, desc: str = "eval", channels_last: bool = False):
+def predict(model: torch.nn.Module, loader: Iterable, device: torch.device, amp: bool = False,
+            policy: torch.nn.Module | None = None, masker: torch.nn.Module | None = None,
+            show_progress: bool = False, desc: str = "eval",
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Logits (float32) and labels over a loader. With ``policy`` and ``masker`` (heated stage)
     every batch is masked with masks drawn from the unconditional Beta(exp A_a, exp A_b)."""
     model.eval()

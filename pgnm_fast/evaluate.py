@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint as ckpt_io
 from .atomic import atomic_open
 from .config import config_from_dict
 from .distributed import init_distributed
@@ -16,6 +15,7 @@ from .metrics import classification_metrics, json_safe
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
+from .run_state import load_run_state
 from .state_checks import load_weights
 
 
@@ -40,14 +40,14 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
                        device=None, amp=False, log=print, show_progress=True):
     """``(logits, labels, classes)`` of a checkpoint's classifier over a split, in the split's
     order, labels as indices into the checkpoint's classes."""
-    state = ckpt_io.load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
-    root = Path(data) if data is not None else Path(state["data"])
+    state = load_run_state(checkpoint)
+    cfg = config_from_dict(state.config)
+    root = Path(data) if data is not None else Path(state.data)
     source = open_source(root)
     if split not in source.splits:
         raise DataError(f"data at {root} has no {split!r} split (it has: {', '.join(source.splits)})")
     part = source.split(split)
-    classes = list(state["classes"])
+    classes = list(state.classes)
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({source.classes[i] for i in np.unique(part.labels)} - set(index))
     if unknown:
@@ -55,8 +55,8 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
                         f"trained on: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
     remap = np.array([index.get(name, -1) for name in source.classes], dtype=np.int64)
     info = init_distributed(device)
-    model = create_model(state["model_name"], len(classes), in_chans=state.get("in_chans", 1))
-    load_weights(model, state["model"], f"checkpoint {checkpoint}")
+    model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
+    load_weights(model, state.model, f"checkpoint {checkpoint}")
     model.to(info.device)
     loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
                          crop_size=cfg.val_crop_size, resize_size=cfg.val_resize_size,

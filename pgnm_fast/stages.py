@@ -14,10 +14,10 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
-from . import checkpoint as ckpt_io
 from .atomic import atomic_open, remove_stale_temporaries, write_error
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
@@ -31,9 +31,11 @@ from .graphs import GraphedStep
 from .kernels import make_masker
 from .metrics import classification_metrics, format_metrics, json_safe
 from .models import PolicyNet, create_model
-from .pipelines import make_loader
+from .pipelines import BatchLoader, make_loader
 from .pipelines.check import report_bad
 from .pipelines.sources import open_source
+from . import run_state
+from .run_state import RunState, load_run_state
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 from .state_checks import check_fits, check_weights_fit, load_weights
 
@@ -48,37 +50,42 @@ class Run:
     train_split: object
     val_split: object
     out: Path
-    resume_state: dict | None = None
-    init_state: dict | None = None
+    resume_state: RunState | None = None
+    init_state: RunState | None = None
 
 
-def resolve_data(data, states, cfg: TrainConfig, log) -> Path:
-    if data is not None:  # stored absolute: --resume and eval work from any folder
-        return Path(os.path.abspath(Path(data).expanduser()))
+def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
+                 cfg: TrainConfig, log: Callable[[str], None]) -> Path:
+    """``--data``, else the data of a checkpoint the run starts from, else the embedded set."""
+    if data is not None:
+        return Path(os.path.abspath(Path(data).expanduser()))  # any folder can resume
     for state in states:
-        if state is not None and state.get("data"):
-            return Path(state["data"])
+        if state is not None and state.data:
+            return Path(state.data)
     from .synth import ensure_default_data
     return ensure_default_data(log=log, images=cfg.synth_images, size=cfg.synth_size)
 
 
-def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
-                init_from=None, device=None, log=print) -> Run:
+def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
+                data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
+                device: str | None = None, log: Callable[[str], None] = print) -> Run:
+    """Check everything about a stage's input and assemble its :class:`Run` (nothing written)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    resume_state = ckpt_io.load_checkpoint(resume) if resume else None
-    init_state = ckpt_io.load_checkpoint(init_from) if init_from else None
+    resume_state = load_run_state(resume) if resume else None
+    init_state = load_run_state(init_from) if init_from else None
     if resume_state is not None:
-        if resume_state["stage"] != stage:
-            raise ConfigError(f"--resume {resume} is a {resume_state['stage']} checkpoint, not {stage}")
-        cfg = config_from_dict(resume_state["config"]).replace(**overrides).check()
+        if resume_state.stage != stage:
+            raise ConfigError(f"--resume {resume} is a {resume_state.stage} checkpoint, not {stage}")
+        cfg = config_from_dict(resume_state.config).replace(**overrides).check()
         check_fits(resume_state, cfg, resume, "--resume")
     else:
         if init_state is not None:
-            if overrides.get("model", init_state["model_name"]) != init_state["model_name"]:
+            if overrides.get("model", init_state.model_name) != init_state.model_name:
                 raise ConfigError(f"--model {overrides['model']} differs from the checkpoint's "
-                                  f"{init_state['model_name']} in {init_from}")
-            overrides["model"] = init_state["model_name"]
-            overrides["channels"] = init_state.get("in_chans", 1)  # the trunk's stem decides
+                                  f"{init_state.model_name} in {init_from}")
+            overrides["model"] = init_state.model_name
+            overrides["channels"] = init_state.in_chans  # the trunk's stem decides
         cfg = make_config(stage, preset, **overrides)
         if init_state is not None:
             check_fits(init_state, cfg, init_from, "--from")
@@ -91,7 +98,7 @@ def prepare_run(stage, preset="tiny", overrides=None, data=None, out=None, resum
     val_split = source.split("val")
     report_bad(source.problems, cfg.on_bad_image, None, log, what="entry")
     classes = list(source.classes)
-    if resume_state is not None and list(resume_state["classes"]) != classes:
+    if resume_state is not None and list(resume_state.classes) != classes:
         raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
     for state, path, how in ((resume_state, resume, "--resume"), (init_state, init_from, "--from")):
         if state is not None:
@@ -135,24 +142,26 @@ def _hold_run_folder(run: Run, resume, init_from, log):
             raise
 
 
-def _load_classifier(model, state: dict, classes: list, log) -> None:
+def _load_classifier(model, state: RunState, classes: list, log) -> None:
     """Weights of a previous stage into the classifier; a new head when the classes differ."""
-    weights = state["model"]
-    if list(state["classes"]) != list(classes):
+    weights = state.model
+    if list(state.classes) != list(classes):
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         missing, unexpected = load_weights(model, weights, "the --from checkpoint", strict=False)
         if unexpected or any(not k.startswith("fc.") for k in missing):
-            raise ConfigError(f"checkpoint weights do not fit {state['model_name']}: "
+            raise ConfigError(f"checkpoint weights do not fit {state.model_name}: "
                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        log(f"classes differ from the checkpoint's ({len(state['classes'])} -> {len(classes)}): "
+        log(f"classes differ from the checkpoint's ({len(state.classes)} -> {len(classes)}): "
             f"new classifier head, trunk loaded")
     else:
         load_weights(model, weights, "the --from checkpoint")
 
 
-def run_stage(stage, preset="tiny", overrides=None, data=None, out=None, resume=None,
-              init_from=None, device=None, log=print, show_progress=True,
-              keep_process_group: bool = False) -> Path:
+def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
+              data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+              resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
+              device: str | None = None, log: Callable[[str], None] = print,
+              show_progress: bool = True, keep_process_group: bool = False) -> Path:
     """Train one stage; returns the run folder. Under torchrun the process group is taken down
     at the end unless ``keep_process_group`` (several stages in one run: compare)."""
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
@@ -219,30 +228,29 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
     s, cfg = run.resume_state, run.cfg
     if s is None:
         return 0, 0, -math.inf
-    load_weights(unwrap(parts.model), s["model"], "the --resume checkpoint")
-    pairs = [(parts.optimizer, "optimizer", cfg.lr)]
+    load_weights(unwrap(parts.model), s.model, "the --resume checkpoint")
+    pairs = [(parts.optimizer, s.optimizer, cfg.lr)]
     if parts.policy is not None:
-        load_weights(unwrap(parts.policy), s["policy"], "the --resume checkpoint",
-                     "policy")
-        if s["config"].get("impl") == cfg.impl:  # same implementation: continue its mask stream
-            parts.masker.load_state_dict(s["masker"])
-        pairs.append((parts.policy_optimizer, "policy_optimizer", cfg.effective_policy_lr()))
-    for optimizer, key, lr in pairs:
-        optimizer.load_state_dict(s[key])  # momentum buffers
+        load_weights(unwrap(parts.policy), s.policy, "the --resume checkpoint", "policy")
+        if s.config.get("impl") == cfg.impl:  # same implementation: continue its mask stream
+            parts.masker.load_state_dict(s.masker)
+        pairs.append((parts.policy_optimizer, s.policy_optimizer, cfg.effective_policy_lr()))
+    for optimizer, saved, lr in pairs:
+        optimizer.load_state_dict(saved)  # momentum buffers
         for group in optimizer.param_groups:
             group.pop("initial_lr", None)
             group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if run.info.world_size == 1:
-        torch.set_rng_state(s["rng"])
-    start_epoch = s["epoch"] + 1
+        torch.set_rng_state(s.rng)
+    start_epoch = s.epoch + 1
     if start_epoch >= cfg.epochs:
         raise ConfigError(f"the run in {run.out} already finished its {cfg.epochs} epochs: "
                           f"raise --epochs to go on")
-    log(f"resumed from epoch {s['epoch']} (step {s['step']}) of {run.out}")
-    return start_epoch, s["step"], s.get("best_f1", -math.inf)
+    log(f"resumed from epoch {s.epoch} (step {s.step}) of {run.out}")
+    return start_epoch, s.step, s.best_f1
 
 
-def _loaders(run: Run, log=print):
+def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
@@ -270,23 +278,17 @@ def _graphs_blocked(info: DistInfo) -> str | None:
     return None
 
 
-def _graphed(parts: Parts, train_loader, run: Run, log):
+def _graphed(parts: Parts, train_loader: BatchLoader, run: Run, log):
     """The step as a CUDA graph (:mod:`pgnm_fast.graphs`) where --graphs can apply."""
     why_not = _graphs_blocked(run.info)
     if why_not is not None:
         log(why_not)
         return parts.step
     optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
-    static = getattr(train_loader, "static", False)  # DALI fills the same two tensors
+    static = train_loader.static  # DALI fills the same two tensors
     log("--graphs: the step is captured as a CUDA graph after 3 eager steps"
         + (", reading DALI's static batch buffers" if static else ""))
     return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static, log=log)
-
-
-def _loader_name(loader) -> str:
-    if type(loader).__name__ == "DaliLoader":
-        return f"DALI ({'GPU' if loader.device.type == 'cuda' else 'CPU'})"
-    return "the PyTorch DataLoader"
 
 
 def _train(run: Run, log, show_progress) -> Path:
@@ -302,8 +304,8 @@ def _train(run: Run, log, show_progress) -> Path:
     averager = None
     if cfg.average_last:  # on every process: each validates its shard of the average
         averager = LastEpochsAverage(unwrap(parts.model), cfg.epochs, cfg.average_last)
-        if run.resume_state is not None and "averaged" in run.resume_state:
-            averager.load_state_dict(run.resume_state["averaged"], log)
+        if run.resume_state is not None and run.resume_state.averaged is not None:
+            averager.load_state_dict(run.resume_state.averaged, log)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         with atomic_open(run.out / "config.json", "w") as f:
@@ -318,12 +320,12 @@ def _train(run: Run, log, show_progress) -> Path:
         + f") on {dev}, {len(run.train_split)} train / {len(run.val_split)} val images from "
           f"{run.data_root}, {cfg.epochs} epochs of batch {cfg.batch_size}"
         + (f" x {info.world_size}" if info.distributed else "")
-        + f", data through {_loader_name(train_loader)} -> {run.out}")
+        + f", data through {train_loader.name} -> {run.out}")
 
-    t0, images_seen, best_epoch, last_val = time.perf_counter(), 0, None, None
+    t0, images_seen = time.perf_counter(), 0
+    progress = EpochProgress(best_f1)
     for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
         lrs = {"lr": parts.optimizer.param_groups[0]["lr"]}
         if parts.policy_optimizer is not None:
             lrs["policy_lr"] = parts.policy_optimizer.param_groups[0]["lr"]
@@ -335,38 +337,10 @@ def _train(run: Run, log, show_progress) -> Path:
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
-        check_finite_weights((parts.model, parts.policy), epoch)
-        broadcast_buffers(unwrap(parts.model), info)
-        last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy,
-                             parts.val_masker)
-        averaged_val = None
-        if averager is not None:
-            averager.update(unwrap(parts.model), epoch)
-            if epoch == cfg.epochs - 1:
-                averaged_val = _validate(run, averager.average.module, val_loader)
-        if info.is_main:
-            f1 = last_val["f1_macro"]
-            improved = not math.isnan(f1) and f1 > best_f1
-            if improved:
-                best_f1, best_epoch = f1, epoch
-            state = _state(run, epoch, global_step, parts, best_f1, last_val)
-            if averager is not None:
-                state["averaged"] = averager.state_dict()
-                if averaged_val is not None:  # before last.pt: a crash between can resume
-                    write(_save_average(run, averager, parts, averaged_val, state, log))
-            # best.pt, the epoch's record, then last.pt: a kill between them leaves last.pt at
-            # the previous epoch, whose resume replays this one (and drops the record)
-            if improved:
-                ckpt_io.save_checkpoint(state, run.out / "best.pt")
-            write(dict(kind="epoch", epoch=epoch, step=global_step,
-                       seconds=time.perf_counter() - t_epoch, **lrs,
-                       **{k if k.startswith("train_") else f"train_{k}": v
-                          for k, v in train_stats.items()}, val=json_safe(last_val)))
-            ckpt_io.save_checkpoint(state, run.out / "last.pt")
-            mask_note = " (unconditional masks)" if parts.policy is not None else ""
-            log(f"epoch {epoch}: loss {train_stats['loss']:.4f} train_top1 "
-                f"{train_stats['train_top1']:.4f} | val{mask_note} {format_metrics(last_val)}")
+        end_epoch(run, parts, val_loader, averager, progress, epoch, global_step, train_stats,
+                  lrs, t_epoch, write, log)
         barrier(info)
+    best_f1, best_epoch, last_val = progress.best_f1, progress.best_epoch, progress.last_val
 
     seconds = time.perf_counter() - t0
     if info.is_main and last_val is not None:
@@ -377,24 +351,87 @@ def _train(run: Run, log, show_progress) -> Path:
     return run.out
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """What the epochs carry from one to the next: the best validation macro F1 and its epoch, and
+    the last validation metrics."""
+    best_f1: float
+    best_epoch: int | None = None
+    last_val: dict | None = None
+
+
+def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
+              averager: LastEpochsAverage | None, progress: EpochProgress, epoch: int,
+              global_step: int, train_stats: dict, lrs: dict, t_epoch: float,
+              write: Callable[[dict], None], log: Callable[[str], None]) -> None:
+    """Everything after an epoch's training steps: validate (and the weight average after the
+    last epoch), then on rank 0 save ``averaged.pt``, ``last.pt`` and ``best.pt``, log the epoch
+    to ``metrics.jsonl`` and the console. ``lrs``: the epoch's learning rates; ``t_epoch``: when
+    its training started (``time.perf_counter``)."""
+    cfg, info = run.cfg, run.info
+    check_finite_weights((parts.model, parts.policy), epoch)  # the last update, unread so far
+    broadcast_buffers(unwrap(parts.model), info)
+    last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker)
+    progress.last_val = last_val
+    averaged_val = None
+    if averager is not None:
+        averager.update(unwrap(parts.model), epoch)
+        if epoch == cfg.epochs - 1:
+            averaged_val = _validate(run, averager.average.module, val_loader)
+    if not info.is_main:
+        return
+    f1 = last_val["f1_macro"]
+    improved = not math.isnan(f1) and f1 > progress.best_f1
+    if improved:
+        progress.best_f1, progress.best_epoch = f1, epoch
+    state = _state(run, epoch, global_step, parts, progress.best_f1, last_val)
+    if averager is not None:
+        state.averaged = averager.state_dict()
+        if averaged_val is not None:  # before last.pt: a crash between can resume
+            write(_save_average(run, averager, parts, averaged_val, state, log))
+    record = dict(kind="epoch", epoch=epoch, step=global_step,
+                  seconds=time.perf_counter() - t_epoch, **lrs,
+                  **{k if k.startswith("train_") else f"train_{k}": v
+                     for k, v in train_stats.items()}, val=json_safe(last_val))
+    save_epoch_states(state, run.out, improved, lambda: write(record))
+    mask_note = " (unconditional masks)" if parts.policy is not None else ""
+    log(f"epoch {epoch}: loss {train_stats['loss']:.4f} train_top1 "
+        f"{train_stats['train_top1']:.4f} | val{mask_note} {format_metrics(last_val)}")
+
+
+def save_epoch_states(state: RunState, out: Path, improved: bool,
+                      write_record: Callable[[], None] = lambda: None) -> None:
+    """The checkpoints of one epoch, in the order that keeps them consistent at any kill:
+    ``best.pt`` when validation improved, the epoch's metrics record, then ``last.pt``. Until
+    ``last.pt`` is replaced the run resumes at this epoch, replays it (bit for bit) and drops
+    its record first (:meth:`MetricsLog.keep_until`); so ``best.pt`` never lags the best score
+    ``last.pt`` records, and every saved epoch has its record."""
+    if improved:
+        run_state.save_run_state(state, out / "best.pt")
+    write_record()
+    run_state.save_run_state(state, out / "last.pt")
+
+
 def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
-           val_metrics: dict) -> dict:
+           val_metrics: dict) -> RunState:
     cfg = run.cfg
-    state = {
-        "stage": cfg.stage, "epoch": epoch, "step": global_step, "model_name": cfg.model,
-        "num_classes": len(run.classes), "in_chans": cfg.channels, "classes": list(run.classes),
-        "model": unwrap(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict(),
-        "config": dataclasses.asdict(cfg), "data": str(run.data_root), "best_f1": best_f1,
-        "val_metrics": json_safe(val_metrics), "rng": torch.get_rng_state(),
-    }
+    state = RunState(
+        stage=cfg.stage, epoch=epoch, step=global_step, model_name=cfg.model,
+        num_classes=len(run.classes), in_chans=cfg.channels, classes=list(run.classes),
+        model=unwrap(parts.model).state_dict(), optimizer=parts.optimizer.state_dict(),
+        config=dataclasses.asdict(cfg), data=str(run.data_root), best_f1=best_f1,
+        val_metrics=json_safe(val_metrics), rng=torch.get_rng_state())
     if parts.policy is not None:
-        state.update(policy=unwrap(parts.policy).state_dict(), policy_model=cfg.policy_model,
-                     masker=parts.masker.state_dict(),
-                     policy_optimizer=parts.policy_optimizer.state_dict())
+        state.policy = unwrap(parts.policy).state_dict()
+        state.policy_model = cfg.policy_model
+        state.masker = parts.masker.state_dict()
+        state.policy_optimizer = parts.policy_optimizer.state_dict()
     return state
 
 
-def _validate(run: Run, model, val_loader, policy=None, masker=None) -> dict | None:
+def _validate(run: Run, model: torch.nn.Module, val_loader: BatchLoader | None,
+              policy: torch.nn.Module | None = None,
+              masker: torch.nn.Module | None = None) -> dict | None:
     """Validation metrics of ``model`` on rank 0 (None on the others): every process with a
     loader scores its shard, rank 0 gathers the logits (see ``_loaders``)."""
     scored = None
@@ -408,13 +445,13 @@ def _validate(run: Run, model, val_loader, policy=None, masker=None) -> dict | N
 
 
 def _save_average(run: Run, averager: LastEpochsAverage, parts: Parts, metrics: dict,
-                  state: dict, log) -> dict:
+                  state: RunState, log) -> dict:
     """Write ``averaged.pt`` with its validation metrics; returns the metrics record."""
-    keep = {k: v for k, v in state.items() if k not in ("optimizer", "averaged", "rng")}
     path = run.out / "averaged.pt"
-    ckpt_io.save_checkpoint(dict(keep, model=averager.model_state(unwrap(parts.model)),
-                                 averaged_epochs=averager.epochs, val_metrics=json_safe(metrics)),
-                            path)
+    run_state.save_run_state(dataclasses.replace(state, optimizer=None, averaged=None, rng=None,
+                                       model=averager.model_state(unwrap(parts.model)),
+                                       averaged_epochs=averager.epochs,
+                                       val_metrics=json_safe(metrics)), path)
     log(f"averaged the weights of epochs {', '.join(map(str, averager.epochs))}: val "
         f"{format_metrics(metrics)} -> {path}")
     return dict(kind="averaged", epochs=averager.epochs, val=json_safe(metrics))

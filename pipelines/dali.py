@@ -44,6 +44,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from pgnm_fast.errors import DataError
 
 from . import check
 from .loader import EpochSampler, EvalShardSampler
+from .packed import PackedSplit
 from .sources import Split
 from .transforms import MEAN, STD, load_grey
 
@@ -68,7 +70,8 @@ def dali_available() -> bool:
 
 
 # ----------------------------------------------------------------------------- parameters
-def random_resized_crop_params(height, width, rng: np.random.Generator, scale=(0.08, 1.0),
+def random_resized_crop_params(height: np.ndarray, width: np.ndarray, rng: np.random.Generator,
+                               scale=(0.08, 1.0),
                                ratio=(3.0 / 4.0, 4.0 / 3.0), attempts: int = 10):
     """Vectorised ``RandomResizedCrop.get_params``: arrays ``(top, left, h, w)`` for images of
     the given sizes (the same rule, numpy's generator instead of torch's)."""
@@ -96,7 +99,7 @@ def random_resized_crop_params(height, width, rng: np.random.Generator, scale=(0
     return top, left, h, w
 
 
-def eval_params(height, width, crop_size: int, resize_size: int):
+def eval_params(height, width, crop_size: int, resize_size: int) -> tuple[np.ndarray, ...]:
     """torchvision's ``Resize(resize_size)`` + ``CenterCrop(crop_size)`` as arrays: the resized
     ``(rh, rw)`` and the crop's ``(top, left)`` in the resized image (negative: zero padding)."""
     height = np.asarray(height, np.int64)
@@ -268,8 +271,8 @@ class DaliLoader:
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, crop_size: int = 224,
                  resize_size: int = 256, channels: int = 1, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device=None, threads: int = 2,
-                 dtype=torch.float32, channels_last: bool = False, static: bool = False,
+                 world_size: int = 1, device: torch.device | str | None = None, threads: int = 2,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
                  prefetch: int = 2, scan: check.ScanResult | None = None, mean: float = MEAN,
                  std: float = STD):
         if not dali_available():
@@ -287,7 +290,7 @@ class DaliLoader:
         self.mean, self.std, self.prefetch = mean, std, prefetch
         cpus = len(os.sched_getaffinity(0))
         self.threads = max(1, min(threads, cpus))
-        if hasattr(split, "cache"):
+        if isinstance(split, PackedSplit):
             self.samples = _CacheSamples(split)
             self.colour = split.cache.channels == 3
         else:
@@ -312,6 +315,10 @@ class DaliLoader:
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    @property
+    def name(self) -> str:
+        return f"DALI ({'GPU' if self.device.type == 'cuda' else 'CPU'})"
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -405,7 +412,7 @@ class DaliLoader:
         n = batch.valid
         return (images, labels) if n == self.batch_size else (images[:n], labels[:n])
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._dirty:  # an earlier pass was abandoned: flush what it prefetched
             self._drain()
         batches = self.plan_epoch()

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pgnm_fast.errors import ConfigError
 
 from . import check
-from .loader import batch_loader, build_loader, split_key
+from .contract import BatchLoader
+from .loader import PlainLoader, batch_loader, build_loader, split_key
+from .packed import PackedSplit
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
 
@@ -31,7 +34,7 @@ BACKENDS = ("auto", "dali", "torch")
 _told = set()
 
 
-def resolve_backend(backend: str = "auto", log=print) -> str:
+def resolve_backend(backend: str = "auto", log: Callable[[str], None] = print) -> str:
     """``"dali"`` or ``"torch"`` for a requested backend (module docstring)."""
     from .dali import dali_available
     if backend not in BACKENDS:
@@ -67,10 +70,11 @@ class CachedDataset(Dataset):
         return self.transform(img, generator), int(self.labels[i])
 
 
-def build_cached_loader(split, *, train: bool, batch_size: int, crop_size: int = 224,
+def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, crop_size: int = 224,
                         resize_size: int = 256, channels: int = 1, workers: int = 2,
-                        seed: int = 0, rank: int = 0, world_size: int = 1, device=None,
-                        mean: float = MEAN, std: float = STD) -> DataLoader:
+                        seed: int = 0, rank: int = 0, world_size: int = 1,
+                        device: torch.device | str | None = None,
+                        mean: float = MEAN, std: float = STD) -> PlainLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
     sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
     seed gives the same batches as from the files)."""
@@ -89,12 +93,13 @@ def _torchrun_rank(rank, world_size):
     return rank, world_size
 
 
-def make_loader(data, *, train: bool, batch_size: int, split: str | None = None,
+def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int, split: str | None = None,
                 crop_size: int = 224, resize_size: int = 256, channels: int = 1,
                 workers: int = 2, seed: int = 0, rank: int | None = None,
-                world_size: int | None = None, device=None, backend: str = "auto",
-                dtype=torch.float32, channels_last: bool = False, static: bool = False,
-                on_bad_image: str = "error", bad_list=None, log=print):
+                world_size: int | None = None, device: torch.device | str | None = None,
+                backend: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
+                on_bad_image: str = "error", bad_list: str | os.PathLike | None = None,
+                log: Callable[[str], None] = print) -> BatchLoader:
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
@@ -107,7 +112,7 @@ def make_loader(data, *, train: bool, batch_size: int, split: str | None = None,
         check.report_bad(source.problems, on_bad_image, None, log, what="entry")
     rank, world_size = _torchrun_rank(rank, world_size)
     kind = resolve_backend(backend, log)
-    packed = hasattr(data, "cache")
+    packed = isinstance(data, PackedSplit)
     scan = None
     if not packed:
         t0 = time.perf_counter()

@@ -129,7 +129,8 @@ class EvalShardSampler(Sampler):
 def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int = 224,
                  resize_size: int = 256, channels: int = 1, workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
-                 device=None, mean: float = MEAN, std: float = STD) -> DataLoader:
+                 device: torch.device | str | None = None, mean: float = MEAN,
+                 std: float = STD) -> PlainLoader:
     """A DataLoader over ``split`` (module docstring for sampling and seeding).
 
     ``device``: where the batches will go; a CUDA device turns on pinned memory (the loader
@@ -142,9 +143,24 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
                         world_size=world_size, drop_last=drop_last, device=device)
 
 
-def batch_loader(dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
+class PlainLoader(DataLoader):
+    """The PyTorch DataLoader with the loader contract (:class:`~.contract.BatchLoader`): it
+    yields fresh CPU tensors (never static buffers)."""
+
+    static = False
+    buffers = None
+
+    @property
+    def name(self) -> str:
+        return "the PyTorch DataLoader"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)  # the eval shards keep one order
+
+
+def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
                  rank: int, world_size: int, drop_last: bool | None = None,
-                 device=None) -> DataLoader:
+                 device: torch.device | str | None = None) -> PlainLoader:
     """Sampling, seeding and batching of a map-style dataset (module docstring), shared by the
     PNG files and the packed cache, so both give the same batches for the same seed."""
     if not 0 <= rank < world_size:
@@ -159,6 +175,6 @@ def batch_loader(dataset, name: str, *, train: bool, batch_size: int, workers: i
         sampler = EvalShardSampler(len(dataset), world_size, rank)
     pin = device is not None and torch.device(device).type == "cuda"
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return PlainLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=train if drop_last is None else drop_last, pin_memory=pin,
                       persistent_workers=workers > 0, generator=generator)

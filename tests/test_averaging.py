@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pgnm_fast import checkpoint as ckpt_io
-from pgnm_fast.checkpoint import load_checkpoint
+from pgnm_fast import run_state as ckpt_io
+from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.cli import main
 from pgnm_fast.metrics import METRIC_KEYS
 from pgnm_fast.synth import make_synthetic
@@ -28,14 +28,14 @@ def cli(*args):
 @pytest.fixture
 def epoch_states(monkeypatch):
     """The model state written to last.pt at the end of every epoch, in order."""
-    seen, real = [], ckpt_io.save_checkpoint
+    seen, real = [], ckpt_io.save_run_state
 
     def spy(state, path):
         if str(path).endswith("last.pt"):
-            seen.append({k: v.clone() for k, v in state["model"].items()})
+            seen.append({k: v.clone() for k, v in state.model.items()})
         return real(state, path)
 
-    monkeypatch.setattr(ckpt_io, "save_checkpoint", spy)
+    monkeypatch.setattr(ckpt_io, "save_run_state", spy)
     return seen
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pgnm_fast.checkpoint import load_checkpoint, save_checkpoint
+from pgnm_fast.run_state import load_checkpoint, save_checkpoint
 from pgnm_fast.errors import CheckpointError
 
 

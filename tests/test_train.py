@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pgnm_fast.checkpoint import load_checkpoint
+from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.cli import main
 from pgnm_fast.metrics import METRIC_KEYS
 from pgnm_fast.synth import make_synthetic

@@ -22,7 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pgnm_fast.checkpoint import load_checkpoint
+from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.cli import main
 from pgnm_fast.folders import LOCK_FILE, lock_folder
 from pgnm_fast.synth import make_synthetic
@@ -207,7 +207,7 @@ def test_failed_checkpoint_write_names_it_and_keeps_the_previous_one(run, tmp_pa
                                                                      monkeypatch):
     """The same as a full disk, simulated: the checkpoint's file write raises ENOSPC."""
     copy = shutil.copytree(run, tmp_path / "run")
-    import pgnm_fast.checkpoint as ckpt
+    import pgnm_fast.run_state as ckpt
 
     class FullDisk:
         def __init__(self, f):
@@ -377,7 +377,7 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume(data, tmp_path):
 # ----------------------------------------------------------------------------- checkpoints
 def _forged(run: Path, tmp_path: Path, name: str, **changes) -> Path:
     """``run``'s last.pt with ``changes`` applied, saved properly (valid checksums)."""
-    from pgnm_fast.checkpoint import save_checkpoint
+    from pgnm_fast.run_state import save_checkpoint
     state = torch.load(run / "last.pt", weights_only=True)
     for key, value in changes.items():
         if callable(value):

@@ -44,14 +44,14 @@ def test_blur_matches_explicit_torchvision_semantics():
     assert a[0, 0].item() == pytest.approx(row0, abs=1e-12)
 
 
-def test_apply_mask_broadcasts_over_channels_and_keeps_dtype():
+def test_mask_apply_broadcasts_over_channels_and_keeps_dtype():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 32, 32, generator=g)
     m = torch.rand(2, 8 * 8, generator=g)
-    out = ref.apply_mask(x, m)
+    out = ref.mask_apply(x, m)
     mask = ref.mask_image(m, 32)
     torch.testing.assert_close(out, x * mask)
-    assert ref.apply_mask(x.bfloat16(), m).dtype == torch.bfloat16
+    assert ref.mask_apply(x.bfloat16(), m).dtype == torch.bfloat16
 
 
 def test_beta_log_prob_matches_scipy():

@@ -1,6 +1,6 @@
 """The fused apply (Triton, and the torch CPU path) against upsample + blur + multiply.
 
-Bounds (pgnm_fast.validate): against float64 ``x * (A m A^T)``, 32 eps32 |x| mask plus the output
+Bounds (pgnm_fast.kernels.checks): against float64 ``x * (A m A^T)``, 32 eps32 |x| mask plus the output
 dtype's rounding (half an ulp); against the reference's float32 upsample + blur + multiply, twice
 that plus the reference's own float32 rounding.
 """
@@ -12,7 +12,7 @@ import torch
 
 from pgnm_fast.kernels import FastMasker, masker as masker_mod, reference as ref
 from pgnm_fast.kernels.mask_plan import axis_plan
-from pgnm_fast.validate import C_APPLY, EPS32, error_summary, rounding_bound
+from pgnm_fast.kernels.checks import C_APPLY, EPS32, error_summary, rounding_bound
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -70,7 +70,7 @@ def test_apply_matches_exact_mask_and_reference(backend, grid, crop, channels, d
     exact, bound, bound_ref = _bounds(x, m, grid, height, width)
     err = error_summary(y.cpu(), exact, bound, rel_floor=1.0)
     assert err["finite"] and err["norm"] <= 1.0, err
-    err_ref = error_summary(y.cpu(), ref.apply_mask(x, m).double().cpu(), bound_ref, rel_floor=1.0)
+    err_ref = error_summary(y.cpu(), ref.mask_apply(x, m).double().cpu(), bound_ref, rel_floor=1.0)
     assert err_ref["norm"] <= 1.0, err_ref
     # the bound has teeth: a mask shifted by one pixel row fails it
     shifted = exact.roll(1, dims=2)
@@ -105,7 +105,7 @@ def test_apply_kernel_writes_inside_its_output_only(channels_last):
     if channels_last:
         big = big.to(memory_format=torch.channels_last)
     out = big[1:4]
-    mask_apply.apply(x, out, m, masker.plan_h, masker.plan_w, masker.starts_h, masker.starts_w,
+    mask_apply.launch_mask_apply(x, out, m, masker.plan_h, masker.plan_w, masker.starts_h, masker.starts_w,
                      masker.a_h, masker.a_w)
     assert torch.equal(out, want)
     assert torch.isnan(big[0]).all() and torch.isnan(big[4]).all()

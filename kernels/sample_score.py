@@ -1,4 +1,5 @@
-"""Triton kernels for the PGNM sample + score step (docs/method.md §4), and their launchers.
+"""The PGNM sample + score op (docs/method.md §4): the Triton kernels and their launchers, the same
+math in plain torch for the CPU, and the autograd function that joins them.
 
 One program per image (row of B x G^2): it walks the row in blocks and, per cell,
 - draws m ~ Beta(alpha, beta), alpha = exp(a~), beta = exp(b~), as G_a / (G_a + G_b) from the
@@ -28,12 +29,13 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
-from .special import cast_for_store, digamma_pos, lgamma_pos, log1p
+from .special import cast_for_store, digamma_pos, lgamma_pos, log1p, tl, triton
 
 ROUNDS = 8
+TINY = float(torch.finfo(torch.float32).tiny)
+ONE_MINUS = 1.0 - 2.0 ** -24  # largest float32 below 1
+_MASK64 = (1 << 64) - 1
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -61,7 +63,7 @@ def _mt_round(x, u, d, c, log_d, lg, done):
 
 
 @triton.jit
-def _beta_sample_score_kernel(a_ptr, b_ptr, state_ptr, m_ptr, logp_ptr, sa_ptr, sb_ptr, s_ptr, flag_ptr,
+def _sample_score_kernel(a_ptr, b_ptr, state_ptr, m_ptr, logp_ptr, sa_ptr, sb_ptr, s_ptr, flag_ptr,
                               stride_ar, stride_ac, stride_br, stride_bc,
                               N: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -164,21 +166,168 @@ def _block(n: int, block: int | None) -> int:
     return min(triton.next_power_of_2(n), 4096 if INTERPRET else (block or BLOCK))
 
 
-def sample_score(a_tilde, b_tilde, state, flag, out, block: int | None = None, num_warps: int | None = None):
+def launch_sample_score(a_tilde, b_tilde, state, flag, out, block: int | None = None, num_warps: int | None = None):
     """Launch the sample + score kernel. ``out`` = (m, logp, sa, sb, S), float32, contiguous,
     written entirely by the kernel; ``state`` int64 [seed, step] is read (not advanced) here;
     ``flag`` is a bool tensor (set to True on non-finite input or S, never cleared)."""
     m, logp, sa, sb, s = out
     rows, n = a_tilde.shape
-    _beta_sample_score_kernel[(rows,)](
+    _sample_score_kernel[(rows,)](
         a_tilde, b_tilde, state, m, logp, sa, sb, s, flag.view(torch.uint8),
         a_tilde.stride(0), a_tilde.stride(1), b_tilde.stride(0), b_tilde.stride(1),
         N=n, ROUNDS=ROUNDS, BLOCK=_block(n, block), num_warps=num_warps or NUM_WARPS)
 
 
-def score_backward(grad_s, s, logp, sa, sb, grad_a, grad_b):
+def launch_score_backward(grad_s, s, logp, sa, sb, grad_a, grad_b):
     """Launch the backward kernel: writes grad_a and grad_b (contiguous, any float dtype)."""
     rows, n = logp.shape
     block = _block(n, 1024)
     _score_backward_kernel[(rows, triton.cdiv(n, block))](
         grad_s, s, logp, sa, sb, grad_a, grad_b, n, grad_s.stride(0), BLOCK=block, num_warps=4)
+
+
+# ----------------------------------------------------------------------- the CPU path, plain torch
+# The kernel's algorithm in plain torch (log-space Marsaglia-Tsang Gammas with
+# at most ``ROUNDS`` proposal rounds and the alpha < 1 boost, m formed from log G_a - log G_b and
+# clamped to [float32 tiny, 1 - 2^-24], log p scored on the returned m, the score terms sa and sb
+# saved for the backward). Differences, all invisible in distribution:
+#
+# - random numbers come from a ``torch.Generator`` seeded from (seed, step) (splitmix64), not from
+#   Philox: the CPU path and the Triton kernel draw different masks for the same state;
+# - after the first round only the still-rejected cells draw again (on the CPU that saves the work
+#   of the 7 rounds the kernel evaluates branch-free);
+# - lgamma is torch's own; digamma is the kernels' series (torch's CPU digamma is slow).
+#
+# Reading ``step`` with ``tolist()`` is free on the CPU; on a GPU it would be a host sync, which is
+# why CUDA uses the Triton kernel.
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def generator_for(state: torch.Tensor) -> torch.Generator:
+    """A generator for one call, from the state tensor [seed, step] (read on the host)."""
+    seed, step = (int(v) for v in state.tolist())
+    gen = torch.Generator(device=state.device)
+    gen.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) >> 1)
+    return gen
+
+
+def _uniform_open(shape, gen, device):
+    """Uniform on (0, 1]: log() stays finite."""
+    return 1.0 - torch.rand(shape, generator=gen, device=device)
+
+
+def _proposal(x, u, d, c, log_d):
+    """One Marsaglia-Tsang proposal per element: (log of d (1 + c x)^3, accepted?)."""
+    y = c * x
+    ok = y > -1
+    y = y.masked_fill_(~ok, 0.0)  # rejected anyway where y <= -1; keeps log1p finite
+    t = torch.log1p(y)
+    thr = 0.5 * x * x + d * (3.0 * t - y * (3.0 + y * (3.0 + y)))
+    return log_d + 3.0 * t, ok & (u.log_() < thr)
+
+
+def log_gamma_sample(k: torch.Tensor, gen: torch.Generator, rounds: int = ROUNDS) -> torch.Tensor:
+    """log G, G ~ Gamma(k, 1) per element of the flat float32 tensor k: Marsaglia-Tsang in log
+    space, the alpha < 1 boost, at most ``rounds`` proposals (only rejected cells draw again)."""
+    n, dev = k.numel(), k.device
+    boost = k < 1
+    d = k + boost.to(k.dtype) - 1.0 / 3.0
+    c = torch.rsqrt(9.0 * d)
+    log_d = d.log()
+    cand, acc = _proposal(torch.randn(n, generator=gen, device=dev), _uniform_open(n, gen, dev), d, c, log_d)
+    out = torch.where(acc, cand, log_d)  # log d: a cell whose proposals all fail (p < 3e-11)
+    todo = (~acc).nonzero().squeeze(1)
+    for _ in range(rounds - 1):
+        if todo.numel() == 0:
+            break
+        cand, acc = _proposal(torch.randn(todo.numel(), generator=gen, device=dev),
+                              _uniform_open(todo.numel(), gen, dev), d[todo], c[todo], log_d[todo])
+        out[todo[acc]] = cand[acc]
+        todo = todo[~acc]
+    return out.addcmul_(_uniform_open(n, gen, dev).log_().div_(k), boost)
+
+
+def digamma(x: torch.Tensor) -> torch.Tensor:
+    """psi(x), x > 0, float32: the series of :func:`.special.digamma_pos` (torch's CPU digamma is
+    several times slower)."""
+    small = x < 4.0
+    z = torch.where(small, x + 4.0, x)
+    shift = (1.0 / x + 1.0 / (x + 1.0) + 1.0 / (x + 2.0) + 1.0 / (x + 3.0)).mul_(small)
+    zi2 = (1.0 / z) ** 2
+    series = zi2 * (1.0 / 12 - zi2 * (1.0 / 120 - zi2 * (1.0 / 252 - zi2 / 240)))
+    return z.log() - 0.5 / z - series - shift
+
+
+def sample_score_torch(a_tilde: torch.Tensor, b_tilde: torch.Tensor, state: torch.Tensor, flag: torch.Tensor):
+    """(m, logp, sa, sb, S) as the Triton kernel returns them, and the flag set as it sets it."""
+    with torch.autocast(a_tilde.device.type, enabled=False):
+        a = a_tilde.float()
+        b = b_tilde.float()
+        params = torch.stack([a, b]).exp_()  # alpha, beta
+        alpha, beta = params[0], params[1]
+        lg = log_gamma_sample(params.view(-1), generator_for(state)).view_as(params)
+        ad = (lg[0] - lg[1]).abs_()
+        small = torch.exp(-ad - torch.log1p(torch.exp(-ad)))  # the smaller of m and 1 - m
+        m = torch.where(lg[0] > lg[1], 1.0 - small, small).clamp_(TINY, ONE_MINUS)
+        log_m, log_1m = m.log(), torch.log1p(-m)
+        args = torch.cat([params, (alpha + beta).unsqueeze(0)])  # alpha, beta, alpha + beta
+        lgam, psi = torch.lgamma(args), digamma(args)
+        logp = (alpha - 1) * log_m + (beta - 1) * log_1m - lgam[0] - lgam[1] + lgam[2]
+        sa = alpha * (log_m - psi[0] + psi[2])
+        sb = beta * (log_1m - psi[1] + psi[2])
+        s = torch.logsumexp(logp, dim=1)
+        bad = ~(torch.isfinite(a).all() & torch.isfinite(b).all() & torch.isfinite(s).all())
+        flag.logical_or_(bad)
+        return m, logp, sa, sb, s
+
+
+def score_backward_torch(grad_s, s, logp, sa, sb, dtype_a, dtype_b):
+    w = grad_s.float().unsqueeze(1) * torch.exp(logp - s.unsqueeze(1))
+    return (w * sa).to(dtype_a), (w * sb).to(dtype_b)
+
+
+# ------------------------------------------------------------------------------ the autograd glue
+def _empty(shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Every output buffer of the Triton path comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def sample_score_parts(a_tilde, b_tilde, state, flag, use_triton: bool, launch: dict | None = None):
+    """The forward of the sample + score step: (m, logp, sa, sb, S), all float32, no autograd.
+
+    Reads ``state`` [seed, step] without advancing it; sets ``flag`` on non-finite input or S."""
+    if not use_triton:
+        return sample_score_torch(a_tilde, b_tilde, state, flag)
+    rows, n = a_tilde.shape
+    dev = a_tilde.device
+    out = tuple(_empty((rows, n), device=dev) for _ in range(4)) + (_empty((rows,), device=dev),)
+    launch_sample_score(a_tilde, b_tilde, state, flag, out, **(launch or {}))
+    return out
+
+
+class SampleScore(torch.autograd.Function):
+    """(m, S) from (a~, b~); gradients reach a~ and b~ through S only."""
+
+    @staticmethod
+    def forward(ctx, a_tilde, b_tilde, state, flag, use_triton, launch):
+        m, logp, sa, sb, s = sample_score_parts(a_tilde, b_tilde, state, flag, use_triton, launch)
+        ctx.save_for_backward(s, logp, sa, sb)
+        ctx.dtypes = (a_tilde.dtype, b_tilde.dtype)
+        ctx.use_triton = use_triton
+        ctx.mark_non_differentiable(m)
+        return m, s
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_s):
+        s, logp, sa, sb = ctx.saved_tensors
+        if ctx.use_triton:
+            grad_a = _empty(logp.shape, ctx.dtypes[0], logp.device)
+            grad_b = _empty(logp.shape, ctx.dtypes[1], logp.device)
+            launch_score_backward(grad_s, s, logp, sa, sb, grad_a, grad_b)
+        else:
+            grad_a, grad_b = score_backward_torch(grad_s, s, logp, sa, sb, *ctx.dtypes)
+        return grad_a, grad_b, None, None, None, None

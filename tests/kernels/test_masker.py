@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from pgnm_fast.errors import ConfigError
 from pgnm_fast.kernels import FastMasker, ReferenceMasker, make_masker
-from pgnm_fast.validate import ks_float32, run_validation, validate
+from pgnm_fast.kernels.checks import ks_float32, run_validation
+from pgnm_fast.validate import validate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -103,7 +104,7 @@ def test_validate_passes_on_the_cpu_fast_path_and_writes_json(tmp_path):
 
 def test_validate_fails_when_a_check_fails(monkeypatch, tmp_path):
     """Exit status 1 and "passed": false when one check fails (here: apply tolerance set to 0)."""
-    import pgnm_fast.validate as v
+    import pgnm_fast.kernels.checks as v
     monkeypatch.setattr(v, "C_APPLY", 0.0)
     monkeypatch.setattr(v, "ROUNDING", {k: (0.0, 0.0) for k in v.ROUNDING})
     path = tmp_path / "v.json"

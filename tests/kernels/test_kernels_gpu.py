@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pgnm_fast.kernels import FastMasker
-from pgnm_fast.validate import C_APPLY, EPS32, error_summary, ks_float32, rounding_bound, run_validation
+from pgnm_fast.kernels.checks import C_APPLY, EPS32, error_summary, ks_float32, rounding_bound, run_validation
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgnm_fast.kernels import FastMasker, masker as masker_mod, reference as ref
-from pgnm_fast.validate import error_summary, ks_float32, ks_two_sample, rounding_bound, score_reference
+from pgnm_fast.kernels import FastMasker, reference as ref, sample_score as op
+from pgnm_fast.kernels.checks import error_summary, ks_float32, ks_two_sample, rounding_bound, score_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -87,7 +87,7 @@ def test_triton_and_torch_paths_draw_the_same_law():
                                              (2, 7, torch.float32), (4, 8, torch.float16)])
 def test_scores_and_gradients_match_float64_on_shared_samples(rows, grid, dtype):
     """log p, S and dS/da~, dS/db~ against float64 on the kernel's own samples; bounds are the
-    float32 condition bounds of pgnm_fast.validate.score_reference (C = 32)."""
+    float32 condition bounds of pgnm_fast.kernels.checks.score_reference (C = 32)."""
     g = torch.Generator().manual_seed(rows * 100 + grid)
     lo, hi = math.log(0.05), math.log(50.0)
     a_t = (torch.rand(rows, grid * grid, generator=g) * (hi - lo) + lo).to(DEVICE, dtype).requires_grad_()
@@ -95,7 +95,7 @@ def test_scores_and_gradients_match_float64_on_shared_samples(rows, grid, dtype)
     grad_s = torch.randn(rows, generator=g).to(DEVICE)
     masker = FastMasker(grid, max(grid, 16), seed=9, backend="triton").to(DEVICE)
     state = masker.rng_state.clone()
-    m, logp, _, _, _ = masker_mod.sample_score_parts(a_t.detach(), b_t.detach(), state, masker.nonfinite, True)
+    m, logp, _, _, _ = op.sample_score_parts(a_t.detach(), b_t.detach(), state, masker.nonfinite, True)
     m2, s = masker.sample_score(a_t, b_t)
     assert torch.equal(m, m2) and not m2.requires_grad and s.requires_grad and s.shape == (rows,)
     (s * grad_s).sum().backward()
@@ -142,7 +142,7 @@ def test_every_output_is_written(monkeypatch):
     clean = FastMasker(10, 40, seed=3, backend="triton").to(DEVICE)
     m, s = clean.sample_score(a_t, b_t)
     ga, gb = torch.autograd.grad((s * grad_s).sum(), [a_t, b_t])
-    monkeypatch.setattr(masker_mod, "_empty", _poisoned_empty)
+    monkeypatch.setattr(op, "_empty", _poisoned_empty)
     poisoned = FastMasker(10, 40, seed=3, backend="triton").to(DEVICE)
     pm, ps = poisoned.sample_score(a_t, b_t)
     pga, pgb = torch.autograd.grad((ps * grad_s).sum(), [a_t, b_t])
@@ -152,7 +152,6 @@ def test_every_output_is_written(monkeypatch):
 
 def test_kernel_writes_inside_its_outputs_only():
     """Outputs as views into larger NaN buffers: results equal, the guard elements untouched."""
-    from pgnm_fast.kernels import beta_mask
     g = torch.Generator().manual_seed(5)
     rows, n = 3, 300
     a_t = torch.randn(rows, n, generator=g).to(DEVICE)
@@ -160,11 +159,11 @@ def test_kernel_writes_inside_its_outputs_only():
     state = torch.tensor([8, 3], device=DEVICE)
     flag = torch.zeros((), dtype=torch.bool, device=DEVICE)
     plain = tuple(torch.empty(rows, n, device=DEVICE) for _ in range(4)) + (torch.empty(rows, device=DEVICE),)
-    beta_mask.sample_score(a_t, b_t, state, flag, plain)
+    op.launch_sample_score(a_t, b_t, state, flag, plain)
     bigs = [torch.full(((rows + 2) * n,), float("nan"), device=DEVICE) for _ in range(4)]
     big_s = torch.full((rows + 2,), float("nan"), device=DEVICE)
     views = tuple(b[n:-n].view(rows, n) for b in bigs) + (big_s[1:-1],)
-    beta_mask.sample_score(a_t, b_t, state, flag, views)
+    op.launch_sample_score(a_t, b_t, state, flag, views)
     for got, want in zip(views, plain):
         assert torch.equal(got, want)
     for b in bigs:
