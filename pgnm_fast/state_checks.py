@@ -69,14 +69,14 @@ def check_finite(state: dict, path) -> None:
                                       f"checkpoint")
 
 
-def check_fits(state: dict, cfg, path, how: str) -> None:
-    """Raise :class:`ConfigError` when the checkpoint at ``path`` (used as ``how``: ``--resume``
-    or ``--from``) was made for another classifier, policy, grid or channel count than ``cfg``."""
-    sides = [("--model", state.get("model_name"), cfg.model),
-             ("channels", state.get("in_chans", 1), cfg.channels)]
-    if how == "--resume" and "policy" in state:
-        saved = state.get("config", {})
-        sides += [("--policy-model", state.get("policy_model", saved.get("policy_model")),
+def check_fits(state, cfg, path, how: str) -> None:
+    """Raise :class:`ConfigError` when the checkpoint ``state`` (a
+    :class:`~pgnm_fast.run_state.RunState` read from ``path``, used as ``how``: ``--resume`` or
+    ``--from``) was made for another classifier, policy, grid or channel count than ``cfg``."""
+    sides = [("--model", state.model_name, cfg.model), ("channels", state.in_chans, cfg.channels)]
+    if how == "--resume" and state.policy is not None:
+        saved = state.config
+        sides += [("--policy-model", state.policy_model or saved.get("policy_model"),
                    cfg.policy_model), ("--grid", saved.get("grid"), cfg.grid)]
     for flag, theirs, ours in sides:
         if theirs is not None and theirs != ours:
@@ -98,7 +98,7 @@ def load_weights(module: torch.nn.Module, weights: dict, source: str,
                               f"({first[:200]})") from None
 
 
-def check_weights_fit(state: dict, cfg, classes: list, path, how: str) -> None:
+def check_weights_fit(state, cfg, classes: list, path, how: str) -> None:
     """Load the checkpoint's weights into this run's modules built on the meta device (no
     memory, no compute): a shape mismatch is one line naming ``how`` and ``path`` before the run
     starts. A classifier head for other classes is left out (it is replaced)."""
@@ -107,8 +107,8 @@ def check_weights_fit(state: dict, cfg, classes: list, path, how: str) -> None:
         model = create_model(cfg.model, len(classes), in_chans=cfg.channels)
         policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model) \
             if how == "--resume" and cfg.policy else None
-    weights, strict = state["model"], True
-    if list(state["classes"]) != list(classes):
+    weights, strict = state.model, True
+    if list(state.classes) != list(classes):
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         strict = False
     missing, unexpected = load_weights(model, weights, f"{how} {path}", strict=strict,
@@ -117,4 +117,4 @@ def check_weights_fit(state: dict, cfg, classes: list, path, how: str) -> None:
         raise CheckpointError(f"{how} {path}: its classifier weights do not fit {cfg.model} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if policy is not None:
-        load_weights(policy, state.get("policy", {}), f"{how} {path}", "policy", assign=True)
+        load_weights(policy, state.policy or {}, f"{how} {path}", "policy", assign=True)
