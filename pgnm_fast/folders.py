@@ -5,8 +5,10 @@
 before it starts. :func:`lock_folder` takes an exclusive ``fcntl.flock`` on ``FOLDER/.lock``
 for as long as a run, a pack or a data set generation writes there: a second writer stops with
 one line naming the process that holds it. The kernel drops the lock when its holder ends,
-however it ends (Ctrl-C, SIGTERM, SIGKILL), so a lock is never stale; the lock file itself
-stays (removing it would let two processes lock two different files).
+however it ends (Ctrl-C, SIGTERM, SIGKILL), so a lock is never stale. The holder removes the
+lock file before it lets go; a process that locked a file no longer at ``FOLDER/.lock`` (removed
+as it opened it) lets go and locks the new one, so two processes never hold two files. A killed
+holder leaves the file, which the next writer simply locks.
 """
 from __future__ import annotations
 
@@ -48,35 +50,54 @@ def check_output_dir(path, flag: str = "--out") -> Path:
 def lock_folder(path, what: str = "folder"):
     """Hold an exclusive lock on the folder ``path`` (created) for the ``with`` block (module
     docstring). ``what`` names the folder in the error (``run folder``, ``cache folder``). A
-    folder this call created is removed again if the block fails before writing anything else."""
+    folder this call created is removed again if the block fails before writing anything."""
     path = Path(path)
     lock = path / LOCK_FILE
     created = not path.exists()
+    fd = _acquire(path, lock, what)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise write_error(lock, e) from None
-    try:
+        yield path
+        created = False  # the block ran through: whatever it left is the output
+    finally:
+        lock.unlink(missing_ok=True)  # still held: a process that opened it sees it replaced
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # stopped before writing anything: leave no folder
+        os.close(fd)  # releases the lock
+
+
+def _acquire(path: Path, lock: Path, what: str) -> int:
+    """Open and flock ``lock``; retried when its holder removed it in between (then the file
+    this process locked is no longer the one at ``lock``)."""
+    for _ in range(100):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(lock, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise OutputError(f"{what} {path} is in use by process {holder} (another run or pack "
                               f"writing there): wait for it to end, or choose another folder") \
                 from None
         except OSError as e:  # a file system without flock (some network mounts)
+            os.close(fd)
             raise OutputError(f"{lock}: cannot lock ({os_reason(e)})") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:
+            os.close(fd)
+            continue
         try:
             record = f"{os.getpid():<15}\n".encode()  # fixed width: a reader never sees ""
             os.pwrite(fd, record, 0)
             os.ftruncate(fd, len(record))
         except OSError as e:
+            os.close(fd)
             raise write_error(lock, e) from None
-        yield path
-        created = False  # the block ran through: whatever it left is the output
-    finally:
-        if created and [p.name for p in path.iterdir()] == [LOCK_FILE]:
-            lock.unlink(missing_ok=True)  # stopped before writing anything: leave no folder
-            path.rmdir()
-        os.close(fd)  # releases the lock
+        return fd
+    raise OutputError(f"{lock}: cannot lock (the file keeps being replaced)")
