@@ -185,7 +185,7 @@ class Parts:
     policy: torch.nn.Module | None = None
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
-    val_masker: torch.nn.Module | None = None  # validation's own, restarted at each validation
+    val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
 
 
 def _build(run: Run, log) -> Parts:
@@ -209,9 +209,10 @@ def _build(run: Run, log) -> Parts:
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None)
-    # its own stream, restarted at every validation (_validate): the same masks each epoch,
-    # and a resumed run validates exactly as an uninterrupted one
-    val_masker = make_masker(cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
+    # another eval crop: its own stream, restarted at every validation (_validate), so a resumed
+    # run validates exactly as an uninterrupted one
+    val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
+        cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
     return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker)
 
 
@@ -371,6 +372,8 @@ def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
     cfg, info = run.cfg, run.info
     check_finite_weights((parts.model, parts.policy), epoch)  # the last update, unread so far
     broadcast_buffers(unwrap(parts.model), info)
+    if parts.val_masker is not parts.masker and hasattr(parts.val_masker, "manual_seed"):
+        parts.val_masker.manual_seed(cfg.seed + 1)  # its own stream (the reference: torch's)
     last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker)
     progress.last_val = last_val
     averaged_val = None
@@ -435,8 +438,6 @@ def _validate(run: Run, model: torch.nn.Module, val_loader: BatchLoader | None,
     """Validation metrics of ``model`` on rank 0 (None on the others): every process with a
     loader scores its shard, rank 0 gathers the logits (see ``_loaders``)."""
     scored = None
-    if hasattr(masker, "manual_seed"):  # the reference masker draws from torch's generator
-        masker.manual_seed(run.cfg.seed + 1)
     if val_loader is not None:
         scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
                          masker=masker)
