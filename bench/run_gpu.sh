@@ -1,36 +1,52 @@
 #!/usr/bin/env bash
-# The GPU checks of the mask-step kernels, in one go, on a machine with a CUDA device:
+# Everything a GPU must show, in one command (under 8 minutes on one H100/H200):
 #
-#     bash bench/run_gpu.sh            # tests, validate, bench (under 10 minutes, each step time-boxed)
-#     bash bench/run_gpu.sh bench      # or any of: tests validate bench
+#     bash bench/run_gpu.sh                       # all steps below, each time-boxed
+#     bash bench/run_gpu.sh step train            # or any of: tests validate bench step train
+#     DEVICE=cpu bash bench/run_gpu.sh --quick    # the same steps at tiny sizes on the CPU (CI)
+#     bash bench/run_gpu.sh loader                # --loader device: its kernel tests and benchmark (not in the default)
 #
-# 1. tests:    the kernel tests, compiled on the GPU (tests/kernels/, the GPU-only ones included),
+# 1. tests:    the kernel tests compiled on the GPU (tests/kernels/, the GPU-only ones included)
 #              and --graphs: real CUDA-graph capture and replay against the eager step
 # 2. validate: pgnm-fast validate --device cuda --json
 # 3. bench:    bench/bench_kernels.py (fast vs reference, bandwidth vs copy, launch sweeps)
-# and writes bench/results/<device>.json: device name, torch and triton versions, the benchmark
-# medians and speed-ups, the targets met or not, the validate JSON and the test counts. Every step
-# runs even if an earlier one failed; the exit status is non-zero if any failed. Raw outputs go to
-# bench/results/raw/ (and the record and raw files to $OUT when that is set, for a remote run).
-#
-# DEVICE=cpu bash bench/run_gpu.sh runs the same steps on the CPU (the torch fast path; the Triton
-# code interpreted in the tests) and writes bench/results/cpu-<processor>.json.
+# 4. step:     bench/bench_step.py (images/s of the whole training step: plain / heated reference /
+#              heated fused / the authors' way; fp32, bf16, channels-last, graphs, compile)
+# 5. train:    `pgnm-fast train --amp --graphs` end to end, resnet50 at 224 x 224, batch 256, on
+#              a synthetic set made for it (3,200 images of 160 px), 3 epochs of 8 steps; the
+#              img/s the trainer reports, and its steady rate over the last epoch's steps
+# Then bench/report.py writes bench/results/<device>.json: device, driver, torch, triton, every
+# figure and every target met or not. Every step runs even if an earlier one failed; the exit
+# status is non-zero if any failed. Raw outputs go to bench/results/raw/. With --quick the record
+# goes to bench/results/raw/<device>-quick.json (the committed records stay as they are).
+# OUT: a folder to copy the record and the raw outputs into (optional).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
-steps=${*:-tests validate bench}
+quick=0
+steps=()
+for arg in "$@"; do
+    case $arg in
+        --quick) quick=1 ;;
+        tests|validate|bench|step|train|loader) steps+=("$arg") ;;
+        *) echo "run_gpu.sh: unknown step '$arg' (tests validate bench step train loader, or --quick)" >&2; exit 2 ;;
+    esac
+done
+[ ${#steps[@]} -gt 0 ] || steps=(tests validate bench step train)
 
 target=${DEVICE:-cuda}
-if [ "$target" = cuda ]; then
-    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        echo "run_gpu.sh: no CUDA device visible to $PY (DEVICE=cpu runs the CPU variant)" >&2
-        exit 2
-    fi
-else
-    export CUDA_VISIBLE_DEVICES=""  # the CPU variant, even on a GPU machine
-fi
+case $target in
+    cuda)
+        if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+            echo "run_gpu.sh: no CUDA device visible to $PY (DEVICE=cpu runs the CPU variant)" >&2
+            exit 2
+        fi ;;
+    cpu)  # the CPU variant, even on a GPU machine; one torch thread unless told (bench/conftest.py)
+        export CUDA_VISIBLE_DEVICES="" PGNM_BENCH_THREADS=${PGNM_BENCH_THREADS:-1} ;;
+    *) echo "run_gpu.sh: DEVICE must be cuda or cpu, not '$target'" >&2; exit 2 ;;
+esac
 device=$("$PY" -c "
 import re, sys, torch
 sys.path.insert(0, 'bench')
@@ -38,48 +54,89 @@ from conftest import device_name
 name = device_name() if torch.cuda.is_available() else 'cpu-' + device_name()
 print(re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-'))")
 raw=bench/results/raw
+tag=$device$([ $quick = 1 ] && echo -quick)
 mkdir -p "$raw"
-"$PY" - <<'PY'
-import sys, torch
-try:
-    import triton; tv = triton.__version__
-except ImportError:
-    tv = None
-name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-print(f"device {name}, torch {torch.__version__}, triton {tv}, python {sys.version.split()[0]}")
-PY
+rm -f "$raw/$tag"-*
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "device $device, quick $quick, steps ${steps[*]}"
+
 status=0
 run() {  # run NAME TIMEOUT CMD...: time-boxed, status kept, output kept
     local name=$1 limit=$2; shift 2
-    echo "== $name ($(date +%T))"
-    timeout "$limit" "$@" 2>&1 | tee "$raw/$device-$name.log"
+    echo "== $name ($(date +%T), at most ${limit} s)"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$raw/$tag-$name.log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
+    echo "$rc" > "$raw/$tag-$name.rc"
+    # pytest's 5: no case selected (the compile cases exist on a GPU only)
+    [ "$rc" -eq 0 ] || { [ "$name" = step-compile ] && [ "$rc" -eq 5 ]; } || status=1
 }
 
-for step in $steps; do
+pytest_q=(-q -rs -p no:cacheprovider)
+bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.2 --benchmark-min-rounds=5)
+if [ $quick = 1 ]; then
+    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py -k "not replayed")
+    validate_q=(--quick)
+    kernel_k=(-k "test_step and 32")
+    bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.02 --benchmark-min-rounds=1)
+    export PGNM_BENCH_QUICK=1
+    synth=(--images 200 --size 40)
+    train=(--model resnet10t -b 16 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32
+           --grid 8 --epochs 1 -j 1 --print-freq 2)
+    limits=(tests=180 validate=180 bench=120 step=180 compile=60 train=180)
+else
+    test_files=(tests/kernels/test_special.py tests/kernels/test_sample_score.py tests/kernels/test_mask_apply.py
+                tests/kernels/test_masker.py tests/kernels/test_kernels_gpu.py tests/kernels/test_reference.py
+                tests/test_graphs.py tests/test_graphs_gpu.py)
+    validate_q=()
+    kernel_k=(-k "not config_sweep")
+    synth=(--images 3200 --size 160)
+    train=(--model resnet50 -b 256 --train-crop-size 224 --val-resize-size 256 --val-crop-size 224
+           --grid 64 --epochs 3 -j 8 --print-freq 2)
+    limits=(tests=90 validate=45 bench=60 step=130 compile=60 train=100)  # 485 s at most
+    # the CPU at full size: the step benchmarks alone take minutes (a time-box against hangs only)
+    [ "$target" = cpu ] && limits=(tests=900 validate=300 bench=600 step=1200 compile=60 train=900)
+fi
+limit() { local kv; for kv in "${limits[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
+
+for step in "${steps[@]}"; do
     case $step in
         tests)
-            run tests 240 "$PY" -m pytest tests/kernels/test_special.py tests/kernels/test_sample_score.py \
-                tests/kernels/test_mask_apply.py tests/kernels/test_masker.py tests/kernels/test_kernels_gpu.py \
-                tests/kernels/test_reference.py tests/test_graphs.py tests/test_graphs_gpu.py -q -rs -p no:cacheprovider --junitxml="$raw/$device-tests.xml" ;;
+            run tests "$(limit tests)" "$PY" -m pytest "${test_files[@]}" "${pytest_q[@]}" \
+                --junitxml="$raw/$tag-tests.xml" ;;
         validate)
-            run validate 100 "$PY" -m pgnm_fast.validate --device "$target" --json "$raw/$device-validate.json" ;;
+            run validate "$(limit validate)" "$PY" -m pgnm_fast.validate --device "$target" "${validate_q[@]}" \
+                --json "$raw/$tag-validate.json" ;;
         bench)
-            run bench 240 "$PY" -m pytest bench/bench_kernels.py --benchmark-only -q -p no:cacheprovider \
-                --benchmark-max-time=0.2 --benchmark-min-rounds=5 --benchmark-json="$raw/$device-bench.json" ;;
-        *) echo "run_gpu.sh: unknown step '$step' (tests, validate, bench)" >&2; exit 2 ;;
+            run bench "$(limit bench)" "$PY" -m pytest bench/bench_kernels.py "${kernel_k[@]}" "${pytest_q[@]}" \
+                "${bench_q[@]}" --benchmark-json="$raw/$tag-bench.json" ;;
+        step)  # the compile cases apart: a time-out there keeps the other figures
+            run step "$(limit step)" "$PY" -m pytest bench/bench_step.py -k "not compile" "${pytest_q[@]}" \
+                "${bench_q[@]}" --benchmark-json="$raw/$tag-step.json"
+            run step-compile "$(limit compile)" "$PY" -m pytest bench/bench_step.py -k compile "${pytest_q[@]}" \
+                "${bench_q[@]}" --benchmark-json="$raw/$tag-step-compile.json" ;;
+        train)
+            export PY work target raw tag SYNTH_ARGS="${synth[*]}" TRAIN_ARGS="${train[*]}"
+            run train "$(limit train)" bash -c '
+                "$PY" -m pgnm_fast synth --out "$work/data" $SYNTH_ARGS > /dev/null || exit 1
+                "$PY" -m pgnm_fast train --data "$work/data" --out "$work/run" --amp --graphs \
+                    --device "$target" $TRAIN_ARGS
+                rc=$?
+                cp "$work/run/metrics.jsonl" "$raw/$tag-train-metrics.jsonl" 2> /dev/null
+                exit $rc' ;;
+        loader)  # --loader device: its kernel against the torch version, then its benchmark
+            run loader-tests 240 "$PY" -m pytest tests/kernels/test_resized_crop.py "${pytest_q[@]}"
+            run loader-bench 300 "$PY" -m pytest bench/bench_device_loader.py --benchmark-only -q -s \
+                -p no:cacheprovider --benchmark-json="$raw/$tag-loader.json" ;;
     esac
 done
 
-if [ -f "$raw/$device-bench.json" ]; then
-    "$PY" bench/bench_kernels.py summarize "$raw/$device-bench.json" --validate "$raw/$device-validate.json" \
-        --tests "$raw/$device-tests.xml" --out "bench/results/$device.json" || status=1
-    echo "wrote bench/results/$device.json"
-fi
-if [ -n "${OUT:-}" ]; then  # a remote run: bring the results back
+out=bench/results/$device.json
+[ $quick = 1 ] && out=$raw/$tag.json
+"$PY" bench/report.py record --raw "$raw" --tag "$tag" --out "$out" || status=1
+if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/results"
-    cp "bench/results/$device.json" "$raw/$device"-* "$OUT/results/" 2>/dev/null
+    cp "$out" "$raw/$tag"-* "$OUT/results/" 2>/dev/null
 fi
 exit $status

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from pgnm_fast.names import IMPLS  # the CLI reads the names without importing torch
+
 from .masker import FastMasker
 from .reference import ReferenceMasker
 
-IMPLS = ("reference", "fast")
 
 
 def make_masker(impl: str, grid: int, crop_size, seed: int = 0) -> torch.nn.Module:

@@ -31,7 +31,6 @@ import secrets
 
 import numpy as np
 import torch
-from scipy import stats
 
 from . import reference as ref
 from .masker import FastMasker
@@ -64,6 +63,7 @@ def ks_float32(samples, alpha: float, beta: float, low: float = TINY32, high: fl
     For a float32 value v the rounded law puts on v the mass between the midpoints to its float32
     neighbours (the clamps collect everything beyond them), so just at v the CDF is F(upper mid)
     and just below v it is F(lower mid); the sup over the window is attained at those points."""
+    from scipy import stats  # lazily: every pgnm-fast command imports this module
     x = np.sort(np.asarray(samples, dtype=np.float32))
     n = x.size
     v = np.unique(x)
@@ -86,6 +86,7 @@ def ks_float32(samples, alpha: float, beta: float, low: float = TINY32, high: fl
 
 def ks_two_sample(x, y):
     """Two-sample KS (D, p-value); p from the asymptotic law (scipy's exact one is slow at n ~ 1e4)."""
+    from scipy import stats
     res = stats.ks_2samp(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), method="asymp")
     return float(res.statistic), float(res.pvalue)
 

@@ -12,7 +12,7 @@ from triton import next_power_of_2 as triton_next_pow2
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from pgnm_fast.kernels import mask_apply, sample_score
+from pgnm_fast.kernels import mask_apply, resized_crop, sample_score
 
 F32 = "*fp32"
 
@@ -35,6 +35,14 @@ def variants():
             {"C": channels, "BH": 32, "BW": 32, "KH": 16, "KW": 16, "CP": triton_next_pow2(channels),
              "IMAGES": mask_apply.IMAGES_PER_PROGRAM}, \
             mask_apply.NUM_WARPS
+    for dt, channels, k in (("fp32", 1, 3), ("bf16", 3, 5)):
+        yield ("resized_crop", dt, channels, k), resized_crop._resized_crop_kernel, {
+            "data_ptr": "*u8", "base_ptr": "*i64", "stride_ptr": "*i64", "rows_ptr": "*i32",
+            "roww_ptr": "*i32", "cols_ptr": "*i32", "colw_ptr": "*i32", "table_ptr": f"*{dt}",
+            "out_ptr": f"*{dt}", "S": "i32", "sob": "i32", "soc": "i32", "soh": "i32",
+            "sow": "i32"}, \
+            {"K": k, "C": channels, "BH": resized_crop.BLOCK, "BW": resized_crop.BLOCK}, \
+            resized_crop.NUM_WARPS
 
 
 def main(archs):

@@ -29,7 +29,8 @@ def write_error(path, e: OSError) -> OutputError:
 @contextmanager
 def atomic_open(path, mode: str = "wb"):
     """Yield a temporary file beside ``path``; on success fsync it and rename it over ``path``,
-    on any error remove it and leave ``path`` as it was (module docstring)."""
+    on any error remove it and leave ``path`` as it was. The file gets the permissions a plain
+    ``open`` would give (0666 less the user's umask), not ``mkstemp``'s private 0600."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +38,7 @@ def atomic_open(path, mode: str = "wb"):
     except OSError as e:
         raise write_error(path, e) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -94,3 +96,10 @@ def temporary_folder_beside(path):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -1,16 +1,32 @@
 """`pgnm-fast compare`: does PGNM beat plain training on this data? One command, the paper's
 protocol (docs/method.md §5 and §6): the heated stage, its fine-tune, and the baseline (the same
-classifier trained the same way without masks), then both final models on the test split, paired.
+classifier trained the same way without masks), then both final models on the test split, paired,
+over ``--seeds N`` seeds.
 
-Runs go to ``OUT/heated``, ``OUT/finetune`` and ``OUT/baseline``. Running the same command again
-continues where it stopped: a finished stage is reused, an interrupted one resumed from its
-``last.pt``. The report (printed, and ``OUT/compare.json``) gives the metrics of docs/method.md §6
-of both models on the test split, and for top-1, balanced accuracy and macro F1 the difference PGNM - baseline
-with a 95% paired bootstrap interval over the test images and the share of resamples in which
-PGNM is ahead, plus each stage's wall time.
+Seed ``s`` (``--seed`` + 0 .. N-1) sets the data order, the masks and the initialisation of all
+three stages of that seed; its runs go to ``OUT/seed-<s>/{heated,finetune,baseline}``. The
+fine-tune starts from the heated stage's last epoch, as the authors do (``--finetune-from last``),
+or from its ``best.pt`` (``--finetune-from best``, picked on masked validation). Each arm's
+epochs in all are stated: the PGNM arm trains heated + fine-tune epochs, the baseline its own;
+``--match-budget`` gives the baseline as many epochs in all as the PGNM arm.
+
+Running the same command again continues where it stopped: a finished stage (and a scored seed)
+is reused, an interrupted stage resumed from its ``last.pt``; a larger ``--seeds`` adds seeds. A
+folder made with other settings is refused, naming the setting that differs.
+
+The report (printed, ``OUT/compare.json`` and the chart ``OUT/compare.png``) gives for every
+metric of docs/method.md §6 each arm's mean and standard deviation over seeds and the mean
+difference PGNM - baseline with a 95% interval that accounts for the seeds and the test images
+(:func:`pgnm_fast.metrics.seeds_and_images_interval`: a t-interval over seeds whose variance adds
+the test-image bootstrap variance, Welch-Satterthwaite degrees of freedom; for ROC-AUC and top-5,
+which a reweighting of images cannot give cheaply, the t-interval over seeds alone), and the
+number of seeds in which PGNM is ahead. Each seed also keeps its one-seed paired bootstrap over
+the test images. The authors' RadImageNet numbers print beside the user's as a reference.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -22,19 +38,66 @@ from .distributed import shutdown
 from .errors import ConfigError, DataError
 from .evaluate import predict_checkpoint, write_json_atomic
 from .folders import check_output_dir
-from .metrics import (BOOTSTRAP_KEYS, METRIC_KEYS, classification_metrics, json_safe,
-                      paired_bootstrap)
+from .metrics import (
+    METRIC_KEYS,
+    classification_metrics,
+    json_safe,
+    paired_bootstrap,
+    seeds_and_images_interval,
+    t_interval,
+)
 from .pipelines.sources import open_source
 from .run_state import load_run_state
 from .stages import resolve_data, run_stage
 
+# docs/method.md §6: the authors' RadImageNet test numbers (165 classes, ResNet-50 classifier,
+# ResNet-10t policy), printed beside the user's as a reference.
+REFERENCE = {
+    "source": "authors, RadImageNet 165 classes, ResNet-50 (docs/method.md §6)",
+    "baseline": {"precision_macro": 0.5929, "recall_macro": 0.5014, "f1_macro": 0.5226,
+                 "roc_auc_ovo_macro": 0.9884, "balanced_accuracy": 0.5014},
+    "pgnm": {"precision_macro": 0.6034, "recall_macro": 0.5211, "f1_macro": 0.5468,
+             "roc_auc_ovo_macro": 0.9900, "balanced_accuracy": 0.5211},
+}
+FINETUNE_FROM = ("last", "best")
+REPORT_KEYS = METRIC_KEYS[:-1]  # every metric but n_images
+POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl")
+# settings that do not change what a stage computes: not compared when a folder is reused
+NOT_COMPARED = ("workers", "print_freq")
+FLAGS = {"heated.epochs": "--epochs", "baseline.epochs": "--epochs / --match-budget",
+         "finetune.epochs": "--finetune-epochs", "finetune_from": "--finetune-from",
+         "data": "--data", "preset": "--preset", "match_budget": "--match-budget"}
 
-def _stage(stage, folder: Path, log, **kwargs) -> tuple[Path, float]:
-    """Train ``stage`` into ``folder``: fresh, resumed, or reused when already finished."""
+
+def _flag(name: str) -> str:
+    stage, _, key = name.rpartition(".")
+    return FLAGS.get(name, f"--{key.replace('_', '-')}" + (f" ({stage} stage)" if stage else ""))
+
+
+def _check_same(where, stored: dict, wanted: dict) -> None:
+    """Refuse to reuse ``where`` when a setting differs, naming the first one."""
+    for key, value in wanted.items():
+        if key.rpartition(".")[2] in NOT_COMPARED or key not in stored:
+            continue
+        if stored[key] != value:
+            raise ConfigError(f"{where} was made with {key} = {stored[key]!r}, not {value!r} "
+                              f"({_flag(key)}): run with the same settings to continue it, or "
+                              f"choose another --out")
+
+
+def _flat(stage: str, cfg: dict) -> dict:
+    return {f"{stage}.{k}": v for k, v in cfg.items() if k != "seed"}
+
+
+def _stage(stage, folder: Path, expected: dict, log, **kwargs) -> tuple[Path, float]:
+    """Train ``stage`` into ``folder``: fresh, resumed, or reused when already finished; a
+    folder trained with other settings (``expected``, the stage's config) is refused."""
     last = folder / "last.pt"
     resume = None
     if last.exists():
         state = load_run_state(last)
+        _check_same(folder, {**_flat(stage, state.config), "data": state.data},
+                    {**_flat(stage, expected), "data": str(kwargs["data"])})
         if state.is_finished:
             log(f"compare: {stage} already finished its {state.config['epochs']} epochs in "
                 f"{folder}: reusing it (another --out trains afresh)")
@@ -42,22 +105,25 @@ def _stage(stage, folder: Path, log, **kwargs) -> tuple[Path, float]:
         log(f"compare: {stage} stopped after epoch {state.epoch} in {folder}: resuming")
         resume = last
     t0 = time.perf_counter()
-    run_stage(stage, out=folder, resume=resume, log=log, **kwargs)
+    run_stage(stage, out=folder, resume=resume, log=log, resume_hint_on_interrupt=False, **kwargs)
     return folder, time.perf_counter() - t0
 
 
 def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrides=None,
-            device=None, resamples: int = 1000, seed: int = 0, log=print) -> dict:
-    """Run the three stages and the paired test comparison (module docstring)."""
+            device=None, resamples: int = 1000, seed: int = 0, seeds: int = 1,
+            finetune_from: str = "last", match_budget: bool = False, log=print) -> dict:
+    """Run the three stages per seed and the paired test comparison (module docstring)."""
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks
         log = (lambda *_: None)
     if resamples < 1:
         raise ConfigError(f"--resamples must be positive, not {resamples}")
-    cfg = make_config("heated", preset, **{k: v for k, v in (overrides or {}).items()
-                                           if v is not None})
-    make_config("finetune", preset, **{k: v for k, v in (finetune_overrides or {}).items()
-                                       if v is not None})  # its flags checked before any stage
-    data = resolve_data(data, (), cfg, log)  # before any training: the test split must exist
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be positive, not {seeds}")
+    if finetune_from not in FINETUNE_FROM:
+        raise ConfigError(f"--finetune-from must be one of {', '.join(FINETUNE_FROM)}, "
+                          f"not {finetune_from!r}")
+    plan = make_plan(preset, overrides, finetune_overrides, match_budget)
+    data = resolve_data(data, (), plan["heated"], log)  # before any training: the test split must exist
     if "test" not in open_source(data).splits:
         raise DataError(f"data at {data} has no test split: compare scores both models on it")
     if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -65,64 +131,241 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
                           "folder)")
     out = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(out, "--out")
+    experiment = {"data": str(data), "preset": preset, "finetune_from": finetune_from,
+                  "match_budget": match_budget}
+    stored = out / "experiment.json"
+    if stored.exists():
+        _check_same(out, json.loads(stored.read_text()), experiment)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(experiment, stored)
     common = dict(preset=preset, data=data, device=device, keep_process_group=True)
     try:
-        return _compare(out, common, overrides, finetune_overrides, data, device, resamples,
-                        seed, log)
+        return _compare(out, plan, common, data, device, resamples, list(range(seed, seed + seeds)),
+                        finetune_from, match_budget, log)
     finally:
         shutdown()  # the process group the stages kept (torchrun)
 
 
-def _compare(out, common, overrides, finetune_overrides, data, device, resamples, seed, log):
-    heated, t_heated = _stage("heated", out / "heated", log, overrides=overrides, **common)
-    finetuned, t_finetune = _stage("finetune", out / "finetune", log,
-                                   overrides=finetune_overrides,
-                                   init_from=heated / "best.pt", **common)
-    plain_overrides = {k: v for k, v in (overrides or {}).items()
-                       if k not in ("policy_model", "policy_lr", "grid", "impl")}
-    baseline, t_baseline = _stage("baseline", out / "baseline", log, overrides=plain_overrides,
-                                  **common)
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 scores and reports
-        return {}
-    scored = {}
-    for name, folder in (("baseline", baseline), ("pgnm", finetuned)):
-        scored[name] = predict_checkpoint(folder / "best.pt", data, "test", device=device,
-                                          log=log, show_progress=False)
+def make_plan(preset, overrides=None, finetune_overrides=None, match_budget=False) -> dict:
+    """The three stages' configs (seed aside) and overrides: the fine-tune keeps the heated
+    classifier; the baseline drops the policy settings and, with ``match_budget``, trains as many
+    epochs as heated + fine-tune."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None and k != "seed"}
+    finetune_overrides = {k: v for k, v in (finetune_overrides or {}).items()
+                          if v is not None and k != "seed"}
+    heated = make_config("heated", preset, **overrides)
+    finetune_overrides["model"] = heated.model
+    finetune = make_config("finetune", preset, **finetune_overrides)
+    plain = {k: v for k, v in overrides.items() if k not in POLICY_ONLY}
+    if match_budget:
+        plain["epochs"] = heated.epochs + finetune.epochs
+    baseline = make_config("baseline", preset, **plain)
+    return dict(heated=heated, finetune=finetune, baseline=baseline,
+                overrides=dict(heated=overrides, finetune=finetune_overrides, baseline=plain))
+
+
+def _run_seed(folder: Path, s: int, plan: dict, common: dict, finetune_from: str, log):
+    """The three stages of seed ``s``; returns ({stage: folder}, {stage: seconds})."""
+    runs, seconds = {}, {}
+    for stage in ("heated", "finetune", "baseline"):
+        cfg = plan[stage].replace(seed=s)
+        extra = {}
+        if stage == "finetune":
+            extra["init_from"] = runs["heated"] / f"{finetune_from}.pt"
+        runs[stage], seconds[stage] = _stage(
+            stage, folder / stage, dataclasses.asdict(cfg), log,
+            overrides=dict(plan["overrides"][stage], seed=s), **extra, **common)
+    return runs, seconds
+
+
+def _score_seed(folder: Path, runs: dict, fresh: bool, data, device, log):
+    """Logits of both final models (``best.pt``) on the test split, cached in ``scores.npz``."""
+    cache = folder / "scores.npz"
+    if cache.exists() and not fresh:
+        with np.load(cache) as z:
+            return z["baseline"], z["pgnm"], z["labels"]
+    scored = {name: predict_checkpoint(runs[stage] / "best.pt", data, "test", device=device,
+                                       log=log, show_progress=False)
+              for name, stage in (("baseline", "baseline"), ("pgnm", "finetune"))}
     (logits_a, labels, _), (logits_b, labels_b, _) = scored["baseline"], scored["pgnm"]
     if not np.array_equal(labels, labels_b):
-        raise DataError(f"the baseline in {baseline} and the fine-tuned model in {finetuned} were "
-                        f"not scored on the same test images (trained on different data?)")
-    metrics = {name: json_safe(classification_metrics(s[0], s[1], s[2])[0])
-               for name, s in scored.items()}
-    report = {"test": metrics,
-              "difference": paired_bootstrap(logits_a, logits_b, labels, resamples, seed),
-              "resamples": resamples, "seed": seed,
-              "runs": {"heated": str(heated), "finetune": str(finetuned),
-                       "baseline": str(baseline)},
-              "seconds": {"heated": t_heated, "finetune": t_finetune, "baseline": t_baseline}}
+        raise DataError(f"the baseline in {runs['baseline']} and the fine-tuned model in "
+                        f"{runs['finetune']} were not scored on the same test images (trained on "
+                        f"different data?)")
+    from .atomic import atomic_open
+    with atomic_open(cache, "wb") as f:
+        np.savez(f, baseline=logits_a, pgnm=logits_b, labels=labels)
+    return logits_a, logits_b, labels
+
+
+def _compare(out, plan, common, data, device, resamples, seed_list, finetune_from,
+             match_budget, log):
+    main = int(os.environ.get("RANK", "0")) == 0
+    per_seed, logits, seconds = {}, {"baseline": [], "pgnm": []}, {}
+    labels = None
+    for s in seed_list:
+        folder = out / f"seed-{s}"
+        if len(seed_list) > 1:
+            log(f"compare: seed {s} ({seed_list.index(s) + 1} of {len(seed_list)}) -> {folder}")
+        runs, seconds[str(s)] = _run_seed(folder, s, plan, common, finetune_from, log)
+        if not main:  # torchrun: rank 0 scores and reports
+            continue
+        a, b, lab = _score_seed(folder, runs, any(seconds[str(s)].values()), data, device, log)
+        if labels is not None and not np.array_equal(labels, lab):
+            raise DataError(f"seed {s} was scored on other test images than seed {seed_list[0]}")
+        labels = lab
+        logits["baseline"].append(a)
+        logits["pgnm"].append(b)
+        per_seed[str(s)] = {
+            "test": {name: json_safe(classification_metrics(x, lab)[0])
+                     for name, x in (("baseline", a), ("pgnm", b))},
+            "bootstrap": paired_bootstrap(a, b, lab, resamples, s),
+            "runs": {k: str(v) for k, v in runs.items()}}
+    if not main:
+        return {}
+    report = _report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
+                     match_budget, seconds)
     write_json_atomic(report, out / "compare.json")
     for line in format_report(report):
         log(line)
-    log(f"compare: report written to {out / 'compare.json'}")
+    chart = write_compare_chart(report, out / "compare.png")
+    log(f"compare: report written to {out / 'compare.json'}"
+        + (f", chart to {chart}" if chart else ""))
     return report
 
 
+def _report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from, match_budget,
+            seconds) -> dict:
+    arms = {}
+    for arm in ("baseline", "pgnm"):
+        arms[arm] = {}
+        for key in REPORT_KEYS:
+            values = [per_seed[str(s)]["test"][arm][key] for s in seed_list]
+            finite = [v for v in values if v is not None]
+            arms[arm][key] = {"mean": float(np.mean(finite)) if finite else None,
+                              "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+                              "ci95": t_interval(finite), "per_seed": values}
+    difference = seeds_and_images_interval(logits["baseline"], logits["pgnm"], labels,
+                                           resamples, seed_list[0])
+    for key in difference:
+        difference[key]["method"] = ("seeds and test images" if len(seed_list) > 1
+                                     else "paired bootstrap over test images")
+    for key in REPORT_KEYS:
+        if key in difference:
+            continue
+        d = [per_seed[str(s)]["test"]["pgnm"][key] - per_seed[str(s)]["test"]["baseline"][key]
+             for s in seed_list if None not in (per_seed[str(s)]["test"]["pgnm"][key],
+                                                 per_seed[str(s)]["test"]["baseline"][key])]
+        difference[key] = {"difference": float(np.mean(d)) if d else None, "ci95": t_interval(d),
+                           "seeds_ahead": int(sum(x > 0 for x in d)), "per_seed": d,
+                           "method": "t-interval over seeds (test images not resampled)"}
+    h, f, b = plan["heated"], plan["finetune"], plan["baseline"]
+    return {
+        "seeds": seed_list, "n_images": len(labels), "test": arms, "difference": difference,
+        "interval": "95%: mean over seeds +- t * sqrt(seed variance / N + test-image bootstrap "
+                    "variance - interaction counted twice), Welch-Satterthwaite df "
+                    "(pgnm_fast.metrics.seeds_and_images_interval)",
+        "finetune_from": finetune_from, "match_budget": match_budget,
+        "epochs": {"pgnm": {"heated": h.epochs, "finetune": f.epochs,
+                            "total": h.epochs + f.epochs},
+                   "baseline": {"total": b.epochs}},
+        "resamples": resamples, "per_seed": per_seed, "reference": REFERENCE,
+        "seconds": seconds}
+
+
+def _fmt(v, sign=False):
+    return "n/a" if v is None else (f"{v:+.4f}" if sign else f"{v:.4f}")
+
+
 def format_report(report: dict) -> list[str]:
-    base, pgnm = report["test"]["baseline"], report["test"]["pgnm"]
-    lines = [f"test split, {base['n_images']} images: baseline vs PGNM (heated + fine-tuned)",
-             f"{'metric':20} {'baseline':>9} {'PGNM':>9}   PGNM - baseline [95% CI], share of "
-             f"{report['resamples']} resamples with PGNM ahead"]
-    for key in METRIC_KEYS[:-1]:
-        a, b = base[key], pgnm[key]
-        fmt = (lambda v: "n/a" if v is None else f"{v:.4f}")
-        row = f"{key:20} {fmt(a):>9} {fmt(b):>9}"
-        if key in BOOTSTRAP_KEYS:
-            d = report["difference"][key]
-            row += (f"   {d['difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], "
-                    f"{100 * d['b_ahead']:.0f}%")
+    n, ep = len(report["seeds"]), report["epochs"]
+    start = {"last": "the heated stage's last epoch (the authors' protocol)",
+             "best": "the heated stage's best.pt (masked validation)"}[report["finetune_from"]]
+    lines = [(f"test split, {report['n_images']} images, {n} seed(s) "
+              f"({', '.join(map(str, report['seeds']))}): baseline vs PGNM (heated + fine-tuned)"),
+             f"fine-tuned from {start} (--finetune-from {report['finetune_from']})",
+             f"epochs in all: PGNM {ep['pgnm']['heated']} heated + {ep['pgnm']['finetune']} "
+             f"fine-tune = {ep['pgnm']['total']}, baseline {ep['baseline']['total']}"
+             + (" (--match-budget)" if report["match_budget"] else
+                " (--match-budget trains it as long)" if ep["baseline"]["total"]
+                != ep["pgnm"]["total"] else ""),
+             f"{'metric':18} {'baseline':>16} {'PGNM':>16}   PGNM - baseline [95% CI]"
+             + ("  seeds PGNM ahead" if n > 1 else "")]
+    for key in REPORT_KEYS:
+        a, b, d = report["test"]["baseline"][key], report["test"]["pgnm"][key], \
+            report["difference"][key]
+        cell = (lambda m: _fmt(m["mean"]) + (f" ± {m['sd']:.4f}" if m["sd"] is not None else ""))
+        ci = d["ci95"]
+        row = (f"{key:18} {cell(a):>16} {cell(b):>16}   {_fmt(d['difference'], True)} "
+               + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "[n/a]"))
+        if n > 1:
+            row += f"  {d['seeds_ahead']} of {len(d['per_seed'])}"
         lines.append(row)
-    seconds = report["seconds"]
+    lines.append("(mean ± sd over seeds; " + (
+        "interval over seeds and test images, Welch-Satterthwaite df; top-5 and ROC-AUC over "
+        "seeds only)" if n > 1 else "interval: paired bootstrap over the test images, "
+        f"{report['resamples']} resamples; ROC-AUC and top-5 need 2+ seeds)"))
+    ref = report["reference"]
+    for arm, name in (("baseline", "baseline"), ("pgnm", "PGNM")):
+        lines.append(f"reference, {ref['source']}: {name} " + "  ".join(
+            f"{k} {v:.4f}" for k, v in ref[arm].items()))
+    seconds = {}
+    for per in report["seconds"].values():
+        for stage, v in per.items():
+            seconds[stage] = seconds.get(stage, 0.0) + v
     lines.append("wall time: " + ", ".join(
         f"{k} reused" if not v else f"{k} {v:.0f} s" if v < 120 else f"{k} {v / 60:.1f} min"
         for k, v in seconds.items()))
     return lines
+
+
+def write_compare_chart(report: dict, path) -> Path | None:
+    """``compare.png``: per metric each arm's mean with its 95% t-interval over seeds and the
+    per-seed points (left), the difference PGNM - baseline with its 95% interval (right).
+    None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = [k for k in REPORT_KEYS if report["test"]["baseline"][k]["mean"] is not None]
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    x, width = np.arange(len(keys)), 0.38
+    for j, (arm, label, colour) in enumerate((("baseline", "baseline", "tab:gray"),
+                                              ("pgnm", "PGNM (heated + fine-tuned)",
+                                               "tab:blue"))):
+        pos = x + (j - 0.5) * width
+        stats = [report["test"][arm][k] for k in keys]
+        means = np.array([s["mean"] for s in stats])
+        err = np.array([[s["mean"] - s["ci95"][0], s["ci95"][1] - s["mean"]] if s["ci95"]
+                        else [0, 0] for s in stats]).T
+        ax.bar(pos, means, width, yerr=err, capsize=3, color=colour, alpha=0.7, label=label)
+        for p, s in zip(pos, stats):
+            pts = [v for v in s["per_seed"] if v is not None]
+            ax.scatter(np.full(len(pts), p), pts, s=12, color="black", zorder=3)
+    ax.set_xticks(x, [k.replace("_macro", "").replace("_", " ") for k in keys], rotation=30,
+                  ha="right")
+    ax.set_ylabel("test score")
+    n = len(report["seeds"])
+    ax.set_title(f"{n} seed(s), {report['n_images']} test images: mean, 95% t-interval over "
+                 f"seeds, points = seeds", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    diffs = [report["difference"][k] for k in keys]
+    mid = np.array([d["difference"] for d in diffs])
+    lo = np.array([d["ci95"][0] if d["ci95"] else m for d, m in zip(diffs, mid)])
+    hi = np.array([d["ci95"][1] if d["ci95"] else m for d, m in zip(diffs, mid)])
+    dx.errorbar(mid, x, xerr=[mid - lo, hi - mid], fmt="o", capsize=3, color="tab:blue")
+    for i, d in enumerate(diffs):
+        dx.scatter(d["per_seed"], np.full(len(d["per_seed"]), i), s=10, color="black",
+                   zorder=3)
+    dx.axvline(0, color="gray", lw=1)
+    dx.set_yticks(x, [k.replace("_macro", "").replace("_", " ") for k in keys])
+    dx.invert_yaxis()
+    dx.set_xlabel("PGNM - baseline (95% interval; points = seeds)")
+    fig.tight_layout()
+    from .atomic import atomic_open
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)

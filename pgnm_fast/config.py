@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .kernels import IMPLS
+from .names import IMPLS, OPTIMIZERS
+from .speed import check_flags
 
 STAGES = ("heated", "baseline", "finetune")
 MIN_CROP = 8  # smaller crops are narrower than the classifiers' stem padding
@@ -38,15 +39,25 @@ class TrainConfig:
     val_crop_size: int = 224
     channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
     workers: int = 8
-    loader: str = "auto"             # data loading: auto (DALI if installed), dali, torch
+    loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
     on_bad_image: str = "error"      # a file that cannot be used: stop (error) or leave out (skip)
     amp: bool = False
     graphs: bool = False
+    channels_last: bool | None = None  # NHWC model and batches; None: on for CUDA (speed.py)
+    compile: bool = False            # torch.compile of classifier and policy (speed.py)
     impl: str = "fast"               # mask step: fast (Triton / fused torch) or reference
     sync_bn: bool = True             # SyncBatchNorm when distributed (the authors' setting)
     seed: int = 0
     print_freq: int = 20             # read device-side metrics every N steps
     average_last: int = 0            # also save the mean of the last N epochs' weights (docs/method.md §5)
+    tensorboard: bool = False        # also write TensorBoard event files into RUN/tensorboard
+    opt: str = "sgd"                 # sgd (the paper's) | adamw, timm's --opt
+    label_smoothing: float = 0.0     # cross-entropy label smoothing, timm's --smoothing
+    clip_grad_norm: float = 0.0      # max total gradient norm (0: off), clipped on the device
+    mean: float | None = None        # input normalisation; None: RadImageNet's grey statistics
+    std: float | None = None
+    class_balanced: bool = False     # sample train images with weight 1 / class count
+    stem_lr_scale: float = 1.0       # 3: a stem summed from 3 channels (pgnm_fast.weights)
     synth_images: int = 2400         # size of the embedded default data set
     synth_size: int = 96
 
@@ -56,6 +67,12 @@ class TrainConfig:
 
     def effective_policy_lr(self) -> float:
         return self.lr / 10 if self.policy_lr is None else self.policy_lr
+
+    def normalisation(self) -> dict:
+        """``mean``/``std`` keyword arguments of the loaders (RadImageNet's where unset)."""
+        from .pipelines import MEAN, STD
+        return dict(mean=MEAN if self.mean is None else self.mean,
+                    std=STD if self.std is None else self.std)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -88,8 +105,17 @@ class TrainConfig:
         if self.val_crop_size > self.val_resize_size:
             raise ConfigError(f"--val-crop-size {self.val_crop_size} exceeds --val-resize-size "
                               f"{self.val_resize_size}")
+        check_flags(self.compile, self.graphs)
         if self.channels not in (1, 3):
-            raise ConfigError(f"channels must be 1 or 3, not {self.channels}")
+            raise ConfigError(f"--in-chans must be 1 or 3, not {self.channels}")
+        if self.opt not in OPTIMIZERS:
+            raise ConfigError(f"--opt must be one of {', '.join(OPTIMIZERS)}, not {self.opt!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.clip_grad_norm < 0:
+            raise ConfigError(f"--clip-grad-norm must be >= 0 (0: off), not {self.clip_grad_norm}")
+        if self.std is not None and self.std <= 0:
+            raise ConfigError(f"--std must be positive, not {self.std}")
         return self
 
     def _check_numbers(self) -> None:
@@ -179,4 +205,5 @@ def _flag(name: str) -> str:
     return {"weight_decay": "--wd", "workers": "-j/--workers"}.get(name, "--" + name.replace("_", "-"))
 
 
-__all__ = ["TrainConfig", "make_config", "config_from_dict", "PRESETS", "STAGES", "IMPLS"]
+__all__ = ["TrainConfig", "make_config", "config_from_dict", "PRESETS", "STAGES", "IMPLS",
+           "OPTIMIZERS"]

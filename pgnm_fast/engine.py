@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .console import bar_fields, step_line
 from .errors import PgnmError
 from .objective import pgnm_loss
 
@@ -50,21 +51,25 @@ class HeatedStep:
     def __init__(self, model: torch.nn.Module, policy: torch.nn.Module, masker: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, policy_optimizer: torch.optim.Optimizer,
                  amp: bool, device: torch.device,
-                 ema_sync: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 ema_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 label_smoothing: float = 0.0, clip_grad_norm: float = 0.0):
         self.model, self.policy, self.masker = model, policy, masker
         self.optimizer, self.policy_optimizer = optimizer, policy_optimizer
         self.amp, self.device = amp, device
         self.ema_sync = ema_sync  # all-reduces the head means across ranks when distributed
+        self.label_smoothing, self.clip_grad_norm = label_smoothing, clip_grad_norm
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
             out = self.policy(images)
             m, S = self.masker.sample_score(out.a_tilde, out.b_tilde)
             logits = self.model(self.masker.apply(images, m))
-        loss, ce = pgnm_loss(S, logits, target)
+        loss, ce = pgnm_loss(S, logits, target, self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(self.model, self.clip_grad_norm)
+        clip_gradients(self.policy, self.clip_grad_norm)
         self.optimizer.step()
         self.policy_optimizer.step()
         h_a, h_b = out.h_a.detach(), out.h_b.detach()
@@ -79,17 +84,29 @@ class PlainStep:
     """Baseline and fine-tune: cross-entropy on clean images, no policy."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: bool,
-                 device: torch.device):
+                 device: torch.device, label_smoothing: float = 0.0,
+                 clip_grad_norm: float = 0.0):
         self.model, self.optimizer, self.amp, self.device = model, optimizer, amp, device
+        self.label_smoothing, self.clip_grad_norm = label_smoothing, clip_grad_norm
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
         with autocast(self.device, self.amp):
             logits = self.model(images)
-        ce = F.cross_entropy(logits.float(), target)
+        ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         ce.backward()
+        clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
         _accumulate(stats, ce, ce, ce.new_zeros(()), logits, target)
+
+
+def clip_gradients(module, max_norm: float) -> None:
+    """``--clip-grad-norm``: scale ``module``'s gradients to a total 2-norm of at most
+    ``max_norm`` (0: off). All on the device, no host sync (CUDA-graph capturable); a non-finite
+    norm is not raised here, the epoch loop's loss check stops the run."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, foreach=True,
+                                       error_if_nonfinite=False)
 
 
 def _accumulate(stats, loss, ce, s_mean, logits, target):
@@ -105,15 +122,21 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (images, ta
 def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch: int,
                     global_step: int, print_freq: int, log_step: Callable[[dict], None],
                     masker: torch.nn.Module | None = None, show_progress: bool = True,
-                    channels_last: bool = False) -> tuple[int, dict]:
+                    channels_last: bool = False, log_line: Callable[[str], None] | None = None,
+                    ) -> tuple[int, dict]:
     """Run one epoch; every ``print_freq`` steps read the device stats (one sync), check them and
-    the masker's non-finite flag, and hand a record to ``log_step``. Returns (global_step, record)."""
+    the masker's non-finite flag, and hand a record to ``log_step``; where no live bar is drawn
+    (output not a terminal) also print a step line through ``log_line``. Returns
+    (global_step, record)."""
     stats = torch.zeros(N_STATS, device=device)
     window = torch.zeros(N_STATS, device=device)
     bar = tqdm(total=len(loader) * loader.batch_size, unit="img", unit_scale=True, leave=False,
                desc=f"epoch {epoch}", disable=None if show_progress else True,  # None: TTY only
                mininterval=1.0)
+    lines = show_progress and bar.disable and log_line is not None
+    heated = masker is not None
     t_window, first = time.perf_counter(), global_step
+    t_start = t_window
     last = None
     for i, (images, target) in enumerate(loader):
         images = images.to(device, non_blocking=True)
@@ -126,7 +149,9 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
         if (i + 1) % print_freq == 0 or i + 1 == len(loader):
             last = _read_window(window, masker, epoch, first, global_step, time.perf_counter() - t_window)
             log_step(last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_top1']:.3f}")
+            bar.set_postfix(bar_fields(last, heated))
+            if lines:
+                log_line(step_line(last, i + 1, len(loader), time.perf_counter() - t_start, heated))
             stats += window
             window.zero_()
             t_window, first = time.perf_counter(), global_step
@@ -174,7 +199,7 @@ def predict(model: torch.nn.Module, loader: Iterable, device: torch.device, amp:
     every batch is masked with masks drawn from the unconditional Beta(exp A_a, exp A_b)."""
     model.eval()
     outputs, labels = [], []
-    for images, target in tqdm(loader, desc=desc, leave=False, mininterval=1.0,
+    for images, target in tqdm(loader, desc=desc, leave=False, mininterval=1.0, unit="batch",
                                disable=None if show_progress else True):
         images = images.to(device, non_blocking=True)
         if channels_last:

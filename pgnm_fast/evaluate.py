@@ -1,31 +1,34 @@
 """`pgnm-fast eval`: a checkpoint's classifier on a split, scored with the metrics of docs/method.md §6."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from .atomic import atomic_open
 from .config import config_from_dict
 from .distributed import init_distributed
 from .engine import predict
 from .errors import DataError
-from .metrics import classification_metrics, json_safe
+from .metrics import classification_metrics, json_safe, per_class_metrics
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
-from .run_state import load_run_state
-from .state_checks import load_weights
+from .weights import fit_classifier, read_weights, resolve_model
 
 
 def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, batch_size=None,
                         workers=None, device=None, amp=False, log=print, warn=print,
-                        show_progress=True) -> dict:
+                        show_progress=True, predictions_path=None, model_name=None) -> dict:
     """Evaluate on clean images (no masks: the heated model is its classifier). Returns the
-    metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`)."""
-    logits, labels, classes = predict_checkpoint(checkpoint, data, split, batch_size, workers,
-                                                 device, amp, log, show_progress)
+    metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`). With ``json_path`` also write,
+    beside it, the per-class table and the confusion matrix (CSV, and PNG with matplotlib); with
+    ``predictions_path`` one CSV row per image."""
+    logits, labels, classes, files = _score_split(checkpoint, data, split, batch_size, workers,
+                                                  device, amp, log, show_progress, model_name)
     metrics, absent = classification_metrics(logits, labels, classes)
     if absent:
         warn(f"warning: the {split} split lacks {len(absent)} of {len(classes)} classes "
@@ -33,21 +36,73 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
              f"ROC-AUC are over the {len(classes) - len(absent)} classes present")
     if json_path is not None:
         write_json_atomic(json_safe(metrics), json_path)
+        log(f"metrics written to {json_path}")
+        _write_per_class(logits, labels, classes, Path(json_path), split, log)
+    if predictions_path is not None:
+        write_predictions(predictions_path, files, logits, labels, classes)
+        log(f"predictions of {len(files)} images written to {predictions_path}")
     return metrics
 
 
+def _write_per_class(logits, labels, classes, json_path: Path, split: str, log) -> None:
+    """NAME.per_class.csv, NAME.confusion.csv and NAME.confusion.png beside NAME.json."""
+    from . import plots
+    table, matrix = per_class_metrics(logits, labels)
+    stem = json_path.with_suffix("")
+    written = [plots.write_per_class(table, classes, Path(f"{stem}.per_class.csv")),
+               plots.write_confusion(matrix, classes, Path(f"{stem}.confusion.csv"))]
+    try:
+        written.append(plots.draw_confusion(matrix, classes, Path(f"{stem}.confusion.png"),
+                                            f"{split} confusion matrix"))
+    except plots.PlotsUnavailable as e:
+        log(str(e))
+    log("per-class results written to " + ", ".join(str(p) for p in written))
+
+
+def write_predictions(path, files, logits, labels, classes, k: int = 5) -> None:
+    """One row per image: path, label, predicted class, then the top-k classes and their
+    softmax scores (k = min(5, number of classes))."""
+    probs = softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    with atomic_open(path, "w") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "predicted"]
+                     + [name for i in range(1, k + 1) for name in (f"top{i}", f"top{i}_score")])
+        for file, label, row, p in zip(files, labels, top, probs):
+            out.writerow([file, classes[label], classes[row[0]]]
+                         + [v for c in row for v in (classes[c], f"{p[c]:.6f}")])
+
+
 def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, workers=None,
-                       device=None, amp=False, log=print, show_progress=True):
+                       device=None, amp=False, log=print, show_progress=True, model_name=None):
     """``(logits, labels, classes)`` of a checkpoint's classifier over a split, in the split's
-    order, labels as indices into the checkpoint's classes."""
-    state = load_run_state(checkpoint)
-    cfg = config_from_dict(state.config)
-    root = Path(data) if data is not None else Path(state.data)
+    order, labels as indices into the checkpoint's classes. ``checkpoint``: any form
+    :func:`pgnm_fast.weights.read_weights` reads; a file without class names takes the data's
+    (their count must match its head), one without settings the defaults' crop and
+    normalisation (a timm folder's where its config.json gives them)."""
+    return _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
+                        show_progress, model_name)[:3]
+
+
+def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log, show_progress,
+                 model_name=None):
+    """:func:`predict_checkpoint`'s result and the split's file paths."""
+    w = read_weights(checkpoint)
+    name = resolve_model(w, model_name)
+    state = w.checkpoint or {}
+    cfg = config_from_dict(state.get("config", {}))
+    if data is None and not state.get("data"):
+        raise DataError(f"{checkpoint} does not name its data set: pass --data")
+    root = Path(data) if data is not None else Path(state["data"])
     source = open_source(root)
     if split not in source.splits:
         raise DataError(f"data at {root} has no {split!r} split (it has: {', '.join(source.splits)})")
     part = source.split(split)
-    classes = list(state.classes)
+    classes = list(w.classes) if w.classes is not None else list(source.classes)
+    if len(classes) != w.num_classes:
+        raise DataError(f"{checkpoint} has a {w.num_classes}-class head, {root} has "
+                        f"{len(classes)} classes")
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({source.classes[i] for i in np.unique(part.labels)} - set(index))
     if unknown:
@@ -55,17 +110,25 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
                         f"trained on: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
     remap = np.array([index.get(name, -1) for name in source.classes], dtype=np.int64)
     info = init_distributed(device)
-    model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
-    load_weights(model, state.model, f"checkpoint {checkpoint}")
+    channels = cfg.channels if w.checkpoint is not None else 1
+    model = create_model(name, len(classes), in_chans=channels)
+    fit_classifier(model, w, name, classes, log, training=False)
     model.to(info.device)
+    crop, resize, norm = cfg.val_crop_size, cfg.val_resize_size, cfg.normalisation()
+    pretrained = w.meta.get("pretrained_cfg", {})
+    if w.checkpoint is None and pretrained.get("input_size"):
+        crop = int(pretrained["input_size"][-1])
+        resize = int(round(crop / pretrained.get("crop_pct", crop / resize)))
+    if w.checkpoint is None and pretrained.get("mean") and pretrained.get("std"):
+        norm = dict(mean=float(pretrained["mean"][0]), std=float(pretrained["std"][0]))
     loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
-                         crop_size=cfg.val_crop_size, resize_size=cfg.val_resize_size,
-                         channels=cfg.channels, workers=cfg.workers if workers is None else workers,
+                         crop_size=crop, resize_size=resize, channels=channels,
+                         workers=cfg.workers if workers is None else workers,
                          rank=0, world_size=1, device=info.device, log=log,
-                         backend="torch" if cfg.loader == "torch" else "auto")
+                         backend="torch" if cfg.loader == "torch" else "auto", **norm)
     logits, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
-    return logits, remap[labels], classes
+    return logits, remap[labels], classes, list(part.files)
 
 
 def write_json_atomic(obj, path) -> None:

@@ -13,8 +13,6 @@ import math
 import warnings
 
 import numpy as np
-from scipy.special import softmax
-from sklearn import metrics as skm
 
 from .errors import PgnmError
 
@@ -41,6 +39,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     Returns ``(metrics, absent)``: the dict with exactly :data:`METRIC_KEYS` (floats; the AUC is
     NaN when fewer than two classes are present) and the names of classes absent from ``labels``.
     """
+    from scipy.special import softmax  # lazily (with sklearn): the trainer imports this module
+    from sklearn import metrics as skm
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
@@ -76,7 +76,24 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     return out, absent
 
 
+def per_class_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Precision, recall, F1 and support of every class (0 where undefined, e.g. a class never
+    predicted), and the confusion matrix (rows: true class, columns: predicted), both over all
+    ``logits.shape[1]`` classes."""
+    from sklearn import metrics as skm  # lazily, as above
+    classes = np.arange(np.asarray(logits).shape[1])
+    pred = np.asarray(logits).argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p, r, f, support = skm.precision_recall_fscore_support(labels, pred, labels=classes,
+                                                               average=None, zero_division=0)
+    table = {"precision": p, "recall": r, "f1": f, "support": support}
+    return table, skm.confusion_matrix(labels, pred, labels=classes)
+
+
 def _auc_ovo(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> float:
+    from scipy.special import softmax
+    from sklearn import metrics as skm
     if len(present) < 2:
         return math.nan
     scores = softmax(logits[:, present], axis=1)  # renormalised over the present classes
@@ -97,22 +114,36 @@ def json_safe(m: dict) -> dict:
 
 
 BOOTSTRAP_KEYS = ("top1", "balanced_accuracy", "f1_macro")
+# the metrics that follow from per-image counts, so a resample of the test images is a reweighting
+WEIGHTED_KEYS = ("top1", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro")
 
 
 def _weighted_scores(pred: np.ndarray, labels: np.ndarray, present: np.ndarray,
                      weights: np.ndarray) -> np.ndarray:
-    """top1, balanced accuracy and macro F1 with each image counted ``weights`` times, by
-    :func:`classification_metrics`' rules (macro over ``present``; 0 where undefined)."""
-    size = int(max(pred.max(), labels.max())) + 1
-    hit = pred == labels
-    support = np.bincount(labels, weights=weights, minlength=size)[present]
-    tp = np.bincount(labels, weights=weights * hit, minlength=size)[present]
-    predicted = np.bincount(pred, weights=weights, minlength=size)[present]
+    """:data:`WEIGHTED_KEYS` with each image counted ``weights`` times, by
+    :func:`classification_metrics`' rules (macro over ``present``; 0 where undefined).
+    ``weights`` (n,) gives shape (K,), ``weights`` (B, n) gives (B, K): one row per resample."""
+    w = np.atleast_2d(weights).astype(np.float64)
+    is_label = (labels[:, None] == present[None, :]).astype(np.float64)  # n x P
+    hit = (pred == labels).astype(np.float64)
+    support = w @ is_label
+    tp = w @ (is_label * hit[:, None])
+    predicted = w @ (pred[:, None] == present[None, :]).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(support > 0, tp / support, 0.0)
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         f1 = np.where(recall + precision > 0, 2 * recall * precision / (recall + precision), 0.0)
-    return np.array([(weights * hit).sum() / weights.sum(), recall.mean(), f1.mean()])
+    top1 = (w @ hit) / w.sum(1)
+    out = np.stack([top1, recall.mean(1), precision.mean(1), recall.mean(1), f1.mean(1)], axis=1)
+    return out[0] if np.ndim(weights) == 1 else out
+
+
+def _resample_weights(rng, n: int, resamples: int, chunk: int = 200):
+    """Bootstrap resamples of ``n`` images as count weights, ``chunk`` rows at a time."""
+    for start in range(0, resamples, chunk):
+        rows = min(chunk, resamples - start)
+        idx = rng.integers(0, n, (rows, n)) + n * np.arange(rows)[:, None]
+        yield np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
 
 
 def paired_bootstrap(logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndarray,
@@ -125,15 +156,85 @@ def paired_bootstrap(logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndar
     pred_a, pred_b = np.argmax(logits_a, 1), np.argmax(logits_b, 1)
     present, n = np.unique(labels), len(labels)
     rng = np.random.default_rng(seed)
-    diffs = np.empty((resamples, len(BOOTSTRAP_KEYS)))
-    for r in range(resamples):
-        weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
-        diffs[r] = (_weighted_scores(pred_b, labels, present, weights)
-                    - _weighted_scores(pred_a, labels, present, weights))
+    diffs = np.concatenate([_weighted_scores(pred_b, labels, present, w)
+                            - _weighted_scores(pred_a, labels, present, w)
+                            for w in _resample_weights(rng, n, resamples)])
     ones = np.ones(n)
     full = (_weighted_scores(pred_b, labels, present, ones)
             - _weighted_scores(pred_a, labels, present, ones))
     lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0)
+    cols = [WEIGHTED_KEYS.index(k) for k in BOOTSTRAP_KEYS]
     return {key: {"difference": float(full[i]), "ci95": [float(lo[i]), float(hi[i])],
                   "b_ahead": float((diffs[:, i] > 0).mean())}
-            for i, key in enumerate(BOOTSTRAP_KEYS)}
+            for key, i in zip(BOOTSTRAP_KEYS, cols)}
+
+
+def t_interval(values, level: float = 0.95) -> list[float] | None:
+    """Student-t interval of the mean of ``values`` (None for fewer than two)."""
+    from scipy import stats
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return None
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return [float(v.mean() - half), float(v.mean() + half)]
+
+
+def seeds_and_images_interval(logits_a: list, logits_b: list, labels: np.ndarray,
+                              resamples: int = 1000, seed: int = 0) -> dict:
+    """The mean over seeds of the paired difference b - a of :data:`WEIGHTED_KEYS`, with a 95%
+    interval that accounts for the seeds and for the test images.
+
+    ``logits_a[s]``, ``logits_b[s]``: seed ``s``'s two models on the same test images ``labels``.
+    Seeds and test images are crossed (every seed is scored on every image), so the variance of
+    the mean difference has three parts: seed to seed (initialisation, data order, masks), the
+    test images (shared by all seeds: their sampling error does not average out), and the
+    interaction (which images a seed happens to get right). With d_s seed s's difference on the
+    whole test split and N seeds, three moments are measured: v_seed = var(d_s) / N (seeds +
+    interaction / N), v_img = the variance of mean(d) over bootstrap resamples of the test images,
+    each resample the same for every seed and both models (images + interaction / N), and v_each =
+    the mean over seeds of the bootstrap variance of d_s (images + interaction); so the
+    interaction counted twice is v_int = (v_each - v_img) / (N - 1), and
+
+        mean(d) +- t_{0.975, df} * sqrt(v_seed + v_img - v_int)
+
+    (the sum floored at max(v_seed, v_img)), df Welch-Satterthwaite's for the one estimated from
+    N seeds: (v_seed + v_img - v_int)^2 / (v_seed^2 / (N - 1)): the paired t-interval over seeds
+    when the seeds dominate, the normal bootstrap interval when the images do. With one seed this
+    is the percentile paired bootstrap of :func:`paired_bootstrap`. Coverage on simulated scores:
+    ``tests/test_compare.py``.
+
+    Returns ``{key: {"difference", "ci95", "seeds_ahead", "per_seed", "se_seeds", "se_images",
+    "df"}}``.
+    """
+    from scipy import stats
+    labels = np.asarray(labels, dtype=np.int64)
+    present, n, seeds = np.unique(labels), len(labels), len(logits_a)
+    preds = [(np.argmax(a, 1), np.argmax(b, 1)) for a, b in zip(logits_a, logits_b)]
+
+    def diffs(w):  # (seeds, B, K): b - a of every seed under weights w
+        return np.stack([_weighted_scores(pb, labels, present, w)
+                         - _weighted_scores(pa, labels, present, w) for pa, pb in preds])
+
+    per_seed = diffs(np.ones((1, n)))[:, 0]
+    boot = np.concatenate(list(map(diffs, _resample_weights(np.random.default_rng(seed), n,
+                                                            resamples))), axis=1)
+    mean = per_seed.mean(0)
+    v_img = boot.mean(0).var(0, ddof=1)
+    out = {}
+    for i, key in enumerate(WEIGHTED_KEYS):
+        if seeds == 1:
+            lo, hi = np.percentile(boot[0, :, i], [2.5, 97.5])
+            v_seed, se2, df = 0.0, v_img[i], math.inf
+        else:
+            v_seed = per_seed[:, i].var(ddof=1) / seeds
+            v_int = (boot[:, :, i].var(1, ddof=1).mean() - v_img[i]) / (seeds - 1)
+            se2 = max(v_seed + v_img[i] - v_int, v_seed, v_img[i])
+            df = math.inf if v_seed == 0 else se2 ** 2 / (v_seed ** 2 / (seeds - 1))
+            half = stats.t.ppf(0.975, min(df, 1e9)) * math.sqrt(se2)
+            lo, hi = mean[i] - half, mean[i] + half
+        out[key] = {"difference": float(mean[i]), "ci95": [float(lo), float(hi)],
+                    "seeds_ahead": int((per_seed[:, i] > 0).sum()),
+                    "per_seed": [float(x) for x in per_seed[:, i]],
+                    "se_seeds": math.sqrt(v_seed), "se_images": float(math.sqrt(v_img[i])),
+                    "df": None if math.isinf(df) else float(df)}
+    return out

@@ -21,22 +21,29 @@ import torch
 from .atomic import atomic_open, remove_stale_temporaries, write_error
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
+from .console import epoch_lines, format_val, resume_hint
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
                           gather_to_main, init_distributed)
 from .engine import (HeatedStep, PlainStep, check_finite_weights, predict, train_one_epoch,
                      unwrap)
 from .errors import ConfigError, DataError
 from .folders import check_output_dir, lock_folder
+from .evaluate import write_json_atomic
 from .graphs import GraphedStep
 from .kernels import make_masker
-from .metrics import classification_metrics, format_metrics, json_safe
+from .metrics import classification_metrics, json_safe
 from .models import PolicyNet, create_model
+from .observe import RunObserver
 from .pipelines import BatchLoader, make_loader
 from .pipelines.check import report_bad
 from .pipelines.sources import open_source
 from . import run_state
+from .provenance import run_record
 from .run_state import RunState, load_run_state
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
+from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
+from .weights import (STEM_LR_SCALE, Weights, build_optimizer, fit_classifier, fit_policy,
+                      param_groups, read_weights, reset_hyperparameters, resolve_model)
 from .state_checks import check_fits, check_weights_fit, load_weights
 
 
@@ -51,7 +58,8 @@ class Run:
     val_split: object
     out: Path
     resume_state: RunState | None = None
-    init_state: RunState | None = None
+    init: Weights | None = None  # --initial-checkpoint / --from
+    init_from: str | None = None  # the path of --initial-checkpoint / --from
 
 
 def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
@@ -73,24 +81,27 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     """Check everything about a stage's input and assemble its :class:`Run` (nothing written)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     resume_state = load_run_state(resume) if resume else None
-    init_state = load_run_state(init_from) if init_from else None
+    init = read_weights(init_from) if init_from else None  # any form (pgnm_fast.weights)
     if resume_state is not None:
         if resume_state.stage != stage:
             raise ConfigError(f"--resume {resume} is a {resume_state.stage} checkpoint, not {stage}")
         cfg = config_from_dict(resume_state.config).replace(**overrides).check()
         check_fits(resume_state, cfg, resume, "--resume")
     else:
-        if init_state is not None:
-            if overrides.get("model", init_state.model_name) != init_state.model_name:
-                raise ConfigError(f"--model {overrides['model']} differs from the checkpoint's "
-                                  f"{init_state.model_name} in {init_from}")
-            overrides["model"] = init_state.model_name
-            overrides["channels"] = init_state.in_chans  # the trunk's stem decides
+        if init is not None:
+            overrides["model"] = resolve_model(init, overrides.get("model"))
+            if init.checkpoint is not None:  # a pgnm-fast run's input form carries over
+                overrides.setdefault("channels", init.checkpoint.get("in_chans", 1))
+                for key in ("mean", "std"):
+                    if init.checkpoint["config"].get(key) is not None:
+                        overrides.setdefault(key, init.checkpoint["config"][key])
+            if init.in_chans == 3 and overrides.get("channels", 1) == 1:
+                overrides.setdefault("stem_lr_scale", STEM_LR_SCALE)
         cfg = make_config(stage, preset, **overrides)
-        if init_state is not None:
-            check_fits(init_state, cfg, init_from, "--from")
     info = init_distributed(device)
-    data_root = resolve_data(data, (resume_state, init_state), cfg, log)
+    if data is None and init is not None and init.checkpoint is not None:
+        data = init.checkpoint.get("data") or None  # the data the checkpoint was trained on
+    data_root = resolve_data(data, (resume_state,), cfg, log)
     source = open_source(data_root, skip_bad=cfg.on_bad_image == "skip")
     train_split = source.split("train")
     if "val" not in source.splits:
@@ -100,9 +111,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     classes = list(source.classes)
     if resume_state is not None and list(resume_state.classes) != classes:
         raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
-    for state, path, how in ((resume_state, resume, "--resume"), (init_state, init_from, "--from")):
-        if state is not None:
-            check_weights_fit(state, cfg, classes, path, how)
+    if resume_state is not None:
+        check_weights_fit(resume_state, cfg, classes, resume, "--resume")
     run_dir = Path(out) if out else (Path(resume).parent if resume else
                                      Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_fresh(run_dir, resume)
@@ -110,7 +120,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     if len(train_split) < cfg.batch_size * info.world_size:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
-    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init_state)
+    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init,
+               str(init_from) if init_from else None)
 
 
 def _check_fresh(run_dir: Path, resume) -> None:
@@ -122,52 +133,36 @@ def _check_fresh(run_dir: Path, resume) -> None:
 @contextlib.contextmanager
 def _hold_run_folder(run: Run, resume, init_from, log):
     """Rank 0 locks the run folder (:mod:`pgnm_fast.folders`) and removes the temporaries of a
-    killed checkpoint write; an interrupted run (Ctrl-C, SIGTERM) says how to resume."""
+    killed checkpoint write."""
     if not run.info.is_main:
         yield
         return
     with lock_folder(run.out, "run folder"):
         _check_fresh(run.out, resume)  # another run may have finished here since the check
         remove_stale_temporaries(run.out)
-        try:
-            yield
-        except KeyboardInterrupt:
-            last = run.out / "last.pt"
-            if last.is_file():
-                command = {"heated": "train", "baseline": "train --no-policy",
-                           "finetune": f"finetune --from {init_from}"}[run.cfg.stage]
-                log(f"interrupted: continue with  pgnm-fast {command} --resume {last}")
-            else:
-                log(f"interrupted before the first epoch ended: nothing saved in {run.out}")
-            raise
-
-
-def _load_classifier(model, state: RunState, classes: list, log) -> None:
-    """Weights of a previous stage into the classifier; a new head when the classes differ."""
-    weights = state.model
-    if list(state.classes) != list(classes):
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-        missing, unexpected = load_weights(model, weights, "the --from checkpoint", strict=False)
-        if unexpected or any(not k.startswith("fc.") for k in missing):
-            raise ConfigError(f"checkpoint weights do not fit {state.model_name}: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        log(f"classes differ from the checkpoint's ({len(state.classes)} -> {len(classes)}): "
-            f"new classifier head, trunk loaded")
-    else:
-        load_weights(model, weights, "the --from checkpoint")
+        yield
 
 
 def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
               data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
               resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
               device: str | None = None, log: Callable[[str], None] = print,
-              show_progress: bool = True, keep_process_group: bool = False) -> Path:
+              show_progress: bool = True, keep_process_group: bool = False,
+              resume_hint_on_interrupt: bool = True) -> Path:
     """Train one stage; returns the run folder. Under torchrun the process group is taken down
-    at the end unless ``keep_process_group`` (several stages in one run: compare)."""
+    at the end unless ``keep_process_group`` (several stages in one run: compare). On Ctrl-C the
+    command that resumes is printed unless ``resume_hint_on_interrupt`` is False."""
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
     try:
         with _hold_run_folder(run, resume, init_from, log):
             return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
+    except KeyboardInterrupt:
+        if run.info.is_main and resume_hint_on_interrupt:
+            last = run.out / "last.pt"
+            log(resume_hint(run.cfg.stage, last, run.init_from) if last.exists() else
+                "interrupted before the first epoch ended: nothing to resume")
+        cleanup(run.info)
+        raise
     except BaseException:
         cleanup(run.info)
         raise
@@ -186,34 +181,45 @@ class Parts:
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
     val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
+    channels_last: bool = False  # NHWC model and batches (speed.use_channels_last)
 
 
 def _build(run: Run, log) -> Parts:
     cfg, info, dev = run.cfg, run.info, run.info.device
     model = create_model(cfg.model, len(run.classes), in_chans=cfg.channels)
-    if run.init_state is not None:
-        _load_classifier(model, run.init_state, run.classes, log)
-    model.to(dev)
+    if run.init is not None:
+        fit_classifier(model, run.init, cfg.model, run.classes, log)
+    set_backends(dev)
+    layout = torch.channels_last if use_channels_last(cfg.channels_last, dev) else None
+    model.to(dev, memory_format=layout or torch.preserve_format)
     policy = masker = None
     if cfg.policy:
-        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model).to(dev)
+        policy = PolicyNet(grid=cfg.grid, in_chans=cfg.channels, trunk=cfg.policy_model)
+        if run.init is not None and run.init.policy is not None:
+            fit_policy(policy, run.init, log)
+        policy.to(dev, memory_format=layout or torch.preserve_format)
         masker = make_masker(cfg.impl, cfg.grid, cfg.train_crop_size,
                              seed=cfg.seed + 1000 * info.rank).to(dev)
+    if cfg.compile:
+        compile_modules([model, policy], dev, log)
     if info.distributed:
         model = _distribute(model, cfg, info)
         policy = _distribute(policy, cfg, info) if policy is not None else None
-    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, **sgd)
+    optimizer = build_optimizer(param_groups(unwrap(model), cfg.stem_lr_scale, cfg.weight_decay),
+                                cfg, cfg.lr, dev, capturable=cfg.graphs and dev.type == "cuda")
+    loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm)
     if policy is None:
-        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev))
+        return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss),
+                     channels_last=layout is not None)
+    # the policy always trains with SGD (docs/method.md §5)
+    sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, **sgd_kind(dev))
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
-                      ema_sync=all_reduce_mean if info.distributed else None)
-    # another eval crop: its own stream, restarted at every validation (_validate), so a resumed
-    # run validates exactly as an uninterrupted one
+                      ema_sync=all_reduce_mean if info.distributed else None, **loss)
     val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
         cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
-    return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker)
+    return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker,
+                 channels_last=layout is not None)
 
 
 def _distribute(module, cfg, info):
@@ -238,9 +244,7 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
         pairs.append((parts.policy_optimizer, s.policy_optimizer, cfg.effective_policy_lr()))
     for optimizer, saved, lr in pairs:
         optimizer.load_state_dict(saved)  # momentum buffers
-        for group in optimizer.param_groups:
-            group.pop("initial_lr", None)
-            group.update(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        reset_hyperparameters(optimizer, lr, cfg, run.info.device)
     if run.info.world_size == 1:
         torch.set_rng_state(s.rng)
     start_epoch = s.epoch + 1
@@ -255,12 +259,14 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, on_bad_image=cfg.on_bad_image, log=log)
+                  backend=cfg.loader, on_bad_image=cfg.on_bad_image, log=log, **cfg.normalisation(),
+                  channels_last=use_channels_last(cfg.channels_last, info.device))
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
     static = cfg.graphs and _graphs_blocked(info) is None
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
-                        rank=info.rank, world_size=info.world_size, static=static, **common)
+                        rank=info.rank, world_size=info.world_size, static=static,
+                        class_balanced=cfg.class_balanced, **common)
     # validation: every process scores its shard (each image once); a split smaller than the
     # number of processes is scored by rank 0 alone (val is None on the others)
     shards = info.world_size if len(run.val_split) >= info.world_size else 1
@@ -286,9 +292,9 @@ def _graphed(parts: Parts, train_loader: BatchLoader, run: Run, log):
         log(why_not)
         return parts.step
     optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
-    static = train_loader.static  # DALI fills the same two tensors
+    static = train_loader.static  # DALI / device fill the same two tensors
     log("--graphs: the step is captured as a CUDA graph after 3 eager steps"
-        + (", reading DALI's static batch buffers" if static else ""))
+        + (", reading the loader's static batch buffers" if static else ""))
     return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static, log=log)
 
 
@@ -309,19 +315,20 @@ def _train(run: Run, log, show_progress) -> Path:
             averager.load_state_dict(run.resume_state.averaged, log)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
-        with atomic_open(run.out / "config.json", "w") as f:
-            f.write(json.dumps(dict(dataclasses.asdict(cfg), data=str(run.data_root)),
-                               indent=2) + "\n")
+        write_json_atomic(dict(dataclasses.asdict(cfg), data=str(run.data_root),
+                               run_record=run_record()), run.out / "config.json")
     metrics_log = MetricsLog(run.out / "metrics.jsonl")
     if info.is_main:
         metrics_log.keep_until(start_epoch - 1)
     write = metrics_log.write if info.is_main else (lambda record: None)
     log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
-        + f") on {dev}, {len(run.train_split)} train / {len(run.val_split)} val images from "
-          f"{run.data_root}, {cfg.epochs} epochs of batch {cfg.batch_size}"
+        + f") on {dev}, {cfg.epochs} epochs of batch {cfg.batch_size}"
         + (f" x {info.world_size}" if info.distributed else "")
-        + f", data through {train_loader.name} -> {run.out}")
+        + (f"\n  weights from {run.init_from}" if run.init_from else "")
+        + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "
+          f"{run.data_root} through {train_loader.name}\n  run folder: {run.out}")
+    observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 
     t0, images_seen = time.perf_counter(), 0
     progress = EpochProgress(best_f1)
@@ -334,12 +341,13 @@ def _train(run: Run, log, show_progress) -> Path:
         global_step, train_stats = train_one_epoch(
             step, train_loader, dev, epoch, global_step, cfg.print_freq,
             log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
-            show_progress=show_progress and info.is_main)
+            show_progress=show_progress and info.is_main, channels_last=parts.channels_last,
+            log_line=log)
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()
         end_epoch(run, parts, val_loader, averager, progress, epoch, global_step, train_stats,
-                  lrs, t_epoch, write, log)
+                  lrs, t_epoch, write, log, observer, show_progress)
         barrier(info)
     best_f1, best_epoch, last_val = progress.best_f1, progress.best_epoch, progress.last_val
 
@@ -348,7 +356,9 @@ def _train(run: Run, log, show_progress) -> Path:
         best = f"best val f1_macro {best_f1:.4f}" + (f" (epoch {best_epoch})" if best_epoch is not None else "")
         log(f"{cfg.stage} stage done: {cfg.epochs - start_epoch} epochs, {global_step} steps, "
             f"{images_seen / max(seconds, 1e-9):.0f} img/s, {best}, final val top1 "
-            f"{last_val['top1']:.4f} -> {run.out / 'best.pt'}")
+            f"{last_val['top1']:.4f}\n  -> {run.out / 'best.pt'}")
+    if observer is not None:
+        observer.close()
     return run.out
 
 
@@ -364,17 +374,22 @@ class EpochProgress:
 def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
               averager: LastEpochsAverage | None, progress: EpochProgress, epoch: int,
               global_step: int, train_stats: dict, lrs: dict, t_epoch: float,
-              write: Callable[[dict], None], log: Callable[[str], None]) -> None:
+              write: Callable[[dict], None], log: Callable[[str], None],
+              observer: RunObserver | None = None, show_progress: bool = False) -> None:
     """Everything after an epoch's training steps: validate (and the weight average after the
     last epoch), then on rank 0 save ``averaged.pt``, ``last.pt`` and ``best.pt``, log the epoch
     to ``metrics.jsonl`` and the console. ``lrs``: the epoch's learning rates; ``t_epoch``: when
-    its training started (``time.perf_counter``)."""
+    its training started (``time.perf_counter``). ``observer``: rank 0's pictures and tables
+    (:mod:`pgnm_fast.observe`)."""
     cfg, info = run.cfg, run.info
     check_finite_weights((parts.model, parts.policy), epoch)  # the last update, unread so far
     broadcast_buffers(unwrap(parts.model), info)
     if parts.val_masker is not parts.masker and hasattr(parts.val_masker, "manual_seed"):
         parts.val_masker.manual_seed(cfg.seed + 1)  # its own stream (the reference: torch's)
-    last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker)
+    t_val, val_scores = time.perf_counter(), []
+    last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker,
+                         keep=val_scores, show_progress=show_progress)
+    t_val = time.perf_counter() - t_val
     progress.last_val = last_val
     averaged_val = None
     if averager is not None:
@@ -392,14 +407,15 @@ def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
         state.averaged = averager.state_dict()
         if averaged_val is not None:  # before last.pt: a crash between can resume
             write(_save_average(run, averager, parts, averaged_val, state, log))
-    record = dict(kind="epoch", epoch=epoch, step=global_step,
-                  seconds=time.perf_counter() - t_epoch, **lrs,
+    seconds = time.perf_counter() - t_epoch
+    record = dict(kind="epoch", epoch=epoch, step=global_step, seconds=seconds, **lrs,
                   **{k if k.startswith("train_") else f"train_{k}": v
                      for k, v in train_stats.items()}, val=json_safe(last_val))
     save_epoch_states(state, run.out, improved, lambda: write(record))
-    mask_note = " (unconditional masks)" if parts.policy is not None else ""
-    log(f"epoch {epoch}: loss {train_stats['loss']:.4f} train_top1 "
-        f"{train_stats['train_top1']:.4f} | val{mask_note} {format_metrics(last_val)}")
+    log(epoch_lines(epoch, cfg.epochs, train_stats, last_val, lrs["lr"], seconds, t_val,
+                    heated=parts.policy is not None))
+    if observer is not None:
+        observer.end_epoch(epoch, global_step, parts.policy, val_loader, val_scores, improved)
 
 
 def save_epoch_states(state: RunState, out: Path, improved: bool,
@@ -433,15 +449,20 @@ def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
 
 
 def _validate(run: Run, model: torch.nn.Module, val_loader: BatchLoader | None,
-              policy: torch.nn.Module | None = None,
-              masker: torch.nn.Module | None = None) -> dict | None:
+              policy: torch.nn.Module | None = None, masker: torch.nn.Module | None = None,
+              keep: list | None = None, show_progress: bool = False) -> dict | None:
     """Validation metrics of ``model`` on rank 0 (None on the others): every process with a
-    loader scores its shard, rank 0 gathers the logits (see ``_loaders``)."""
+    loader scores its shard, rank 0 gathers the logits (see ``_loaders``) and appends
+    (logits, labels) to the list ``keep`` if given."""
     scored = None
     if val_loader is not None:
         scored = predict(model, val_loader, run.info.device, run.cfg.amp, policy=policy,
-                         masker=masker)
+                         masker=masker, show_progress=show_progress and run.info.is_main,
+                         desc="validation",
+                         channels_last=use_channels_last(run.cfg.channels_last, run.info.device))
     gathered = gather_to_main(scored, run.info)
+    if keep is not None and gathered is not None:
+        keep.extend(gathered)
     return classification_metrics(*gathered, run.classes)[0] if gathered is not None else None
 
 
@@ -454,7 +475,7 @@ def _save_average(run: Run, averager: LastEpochsAverage, parts: Parts, metrics: 
                                        averaged_epochs=averager.epochs,
                                        val_metrics=json_safe(metrics)), path)
     log(f"averaged the weights of epochs {', '.join(map(str, averager.epochs))}: val "
-        f"{format_metrics(metrics)} -> {path}")
+        f"{format_val(metrics)}\n  -> {path}")
     return dict(kind="averaged", epochs=averager.epochs, val=json_safe(metrics))
 
 

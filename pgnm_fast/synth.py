@@ -64,6 +64,15 @@ def class_name(modality: str, anatomy: str | None, label: str) -> str:
 
 CLASSES = sorted(class_name(*c) for c in CLASS_PARTS)
 
+# Concepts absent from CLASS_PARTS, for few-shot transfer (`pgnm-fast transfer`): lesion kinds in
+# anatomies where the default set never shows them, and a new lesion kind, "ring" (a bright rim
+# around a dark core, as a rim-enhancing lesion), in one anatomy of each modality.
+UNSEEN_PARTS = [
+    ("CT", "chest", "cyst"), ("MR", "knee", "nodule"),
+    ("CT", "abdomen", "ring"), ("MR", "brain", "ring"), ("US", None, "ring"),
+]
+CONCEPTS = {"default": CLASS_PARTS, "unseen": UNSEEN_PARTS}
+
 
 # ----------------------------------------------------------------------------- image synthesis
 def _sig(z):
@@ -97,6 +106,15 @@ def _disc(u, v, cx, cy, radius, edge):
 def _ellipse(u, v, cx, cy, rx, ry, edge):
     """A soft ellipse mask; edge is the blur width relative to the radii."""
     return _sig((1 - np.sqrt(((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2)) / edge)
+
+
+def _lesion(img, label, u, v, lx, ly, rad, edge, bright, dark):
+    """Paint a lesion: "nodule" bright, "cyst" dark, "ring" a bright rim around a dark core."""
+    m = _disc(u, v, lx, ly, rad, edge)
+    if label == "ring":
+        core = _disc(u, v, lx, ly, 0.55 * rad, edge)
+        return img + (m - core) * (max(bright, 0.8) - img) + core * (dark - img)
+    return img + m * ((bright if label == "nodule" else dark) - img)
 
 
 def _pose(rng, n, x, y, pscale):
@@ -136,8 +154,7 @@ def _ct(rng, n, x, y, anatomy, label, pat, edge):
         ly = _u(rng, -0.45, 0.35, n) * b
         rad, bright, dark = _u(rng, 0.06, 0.11, n), 0.55, 0.0
     if label != "normal":
-        m = _disc(u, v, lx, ly, rad, 1.5 * edge)
-        img = img + m * ((bright if label == "nodule" else dark) - img)
+        img = _lesion(img, label, u, v, lx, ly, rad, 1.5 * edge, bright, dark)
     return img + rng.normal(0, 0.025, img.shape).astype(np.float32)
 
 
@@ -168,8 +185,7 @@ def _mr(rng, n, x, y, anatomy, label, pat, edge):
         lx, ly = _u(rng, -0.35, 0.35, n), _u(rng, -0.2, 0.2, n)
         rad = _u(rng, 0.08, 0.14, n)
     if label != "normal":
-        m = _disc(u, v, lx, ly, rad, w)
-        img = img + m * ((0.88 if label == "nodule" else 0.1) - img)
+        img = _lesion(img, label, u, v, lx, ly, rad, w, 0.88, 0.1)
     bias = np.exp(0.25 * (_u(rng, -1, 1, n) * x + _u(rng, -1, 1, n) * y)
                   + 0.12 * _lowfreq(rng, n, x, y, terms=2, fmax=1.5))
     sigma = _u(rng, 0.02, 0.04, n)
@@ -195,6 +211,9 @@ def _us(rng, n, x, y, label, pat, edge):
         m = _disc(ax_, ay_, lx, ly, size, 1.5 * edge)
         if label == "nodule":
             echo = echo * (1 + 0.9 * m)
+        elif label == "ring":  # echogenic rim, anechoic core
+            core = _disc(ax_, ay_, lx, ly, 0.55 * size, 1.5 * edge)
+            echo = echo * (1 + 1.2 * (m - core)) * (1 - 0.9 * core)
         else:  # anechoic cyst, brighter tissue behind it (posterior acoustic enhancement)
             behind = _sig((rad - lr) / 0.02) * _sig((size - np.abs((ang - la) * rad)) / 0.02)
             echo = echo * (1 + 0.35 * behind * (1 - m)) * (1 - 0.9 * m)
@@ -233,9 +252,10 @@ def _render(rng, spec, patient_of, size):
 
 
 # ----------------------------------------------------------------------------- data set
-def _plan(images, seed):
-    """Per class: image count, patient of each image, split of each patient, patient numbers."""
-    k = len(CLASS_PARTS)
+def _plan(images, seed, k=None):
+    """Per class: image count, patient of each image, split of each patient, patient numbers
+    (``k`` classes, default the default set's)."""
+    k = len(CLASS_PARTS) if k is None else k
     if images < 3 * k:
         raise ValueError(f"make_synthetic needs at least {3 * k} images (3 per class), "
                          f"got {images}")
@@ -271,13 +291,16 @@ def check_options(images: int, seed: int, size: int) -> None:
 
 
 def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
-                   layout: str = "radimagenet") -> Path:
+                   layout: str = "radimagenet", concepts: str = "default") -> Path:
     """Write the synthetic data set under ``out`` (created; must be absent or empty); return it.
 
     ``layout="radimagenet"`` writes ``radiology_ai/...`` and ``RadiologyAI_{train,val,test}.csv``,
     ``layout="folders"`` writes ``{train,val,test}/<class>/*.png`` (module docstring). The same
-    (images, seed, size) give byte-identical files in either layout.
+    (images, seed, size) give byte-identical files in either layout. ``concepts="unseen"``
+    draws the classes of :data:`UNSEEN_PARTS` instead of :data:`CLASS_PARTS` (none in common).
     """
+    if concepts not in CONCEPTS:
+        raise ValueError(f"concepts must be one of {', '.join(CONCEPTS)}, got {concepts!r}")
     if layout not in ("radimagenet", "folders"):
         raise ValueError(f"layout must be 'radimagenet' or 'folders', got {layout!r}")
     check_options(images, seed, size)
@@ -287,18 +310,19 @@ def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
     check_output_dir(out, "--out")
     with temporary_folder_beside(out) as tmp:  # a killed generation leaves no half data set
         try:
-            _write(tmp, images, seed, size, layout)
+            _write(tmp, images, seed, size, layout, concepts)
             os.rename(tmp, out)  # onto an absent or empty folder
         except OSError as e:
             raise write_error(out, e) from None
     return out
 
 
-def _write(out: Path, images: int, seed: int, size: int, layout: str) -> None:
+def _write(out: Path, images: int, seed: int, size: int, layout: str, concepts: str) -> None:
+    specs = CONCEPTS[concepts]
     rows = {"train": [], "val": [], "test": []}
     made = set()
-    plans = _plan(images, seed)
-    for ci, (spec, (patient_of, split_of, pids)) in enumerate(zip(CLASS_PARTS, plans)):
+    plans = _plan(images, seed, len(specs))
+    for ci, (spec, (patient_of, split_of, pids)) in enumerate(zip(specs, plans)):
         modality, anatomy, label = spec
         pixels = _render(np.random.default_rng([seed, ci, 3]), spec, patient_of, size)
         stem = "-".join(p for p in (modality.lower(), anatomy, label) if p)
@@ -327,7 +351,8 @@ def _write(out: Path, images: int, seed: int, size: int, layout: str) -> None:
                 w.writerow(["filename", "label"])
                 w.writerows(sorted(split_rows))
     info = {"generator_version": GENERATOR_VERSION, "images": images, "seed": seed,
-            "size": size, "layout": layout, "classes": CLASSES}
+            "size": size, "layout": layout, "concepts": concepts,
+            "classes": sorted(class_name(*c) for c in specs)}
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 

@@ -11,17 +11,8 @@ import torch
 from .kernels.checks import format_table, run_validation
 
 
-@click.command("validate")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (or cuda:N)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="write every number and 'passed' to this file")
-@click.option("--seed", type=int, default=None, help="seed of the random inputs (default: fresh)")
-@click.option("--quick", is_flag=True, help="a smaller sweep")
-@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
-              help="fast path to check: auto = Triton on CUDA, torch on the CPU (triton on the CPU needs "
-                   "TRITON_INTERPRET=1)")
-def validate(device, json_path, seed, quick, backend):
-    """Check the fast mask step against the reference; exit 0 only if every check passes."""
+def validate_command(device, json_path, seed, quick, backend):
+    """``pgnm-fast validate`` (its options are in :mod:`pgnm_fast.cli`)."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise click.UsageError("--device cuda: no CUDA device is available")
     result = run_validation(device=device, seed=seed, quick=quick, backend=backend)
@@ -33,4 +24,5 @@ def validate(device, json_path, seed, quick, backend):
 
 
 if __name__ == "__main__":  # python -m pgnm_fast.validate --device cuda --json FILE
+    from pgnm_fast.cli import validate
     validate()

@@ -1,5 +1,6 @@
 """Data pipelines, imported as ``pgnm_fast.pipelines``: sources (layouts), transforms, the plain
-PyTorch loader, the DALI pipelines, the packed cache and :func:`make_loader`, which picks one.
+PyTorch loader, the DALI pipelines, the packed cache, the device-resident loader
+and :func:`make_loader`, which picks one.
 DALI itself is imported only when a DALI loader is built, so this package imports where DALI
 is not installed."""
 from .contract import BatchLoader

@@ -52,7 +52,7 @@ import torch
 from pgnm_fast.errors import DataError
 
 from . import check
-from .loader import EpochSampler, EvalShardSampler
+from .loader import EvalShardSampler, train_sampler
 from .packed import PackedSplit
 from .sources import Split
 from .transforms import MEAN, STD, load_grey
@@ -274,7 +274,7 @@ class DaliLoader:
                  world_size: int = 1, device: torch.device | str | None = None, threads: int = 2,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
                  prefetch: int = 2, scan: check.ScanResult | None = None, mean: float = MEAN,
-                 std: float = STD):
+                 std: float = STD, class_balanced: bool = False):
         if not dali_available():
             raise DataError("DALI is not installed (pip install nvidia-dali-cuda120); use the "
                             "plain PyTorch loader (--loader torch)")
@@ -303,7 +303,7 @@ class DaliLoader:
             self.colour = False
         n = len(split)
         if train:
-            self.sampler = EpochSampler(range(n), num_replicas=world_size, rank=rank, seed=seed)
+            self.sampler = train_sampler(split.labels, world_size, rank, seed, class_balanced)
             if len(self.sampler) < batch_size:
                 raise DataError(f"the {split.name} split has {n} images, fewer than one batch of "
                                 f"{batch_size} per process ({world_size} processes)")

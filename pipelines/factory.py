@@ -9,7 +9,11 @@ and ``sampler.set_epoch`` (the trainer's loader contract, see ``pgnm_fast.engine
 Backends: ``"dali"`` (:class:`~pgnm_fast.pipelines.dali.DaliLoader`, its GPU variant when
 ``device`` is a CUDA device, else its CPU-only variant), ``"torch"`` (the plain PyTorch loader of
 :mod:`~pgnm_fast.pipelines.loader`; for a packed cache, the same loader reading the memory map),
-``"auto"``: DALI when it imports, else the plain loader, saying so once per process.
+``"device"`` (:class:`~pgnm_fast.pipelines.device.DeviceLoader`: a packed cache held in device
+memory, augmented there; on the CPU, the same loader in host memory), ``"auto"``: the device
+loader for a packed cache on CUDA when it fits in free device memory with a margin
+(:func:`~pgnm_fast.pipelines.device.fits`), else DALI when it imports, else the plain loader,
+saying which and why once per process.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from .packed import PackedSplit
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
 
-BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "device", "dali", "torch")
 _told = set()
 
 
@@ -39,8 +43,8 @@ def resolve_backend(backend: str = "auto", log: Callable[[str], None] = print) -
     from .dali import dali_available
     if backend not in BACKENDS:
         raise ConfigError(f"--loader must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if backend == "torch":
-        return "torch"
+    if backend in ("torch", "device"):
+        return backend
     if dali_available():
         return "dali"
     if backend == "dali":
@@ -74,7 +78,9 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                         resize_size: int = 256, channels: int = 1, workers: int = 2,
                         seed: int = 0, rank: int = 0, world_size: int = 1,
                         device: torch.device | str | None = None,
-                        mean: float = MEAN, std: float = STD) -> PlainLoader:
+                        mean: float = MEAN, std: float = STD,
+                        class_balanced: bool = False,
+                        channels_last: bool = False) -> PlainLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
     sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
     seed gives the same batches as from the files)."""
@@ -82,7 +88,9 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                                                    resize_size=resize_size, channels=channels,
                                                    mean=mean, std=std))
     return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
-                        seed=seed, rank=rank, world_size=world_size, device=device)
+                        seed=seed, rank=rank, world_size=world_size, device=device,
+                        class_balanced=class_balanced,
+                        channels_last=channels_last)
 
 
 def _torchrun_rank(rank, world_size):
@@ -93,17 +101,53 @@ def _torchrun_rank(rank, world_size):
     return rank, world_size
 
 
+def _device_or(backend, data, packed, train, device, rank, world_size, log) -> str:
+    """``"device"`` where the device loader applies (module docstring), else
+    :func:`resolve_backend`'s choice. ``--loader device`` with image files or with a cache too
+    large for the device stops with one line giving both sizes."""
+    if backend not in ("auto", "device"):
+        return resolve_backend(backend, log)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if backend == "device" and not packed:
+        raise ConfigError("--loader device reads a packed cache: run `pgnm-fast pack DATA --out "
+                          "CACHE` and train on CACHE, or use --loader auto")
+    if not packed or not cuda:
+        return resolve_backend(backend, log)
+    from .device import fits, resident_bytes
+    resident = "shard" if world_size > 1 else "full"
+    ok, words = fits(resident_bytes(data, train=train, rank=rank, world_size=world_size,
+                                    resident=resident), device)
+    if not ok and backend == "device":
+        raise ConfigError(f"--loader device: the packed {data.name} split does not fit in device "
+                          f"memory ({words}); use --loader dali or --loader auto")
+    if ok:
+        if ("device", data.name) not in _told:
+            _told.add(("device", data.name))
+            log(f"data loading: the {data.name} split of the packed cache resident in device "
+                f"memory ({words})")
+        return "device"
+    if backend == "auto" and ("too large", data.name) not in _told:
+        _told.add(("too large", data.name))
+        log(f"the packed {data.name} split does not fit in device memory ({words}): "
+            f"loading from the memory map instead")
+    return resolve_backend("auto", log)
+
+
 def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int, split: str | None = None,
                 crop_size: int = 224, resize_size: int = 256, channels: int = 1,
                 workers: int = 2, seed: int = 0, rank: int | None = None,
                 world_size: int | None = None, device: torch.device | str | None = None,
                 backend: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
                 on_bad_image: str = "error", bad_list: str | os.PathLike | None = None,
-                log: Callable[[str], None] = print) -> BatchLoader:
+                log: Callable[[str], None] = print, mean: float = MEAN, std: float = STD,
+                class_balanced: bool = False) -> BatchLoader:
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
-    ``channels_last``, ``static``: output form (DALI; the plain loader yields float32 NCHW).
+    ``channels_last``, ``static``: output form (DALI and device; the plain loader yields
+    float32, NHWC memory with ``channels_last``). ``mean``, ``std``: normalisation (RadImageNet's
+    by default). ``class_balanced``: train order drawn with weight 1 / class count
+    (:class:`~pgnm_fast.pipelines.loader.ClassBalancedSampler`; not with the device loader).
     """
     check.check_on_bad(on_bad_image)
     if not isinstance(data, Split):
@@ -111,8 +155,8 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
         data = source.split(split or ("train" if train else "val"))
         check.report_bad(source.problems, on_bad_image, None, log, what="entry")
     rank, world_size = _torchrun_rank(rank, world_size)
-    kind = resolve_backend(backend, log)
     packed = isinstance(data, PackedSplit)
+    kind = _device_or(backend, data, packed, train, device, rank, world_size, log)
     scan = None
     if not packed:
         t0 = time.perf_counter()
@@ -135,7 +179,15 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                                     scan.nbytes[keep])
     common = dict(train=train, batch_size=batch_size, crop_size=crop_size,
                   resize_size=resize_size, channels=channels, seed=seed, rank=rank,
-                  world_size=world_size)
+                  world_size=world_size, mean=mean, std=std)
+    if kind == "device":
+        if class_balanced and train:
+            raise ConfigError("--class-balanced is not available with --loader device (its "
+                              "epoch order is drawn on the device): use --loader dali or torch")
+        from .device import DeviceLoader
+        return DeviceLoader(data, **common, device=device, dtype=dtype,
+                            channels_last=channels_last, static=static)
+    common["class_balanced"] = class_balanced and train
     if kind == "dali":
         from .dali import DaliLoader
         dev = torch.device(device) if device is not None else None
@@ -143,4 +195,4 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                           else None, threads=max(1, workers), dtype=dtype,
                           channels_last=channels_last, static=static, scan=scan)
     build = build_cached_loader if packed else build_loader
-    return build(data, **common, workers=workers, device=device)
+    return build(data, **common, workers=workers, device=device, channels_last=channels_last)

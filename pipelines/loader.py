@@ -20,8 +20,8 @@ Sampling:
   results with a size-aware collective, or pad them yourself).
 
 Augmentation randomness: every train sample's draws come from a torch generator seeded by
-:func:`sample_seeds` from ``(seed, rank, epoch, sample index)`` alone (an
-:class:`AugmentedSampler` hands each index its seed), so a batch is the same whatever the number
+:func:`sample_seeds` from ``(seed, rank, epoch, sample index)`` alone (the
+train sampler hands each index its seed), so a batch is the same whatever the number
 of workers, whether the workers persist across epochs, and in a run resumed at any epoch.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from pgnm_fast.errors import DataError
 
@@ -64,10 +64,11 @@ class EpochSampler(DistributedSampler):
     """``DistributedSampler`` (shuffled by seed and epoch) that moves to the next epoch by
     itself when ``set_epoch`` was not called between two passes."""
 
-    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0, keyed=False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=False)
         self._passes, self._epoch_set = 0, False
+        self.keyed = keyed  # yield (index, augmentation seed) pairs (:func:`sample_seeds`)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -79,7 +80,43 @@ class EpochSampler(DistributedSampler):
         if self._passes and not self._epoch_set:
             self.epoch += 1
         self._passes, self._epoch_set = self._passes + 1, False
-        yield from super().__iter__()
+        if not self.keyed:
+            yield from self._indices()
+            return
+        indices = list(self._indices())
+        yield from zip(indices, sample_seeds(self.seed, self.rank, self.epoch, indices).tolist())
+
+    def _indices(self):
+        return DistributedSampler.__iter__(self)
+
+
+class ClassBalancedSampler(EpochSampler):
+    """Class-balanced training order (``--class-balanced``): each epoch draws as many indices as
+    :class:`EpochSampler` gives, with replacement, image i with weight ``1 / count(label_i)``,
+    so every class is drawn equally often in expectation. The draw is a function of ``(seed,
+    epoch)``, the same on every rank; rank r takes every ``num_replicas``-th index from r."""
+
+    def __init__(self, labels, num_replicas=1, rank=0, seed=0, keyed=False):
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        super().__init__(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed,
+                         keyed=keyed)
+        self.weights = 1.0 / torch.bincount(labels).double()[labels]
+
+    def _indices(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g)
+        return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
+
+
+def train_sampler(labels, num_replicas: int, rank: int, seed: int, class_balanced: bool = False,
+                  keyed: bool = False):
+    """The training sampler of both backends: shuffled epochs, or class-balanced draws;
+    ``keyed``: with each index its augmentation seed (the plain loader's datasets)."""
+    if class_balanced:
+        return ClassBalancedSampler(labels, num_replicas=num_replicas, rank=rank, seed=seed,
+                                    keyed=keyed)
+    return EpochSampler(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed,
+                        keyed=keyed)
 
 
 def sample_seeds(seed: int, rank: int, epoch: int, indices) -> np.ndarray:
@@ -92,19 +129,9 @@ def sample_seeds(seed: int, rank: int, epoch: int, indices) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-class AugmentedSampler(EpochSampler):
-    """:class:`EpochSampler` yielding ``(index, generator seed)`` (:func:`sample_seeds`): the
-    datasets seed each sample's augmentation draws with it."""
-
-    def __iter__(self):
-        indices = list(super().__iter__())  # decides the epoch
-        seeds = sample_seeds(self.seed, self.rank, self.epoch, indices)
-        yield from zip(indices, seeds.tolist())
-
-
 def split_key(key):
     """``(index, generator)`` from what a sampler yields: an index (no augmentation draws,
-    evaluation) or ``(index, seed)`` from :class:`AugmentedSampler`."""
+    evaluation) or ``(index, seed)`` from a keyed :class:`EpochSampler`."""
     if isinstance(key, tuple):
         return key[0], torch.Generator().manual_seed(key[1])
     return key, None
@@ -130,17 +157,21 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
                  resize_size: int = 256, channels: int = 1, workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
                  device: torch.device | str | None = None, mean: float = MEAN,
-                 std: float = STD) -> PlainLoader:
+                 std: float = STD, class_balanced: bool = False,
+                 channels_last: bool = False) -> PlainLoader:
     """A DataLoader over ``split`` (module docstring for sampling and seeding).
 
     ``device``: where the batches will go; a CUDA device turns on pinned memory (the loader
     itself yields CPU tensors). ``drop_last``: None means True for train, False for eval.
+    ``channels_last``: the workers hand NHWC batches (the step then needs no copy).
     """
     transform = build_transform(train, crop_size=crop_size, resize_size=resize_size,
                                 channels=channels, mean=mean, std=std)
     return batch_loader(ImageDataset(split, transform), split.name, train=train,
                         batch_size=batch_size, workers=workers, seed=seed, rank=rank,
-                        world_size=world_size, drop_last=drop_last, device=device)
+                        world_size=world_size, drop_last=drop_last, device=device,
+                        class_balanced=class_balanced,
+                        channels_last=channels_last)
 
 
 class PlainLoader(DataLoader):
@@ -160,13 +191,16 @@ class PlainLoader(DataLoader):
 
 def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, workers: int, seed: int,
                  rank: int, world_size: int, drop_last: bool | None = None,
-                 device: torch.device | str | None = None) -> PlainLoader:
+                 device: torch.device | str | None = None,
+                 class_balanced: bool = False,
+                 channels_last: bool = False) -> PlainLoader:
     """Sampling, seeding and batching of a map-style dataset (module docstring), shared by the
     PNG files and the packed cache, so both give the same batches for the same seed."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if train:
-        sampler = AugmentedSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+        sampler = train_sampler(dataset.labels, world_size, rank, seed, class_balanced,
+                                keyed=True)
         per_rank = math.ceil(len(dataset) / world_size)
         if per_rank < batch_size and (drop_last is None or drop_last):
             raise DataError(f"the {name} split has {len(dataset)} images, fewer than one "
@@ -177,4 +211,11 @@ def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, w
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     return PlainLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=train if drop_last is None else drop_last, pin_memory=pin,
-                      persistent_workers=workers > 0, generator=generator)
+                      persistent_workers=workers > 0, generator=generator,
+                      collate_fn=collate_channels_last if channels_last else None)
+
+
+def collate_channels_last(batch):
+    """The default batch, its images in NHWC memory (made in the worker; pinning keeps it)."""
+    images, labels = default_collate(batch)
+    return images.contiguous(memory_format=torch.channels_last), labels

@@ -33,7 +33,9 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
     out = tmp_path / "heated"
     r = cli("train", "--data", data, "--out", out, "--grid", "8", "--impl", "reference", *SMALL)
     assert r.exit_code == 0, r.output
-    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "metrics.jsonl", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "metrics.jsonl", "config.json",
+                                               "curves.png", "masks.png", "masks.npz", "confusion.png",
+                                               "confusion.csv", "per_class.csv"}
     last = load_checkpoint(out / "last.pt")
     assert last["stage"] == "heated" and last["epoch"] == 1 and "policy" in last
     assert set(last["val_metrics"]) == set(METRIC_KEYS)
@@ -41,7 +43,7 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert steps[-1]["step"] == last["step"] and all(s["S"] > 0 for s in steps)
     assert "policy_lr" in steps[0] and "heated stage done" in r.output
-    assert "data through DALI (CPU)" in r.output  # DALI is installed with the package
+    assert "val images from " in r.output and " through DALI (CPU)" in r.output  # DALI is installed
     # the policy's base buffers moved by the EMA during training
     base = last["policy"]["base_alpha"]
     assert base.shape == (1, 64) and not torch.equal(base, torch.zeros_like(base))

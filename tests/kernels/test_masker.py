@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pgnm_fast.cli import validate
 from pgnm_fast.errors import ConfigError
 from pgnm_fast.kernels import FastMasker, ReferenceMasker, make_masker
 from pgnm_fast.kernels.checks import ks_float32, run_validation
-from pgnm_fast.validate import validate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None

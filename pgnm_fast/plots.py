@@ -1,0 +1,313 @@
+"""Pictures of a run, drawn from the files in its folder (``pgnm-fast plot RUN`` and every epoch).
+
+- ``curves.png`` from ``metrics.jsonl``: cross-entropy, the heated objective mean(S) * CE and S,
+  train/val top-1 and val macro F1, learning rates, img/s over the steps (epoch values are marked
+  at the step that ends the epoch), and the mask mean and entropy of the heated stage;
+- ``masks.png`` from ``masks.npz`` (heated stage): the gallery images, the policy's expected mask,
+  one sampled mask, the masked image, and the unconditional mask's mean and spread;
+- ``confusion.png`` from ``confusion.csv`` (the best checkpoint's validation; ``per_class.csv``
+  beside it holds precision, recall, F1 and support per class).
+
+matplotlib is imported when a picture is drawn, through its object API (``Figure``, no pyplot,
+no global backend change, nothing opens a window); without it :class:`PlotsUnavailable` says so in
+one line. Files are written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_open
+from .errors import PgnmError
+
+METRICS, GALLERY = "metrics.jsonl", "masks.npz"
+CURVES, MASKS, CONFUSION = "curves.png", "masks.png", "confusion.png"
+CONFUSION_CSV, PER_CLASS = "confusion.csv", "per_class.csv"
+
+
+class PlotsUnavailable(PgnmError):
+    """matplotlib is not installed."""
+
+
+def _figure(width: float, height: float, layout: str | None = "constrained"):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotsUnavailable("matplotlib is not installed: no pictures are drawn "
+                               "(pip install matplotlib)") from None
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    with atomic_open(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return path
+
+
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of a ``metrics.jsonl`` and the number of unreadable lines (a run killed while
+    appending can leave a partial last line)."""
+    return read_lines(Path(path).read_text().splitlines())
+
+
+def read_lines(lines: list[str]) -> tuple[list[dict], int]:
+    records, bad = [], 0
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return records, bad
+
+
+def _series(records, kind, key, sub=None):
+    """(steps, values) of ``key`` (or ``record[sub][key]``) over the records of ``kind``."""
+    xs, ys = [], []
+    for r in records:
+        if r.get("kind") != kind:
+            continue
+        value = (r.get(sub) or {}).get(key) if sub else r.get(key)
+        if value is not None and "step" in r:
+            xs.append(r["step"])
+            ys.append(value)
+    return np.asarray(xs), np.asarray(ys, dtype=np.float64)
+
+
+def _line(ax, records, kind, key, label, sub=None, **style):
+    x, y = _series(records, kind, key, sub)
+    if len(x):
+        if kind != "step":
+            style.setdefault("marker", "o")
+        ax.plot(x, y, label=label, **style)
+    return len(x) > 0
+
+
+def draw_curves(records: list[dict], path: Path, title: str = "") -> Path:
+    """``curves.png``: a 2 x 3 grid over the global step; thin lines are the per-window step
+    records, markers the epoch records. Panels without data say so."""
+    fig = _figure(15, 8)
+    axes = fig.subplots(2, 3).ravel()
+    heated = any(r.get("kind") == "step" and r.get("S", 0) > 0 for r in records)
+    ends = [r["step"] for r in records if r.get("kind") == "epoch"]
+
+    ax = axes[0]
+    _line(ax, records, "step", "ce", "train CE (steps)", lw=0.8, alpha=0.6)
+    _line(ax, records, "epoch", "train_ce", "train CE (epoch)")
+    ax.set_title("cross-entropy")
+    ax = axes[1]
+    if heated:
+        _line(ax, records, "step", "loss", "objective mean(S) x CE", lw=0.8, color="C3")
+        twin = ax.twinx()
+        _line(twin, records, "step", "S", "S (right axis)", lw=0.8, color="C4")
+        twin.set_ylabel("S")
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=8)
+        ax.set_title("heated objective and S")
+    else:
+        ax.text(0.5, 0.5, "no policy: the objective is the CE", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_title("heated objective")
+    ax = axes[2]
+    _line(ax, records, "step", "train_top1", "train top-1 (steps)", lw=0.8, alpha=0.6)
+    _line(ax, records, "epoch", "train_top1", "train top-1 (epoch)")
+    _line(ax, records, "epoch", "top1", "val top-1", sub="val")
+    _line(ax, records, "epoch", "f1_macro", "val macro F1", sub="val")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("accuracy")
+    ax = axes[3]
+    _line(ax, records, "step", "lr", "classifier lr")
+    _line(ax, records, "step", "policy_lr", "policy lr")
+    ax.set_title("learning rates")
+    ax = axes[4]
+    _line(ax, records, "step", "img_s", "img/s (per process)", lw=0.8)
+    ax.set_title("throughput")
+    ax = axes[5]
+    drawn = _line(ax, records, "masks", "mask_mean", "mean expected mask", color="C0")
+    if drawn:
+        twin = ax.twinx()
+        _line(twin, records, "masks", "mask_entropy", "mean Beta entropy (nats, right)", color="C1")
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+    else:
+        ax.text(0.5, 0.5, "no masks in this stage", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("policy masks (gallery images)")
+
+    lrs = [np.asarray(line.get_ydata(), dtype=float) for line in axes[3].lines]
+    if lrs and all(np.all(y > 0) for y in lrs) and max(y.max() / y.min() for y in lrs) > 1.01:
+        axes[3].set_yscale("log")  # step decay reads as equal steps
+    for ax in axes:
+        ax.set_xlabel("step")
+        for end in ends:
+            ax.axvline(end, color="0.85", lw=0.6, zorder=0)
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title + ("  (grey lines: epoch ends)" if ends else ""))
+    return _save(fig, path)
+
+
+def _short(name: str) -> str:
+    return name.replace("__", "\n")
+
+
+def draw_masks(gallery: dict, path: Path) -> Path:
+    """``masks.png``: one column per gallery image; rows: image, expected mask, sampled mask,
+    masked image; a last row with the unconditional mask's mean and spread."""
+    images, names = gallery["images"], [str(n) for n in gallery["classes"]]
+    n = len(images)
+    cols = max(n, 2)
+    fig = _figure(1.6 * cols + 1.4, 1.75 * 5 + 0.8, layout=None)  # placed by hand: colour bars
+    axes = fig.subplots(5, cols, squeeze=False, gridspec_kw={
+        "left": 0.07, "right": 0.9, "top": 0.9, "bottom": 0.02, "wspace": 0.08, "hspace": 0.3})
+    rows = [("image", "images", "gray", None), ("expected mask\nalpha/(alpha+beta)", "expected",
+                                                   "viridis", (0, 1)),
+            ("one sampled mask", "sampled", "viridis", (0, 1)), ("masked image", "masked", "gray", None)]
+    mask_im = None
+    for r, (label, key, cmap, lim) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= n:
+                ax.set_axis_off()
+                continue
+            vmin, vmax = lim if lim else (float(images[c].min()), float(images[c].max()))
+            im = ax.imshow(gallery[key][c], cmap=cmap, vmin=vmin, vmax=vmax)
+            if lim:
+                mask_im = im
+            if r == 0:
+                ax.set_title(_short(names[c]), fontsize=7)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    for c in range(cols):
+        axes[4, c].set_axis_off()
+    for c, (key, label) in enumerate((("uncond_mean", "unconditional mask\nmean"),
+                                      ("uncond_std", "unconditional mask\nstd (spread)"))):
+        ax = axes[4, c]
+        ax.set_axis_on()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        im = ax.imshow(gallery[key], cmap="viridis" if c == 0 else "magma",
+                       vmin=0, vmax=1 if c == 0 else None)
+        ax.set_title(label, fontsize=8)
+        if c == 1:  # the mean shares the masks' colour bar; the spread has its own scale
+            fig.colorbar(im, cax=ax.inset_axes([1.04, 0.0, 0.07, 1.0]))
+    if mask_im is not None:
+        fig.colorbar(mask_im, cax=fig.add_axes([0.92, 0.42, 0.012, 0.3]), label="mask value")
+    fig.suptitle(f"policy masks after epoch {int(gallery['epoch'])} (the same validation images "
+                 f"every epoch)", fontsize=10)
+    return _save(fig, path)
+
+
+def draw_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+    """``confusion.png``: rows normalised to recall (colour), counts written in small grids."""
+    matrix = np.asarray(matrix)
+    k = len(classes)
+    side = min(4 + 0.45 * k, 30)
+    fig = _figure(side + 2, side)
+    ax = fig.subplots()
+    support = matrix.sum(1, keepdims=True)
+    recall = np.divide(matrix, support, out=np.zeros(matrix.shape, dtype=float), where=support > 0)
+    im = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    if k <= 60:
+        ticks = np.arange(k)
+        ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, classes, fontsize=7)
+    if k <= 25:
+        for i in range(k):
+            for j in range(k):
+                if matrix[i, j]:
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if recall[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def write_per_class(table: dict, classes: list[str], path: Path) -> Path:
+    """``per_class.csv``: class, precision, recall, f1, support (the output of
+    :func:`pgnm_fast.metrics.per_class_metrics`)."""
+    with atomic_open(path, "w") as f:
+        out = csv.writer(f)
+        out.writerow(["class", "precision", "recall", "f1", "support"])
+        for i, name in enumerate(classes):
+            out.writerow([name, f"{table['precision'][i]:.4f}", f"{table['recall'][i]:.4f}",
+                          f"{table['f1'][i]:.4f}", int(table["support"][i])])
+    return Path(path)
+
+
+def write_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
+    """``confusion.csv``: counts, rows the true class, columns the predicted class."""
+    with atomic_open(path, "w") as f:
+        out = csv.writer(f)
+        out.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, np.asarray(matrix)):
+            out.writerow([name, *map(int, row)])
+    return Path(path)
+
+
+def read_confusion(path: Path) -> tuple[np.ndarray, list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    classes = rows[0][1:]
+    return np.array([[int(v) for v in row[1:]] for row in rows[1:]]), classes
+
+
+def save_gallery(gallery: dict, path: Path) -> Path:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **gallery)
+    with atomic_open(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return Path(path)
+
+
+def load_gallery(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def plot_run(folder, log=print) -> list[Path]:
+    """Draw every picture the files of run ``folder`` allow; returns the paths written."""
+    folder = Path(folder)
+    if not (folder / METRICS).is_file():
+        what = "does not exist" if not folder.exists() else f"is not a run folder (no {METRICS})"
+        raise PgnmError(f"{folder} {what}")
+    records, bad = read_records(folder / METRICS)
+    if bad:
+        log(f"{folder / METRICS}: left out {bad} unreadable line(s)")
+    written = [draw_curves(records, folder / CURVES, title=_title(folder))]
+    if (folder / GALLERY).is_file():
+        written.append(draw_masks(load_gallery(folder / GALLERY), folder / MASKS))
+    if (folder / CONFUSION_CSV).is_file():
+        matrix, classes = read_confusion(folder / CONFUSION_CSV)
+        written.append(draw_confusion(matrix, classes, folder / CONFUSION, _confusion_title(records)))
+    return written
+
+
+def _title(folder: Path) -> str:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        return f"{folder.name}: {cfg.get('stage', '?')} stage, {cfg.get('model', '?')}"
+    except (OSError, ValueError):
+        return folder.name
+
+
+def _confusion_title(records: list[dict]) -> str:
+    """The epoch of the best validation macro F1 (the epoch best.pt holds)."""
+    best = None
+    for r in records:
+        f1 = (r.get("val") or {}).get("f1_macro") if r.get("kind") == "epoch" else None
+        if f1 is not None and not math.isnan(f1) and (best is None or f1 > best[1]):
+            best = (r["epoch"], f1)
+    if best is None:
+        return "validation confusion matrix"
+    return f"validation confusion matrix of best.pt (epoch {best[0]}, macro F1 {best[1]:.4f})"

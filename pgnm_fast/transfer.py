@@ -1,0 +1,340 @@
+"""`pgnm-fast transfer`: few-shot transfer of pretrained classifiers to unseen concepts
+(docs/method.md §6): for each starting checkpoint, each training-set size n and each repeat,
+fine-tune on n images of a downstream set and score the full test split.
+
+The protocol (also written into ``transfer.json``):
+
+- n is the number of training images in all, class-stratified: every class gets n // C images
+  and n mod C classes, chosen at random, one more. They are drawn without replacement from the
+  train split (never a file of the test split), seeded by (``--seed``, n, repeat), so a subset is
+  reproducible and the same for every checkpoint: the checkpoints are compared on the same images.
+  A shot count that a class cannot supply (it has fewer than ceil(n / C) training images) is
+  skipped with a line naming the class and its count, and the other shot counts run; with none
+  left the command stops with one ``Error:`` line.
+- Each run starts from the checkpoint's classifier; a checkpoint whose classes differ from the
+  downstream set gets a new head and keeps its trunk. It trains ``--steps`` SGD steps (momentum
+  0.9, weight decay 1e-4, cosine from ``--lr`` to 0) on batches of min(n, ``--batch-size``)
+  images with the train transform of docs/method.md §1 at the checkpoint's crop size. With
+  ``--probe`` only the new head trains and BatchNorm is frozen (running statistics kept), the
+  authors' downstream protocol; without it the whole network fine-tunes.
+- Each run scores macro F1, balanced accuracy and macro one-vs-one ROC-AUC (and top-1) on the
+  full test split; the table and ``transfer.png`` give per checkpoint and n the mean over repeats
+  and its 95% t-interval (over repeats: the training subset and the run's randomness; the test
+  split is fixed).
+
+All runs share one process: the test images are loaded once (kept in memory when they fit in
+``TEST_CACHE_BYTES``), the training images of all subsets are decoded once, and each run builds
+only its model, optimiser and an in-process loader (no worker start-up).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import config_from_dict
+from .distributed import init_distributed
+from .engine import N_STATS, PlainStep, TrainingDiverged, predict
+from .errors import ConfigError, DataError
+from .evaluate import write_json_atomic
+from .metrics import classification_metrics, json_safe, t_interval
+from .models import create_model
+from .pipelines import make_loader
+from .pipelines.loader import batch_loader
+from .pipelines.sources import Split, open_source
+from .pipelines.transforms import build_transform, load_grey
+from .run_state import load_run_state
+from .weights import Weights, fit_classifier
+
+DEFAULT_SHOTS = (16, 32, 64, 128, 256)
+SCORE_KEYS = ("f1_macro", "balanced_accuracy", "roc_auc_ovo_macro", "top1")
+TEST_CACHE_BYTES = 2 << 30  # keep the preprocessed test split in memory up to this size
+
+
+def parse_shots(text: str) -> list[int]:
+    try:
+        shots = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        shots = []
+    if not shots or shots[0] < 1:
+        raise ConfigError(f"--shots must be comma-separated positive integers, not {text!r}")
+    return shots
+
+
+def draw_subset(labels: np.ndarray, n: int, classes: int, seed: int, repeat: int) -> np.ndarray:
+    """Indices into ``labels`` (the training pool) of a class-stratified subset of ``n`` images
+    (module docstring), seeded by (seed, n, repeat). The caller checks that every class has
+    ceil(n / classes) images."""
+    rng = np.random.default_rng([seed, n, repeat])
+    per_class = np.full(classes, n // classes)
+    per_class[rng.choice(classes, n % classes, replace=False)] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
+              for c, k in enumerate(per_class) if k]
+    return np.sort(np.concatenate(picked))
+
+
+def feasible_shots(shots, labels: np.ndarray, class_names: list[str], log) -> list[int]:
+    """The shot counts every class can supply; a line per skipped one naming the short class."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    keep = []
+    for n in shots:
+        need = math.ceil(n / len(class_names))
+        if n < len(class_names):
+            log(f"transfer: skipping n={n}: fewer images than the {len(class_names)} classes "
+                f"(each class needs at least one)")
+            continue
+        short = int(np.argmin(counts))
+        if counts[short] < need:
+            log(f"transfer: skipping n={n}: it needs up to {need} training images per class "
+                f"({n} over {len(class_names)} classes), and class {class_names[short]} has "
+                f"{counts[short]}")
+            continue
+        keep.append(n)
+    if not keep:
+        raise DataError(f"no requested --shots value can be drawn: class "
+                        f"{class_names[int(np.argmin(counts))]} has {int(counts.min())} training "
+                        f"images; ask for at most {int(counts.min()) * len(class_names)} images")
+    return keep
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """The train transform over images decoded once (grey PIL images kept in memory)."""
+
+    def __init__(self, images: list, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
+    """The test split through the eval transform: a list of batches in memory when it fits in
+    TEST_CACHE_BYTES, else the loader itself (iterated once per run)."""
+    test = make_loader(split, train=False, batch_size=128, crop_size=cfg.val_crop_size,
+                       resize_size=cfg.val_resize_size, channels=cfg.channels, workers=workers,
+                       rank=0, world_size=1, device=device, backend=loader, log=log)
+    size = len(split) * cfg.channels * cfg.val_crop_size ** 2 * 4
+    if size > TEST_CACHE_BYTES:
+        return test
+    # copies: a loader may yield the same buffers every batch (DALI's outputs)
+    return [(x.to("cpu", copy=True), y.to("cpu", copy=True)) for x, y in test]
+
+
+def _model(state: dict, classes: list, device, probe: bool):
+    model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
+    weights = Weights(Path(f"{state.model_name} checkpoint"), "pgnm-fast", state.model,
+                      state.model_name, list(state.classes))
+    fit_classifier(model, weights, state.model_name, classes, log=lambda *_: None)
+    model.to(device).train()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
+    if not probe:
+        return model, list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    for m in model.modules():  # frozen BatchNorm: running statistics, not the batch's
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model, list(head.parameters())
+
+
+def fine_tune(state, classes, images, labels, cfg, *, steps: int, lr: float, batch_size: int,
+              probe: bool, seed: int, device, amp: bool = False):
+    """One run: the checkpoint's classifier with a head for ``classes``, ``steps`` SGD steps on
+    the decoded ``images``; returns (model, mean train loss)."""
+    torch.manual_seed(seed)  # the new head and, with an in-process loader, the augmentation
+    model, params = _model(state, classes, device, probe)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    data = _Decoded(images, labels, build_transform(True, crop_size=cfg.train_crop_size,
+                                                    channels=cfg.channels))
+    loader = batch_loader(data, "few-shot", train=True, batch_size=min(batch_size, len(data)),
+                          workers=0, seed=seed, rank=0, world_size=1, device=device)
+    step = PlainStep(model, optimizer, amp, device)
+    stats = torch.zeros(N_STATS, device=device)
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), stats)
+            schedule.step()
+            done += 1
+            if done == steps:
+                break
+    loss = (stats[0] / stats[4]).item()  # one read per run
+    return model, loss
+
+
+def _label(path: Path, paths: list[Path]) -> str:
+    names = [p.parent.name for p in paths]
+    return path.parent.name if names.count(path.parent.name) == 1 else str(path)
+
+
+def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe: bool = False,
+             steps: int = 100, lr: float | None = None, batch_size: int = 32, seed: int = 0,
+             labels=None, workers: int = 2, loader: str = "auto", amp: bool = False,
+             device=None, log=print) -> dict:
+    """Every (checkpoint, n, repeat) run in this process (module docstring); writes
+    ``transfer.json`` and ``transfer.png`` into ``out`` and returns the report."""
+    froms = [Path(f) for f in froms]
+    if not froms:
+        raise ConfigError("transfer needs at least one --from checkpoint")
+    if labels and len(labels) != len(froms):
+        raise ConfigError(f"--label given {len(labels)} times for {len(froms)} --from checkpoints")
+    for name, value in (("--repeats", repeats), ("--steps", steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be positive, not {value}")
+    lr = lr if lr is not None else (0.1 if probe else 0.01)
+    if lr <= 0:
+        raise ConfigError(f"--lr must be positive, not {lr}")
+    states = [load_run_state(f) for f in froms]  # a bad checkpoint fails before training
+    names = list(labels) if labels else [_label(f, froms) for f in froms]
+    source = open_source(data)
+    for split in ("train", "test"):
+        if split not in source.splits:
+            raise DataError(f"data at {data} has no {split} split: transfer draws its training "
+                            f"images from train and scores on test")
+    classes, train, test = source.classes, source.split("train"), source.split("test")
+    in_test = set(test.files)
+    pool = np.array([f not in in_test for f in train.files])
+    if not pool.all():
+        log(f"transfer: {int((~pool).sum())} train files are also in the test split: left out")
+    pool_files = [f for f, keep in zip(train.files, pool) if keep]
+    pool_labels = train.labels[pool]
+    shots = feasible_shots(parse_shots(",".join(map(str, shots))), pool_labels, classes, log)
+    subsets = {(n, r): draw_subset(pool_labels, n, len(classes), seed, r)
+               for n in shots for r in range(repeats)}
+    needed = sorted(set(np.concatenate(list(subsets.values())).tolist()))
+    decoded = {i: load_grey(pool_files[i]) for i in needed}  # each image decoded once
+    info = init_distributed(device)
+    out = Path(out) if out else Path("runs") / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings = {"data": str(data), "classes": classes, "shots": shots, "repeats": repeats,
+                "probe": probe, "steps": steps, "lr": lr, "batch_size": batch_size,
+                "seed": seed, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine",
+                "shots_are": "training images in all, class-stratified, from the train split",
+                "interval": "95% t-interval over repeats",
+                "checkpoints": {n: str(f) for n, f in zip(names, froms)}}
+    log(f"transfer: {len(froms)} checkpoint(s) x n in {shots} x {repeats} repeats onto "
+        f"{len(classes)} classes of {data} ({len(test)} test images); "
+        f"{'--probe: new head only, BatchNorm frozen' if probe else 'whole network fine-tuned'}"
+        f", {steps} steps of lr {lr} (cosine) -> {out}")
+    runs, tests, t0 = [], {}, time.perf_counter()
+    for name, state in zip(names, states):
+        cfg = config_from_dict(state.config)
+        key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
+        if key not in tests:  # one test loader per preprocessing, built once
+            tests[key] = _test_batches(test, cfg, info.device, workers, loader, log)
+        for n in shots:
+            for r in range(repeats):
+                idx = subsets[(n, r)]
+                t_run = time.perf_counter()
+                model, loss = fine_tune(state, classes, [decoded[i] for i in idx],
+                                        pool_labels[idx], cfg, steps=steps, lr=lr,
+                                        batch_size=batch_size, probe=probe,
+                                        seed=seed * 1_000_003 + n * 1009 + r,
+                                        device=info.device, amp=amp)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"transfer from {name}, n={n}, repeat {r}: the loss "
+                                           f"became non-finite (try a lower --lr)")
+                logits, y = predict(model, tests[key], info.device, amp)
+                metrics = json_safe(classification_metrics(logits, y, classes)[0])
+                runs.append({"checkpoint": name, "n": n, "repeat": r, "train_loss": loss,
+                             "seconds": time.perf_counter() - t_run,
+                             **{k: metrics[k] for k in SCORE_KEYS}})
+                log(f"transfer: {name} n={n} repeat {r}: f1_macro {metrics['f1_macro']:.4f} "
+                    f"balanced_accuracy {metrics['balanced_accuracy']:.4f} "
+                    f"({time.perf_counter() - t_run:.1f} s)")
+                write_json_atomic({"settings": settings, "runs": runs}, out / "transfer.json")
+    report = {"settings": settings, "runs": runs, "summary": summarise(runs),
+              "seconds": time.perf_counter() - t0}
+    write_json_atomic(report, out / "transfer.json")
+    for line in format_table(report):
+        log(line)
+    chart = write_transfer_chart(report, out / "transfer.png")
+    log(f"transfer: {len(runs)} runs in {report['seconds']:.0f} s; written to "
+        f"{out / 'transfer.json'}" + (f" and {chart}" if chart else ""))
+    return report
+
+
+def summarise(runs: list[dict]) -> dict:
+    """``{checkpoint: {n: {metric: {"mean", "ci95", "values"}}}}`` over repeats."""
+    out: dict = {}
+    for run in runs:
+        cell = out.setdefault(run["checkpoint"], {}).setdefault(str(run["n"]), {})
+        for key in SCORE_KEYS:
+            cell.setdefault(key, {"values": []})["values"].append(run[key])
+    for cells in out.values():
+        for cell in cells.values():
+            for stat in cell.values():
+                v = [x for x in stat["values"] if x is not None]
+                stat["mean"] = float(np.mean(v)) if v else None
+                stat["ci95"] = t_interval(v)
+    return out
+
+
+def format_table(report: dict) -> list[str]:
+    cols = SCORE_KEYS[:3]
+    lines = [f"{'checkpoint':24} {'n':>5}  " + "  ".join(f"{k + ' [95% CI]':>27}" for k in cols)]
+    for name, cells in report["summary"].items():
+        for n, cell in cells.items():
+            parts = []
+            for k in cols:
+                m, ci = cell[k]["mean"], cell[k]["ci95"]
+                parts.append(f"{'n/a' if m is None else f'{m:.4f}':>7} "
+                             + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{'':19}"))
+            lines.append(f"{name:24} {n:>5}  " + "  ".join(f"{p:>27}" for p in parts))
+    lines.append(f"(mean over {report['settings']['repeats']} repeats; 95% t-interval over "
+                 f"repeats; n = training images in all, class-stratified)")
+    return lines
+
+
+def write_transfer_chart(report: dict, path) -> Path | None:
+    """``transfer.png``: macro F1, balanced accuracy and ROC-AUC against n (log axis), one line
+    with its 95% band per checkpoint, the repeats as points. None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = SCORE_KEYS[:3]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for ax, key in zip(axes, keys):
+        for j, (name, cells) in enumerate(report["summary"].items()):
+            colour = f"C{j}"
+            ns = np.array([int(n) for n in cells])
+            mean = np.array([np.nan if cells[n][key]["mean"] is None else cells[n][key]["mean"]
+                             for n in cells])
+            ax.plot(ns, mean, "o-", color=colour, label=name)
+            ci = [cells[n][key]["ci95"] for n in cells]
+            if all(c is not None for c in ci):
+                # scores live in [0, 1]: a t-interval of few repeats can reach past them
+                ax.fill_between(ns, np.clip([c[0] for c in ci], 0, 1),
+                                np.clip([c[1] for c in ci], 0, 1), color=colour, alpha=0.2)
+            for n, x in zip(ns, cells.values()):
+                pts = [v for v in x[key]["values"] if v is not None]
+                ax.scatter(np.full(len(pts), n) * (1 + 0.03 * (j - 0.5)), pts, s=8,
+                           color=colour, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("training images n (class-stratified)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(1.0, ax.get_ylim()[1]) + 0.02)
+        ax.grid(alpha=0.3)
+    s = report["settings"]
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"few-shot transfer to {len(s['classes'])} classes: mean and 95% interval over "
+                 f"{s['repeats']} repeats ({'probe' if s['probe'] else 'fine-tune'}, "
+                 f"{s['steps']} steps)", fontsize=10)
+    fig.tight_layout()
+    from .atomic import atomic_open
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)

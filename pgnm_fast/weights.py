@@ -1,0 +1,409 @@
+"""Weights in and out: every form a classifier arrives in, and the timm folder it leaves as.
+
+In (:func:`read_weights`): a pgnm-fast checkpoint; a plain state dict in ``.pth`` / ``.pt`` /
+``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors``; a timm / Hugging Face model
+folder (``model.safetensors`` + ``config.json``); the authors' checkpoints (a dict with ``model``
+and usually ``policy_net``, ``base_alpha``, ``base_beta``, ``args``; keys possibly prefixed
+``module.`` or ``_orig_mod.``, 3-channel stem). Pickles are read weights-only: a file that needs
+code to unpickle is refused (only ``argparse.Namespace``, the authors' ``args``, is allowed).
+
+Fitting (:func:`fit_classifier`): a head whose class count differs is replaced, a 3-channel stem
+is summed to 1 channel for grey runs (exact for grey images, docs/method.md §1), and weights of
+another architecture are refused naming the first mismatched keys and the model they look like.
+
+Training a summed stem (:func:`param_groups`): with 3 identical input channels every channel's
+weight gets the same gradient g, so the 3-channel stem's sum moves by ``lr * (3 g + wd * W)`` per
+SGD step (momentum and Nesterov are linear, so the same holds for the buffers). Training the
+summed 1-channel weight ``W`` with ``lr x 3`` and ``weight_decay / 3`` gives exactly that step;
+under AdamW (decoupled decay ``W *= 1 - lr * wd``, update invariant to the gradient's scale) the
+same two factors are exact too. Only ``--clip-grad-norm`` differs: the 3-channel model's norm
+counts the stem gradient three times. ``--in-chans 3`` instead keeps the 3-channel stem and feeds
+the grey image replicated (the authors' form).
+
+Out (:func:`export`): ``model.safetensors`` + a timm ``config.json`` that
+``timm.create_model('local-dir:DIR', pretrained=True)`` loads, or a TorchScript module.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_open
+from .errors import CheckpointError, ConfigError
+from .models import POLICY_TRUNK_PREFIX, convert_to_grey, create_model, model_names
+from .models.resnet import FIRST_CONV
+from .speed import sgd_kind
+
+PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+SAFETENSORS = ".safetensors"
+STEM_LR_SCALE = 3.0  # a summed 3-channel stem (module docstring)
+
+
+@dataclasses.dataclass
+class Weights:
+    """A classifier's weights and what the file says about them (None: it does not say)."""
+    path: Path
+    kind: str                      # "pgnm-fast", "state dict", "timm folder", "authors'"
+    model: dict                    # state dict, timm key names, stem as stored
+    model_name: str | None = None
+    classes: list | None = None
+    policy: dict | None = None     # PolicyNet state dict (base buffers included)
+    checkpoint: dict | None = None  # the whole pgnm-fast checkpoint
+    meta: dict = dataclasses.field(default_factory=dict)  # config.json of a timm folder
+
+    @property
+    def num_classes(self) -> int:
+        w = self.model.get("fc.weight")
+        return int(w.shape[0]) if w is not None else 0
+
+    @property
+    def in_chans(self) -> int | None:
+        stem = _stem_key(self.model, self.model_name)
+        return int(self.model[stem].shape[1]) if stem else None
+
+
+def _stem_key(state: dict, name: str | None) -> str | None:
+    names = [name] if name in FIRST_CONV else list(FIRST_CONV)
+    for n in names:
+        key = f"{FIRST_CONV[n]}.weight"
+        if key in state and len(getattr(state[key], "shape", state[key])) == 4:
+            return key
+    return None
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Keys without the ``module.`` / ``_orig_mod.`` wrappers' prefixes (any order, repeated)."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def _torch_load(path: Path):
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text or "Weights only load failed" in text:
+            what = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "")
+            raise CheckpointError(
+                f"{path} needs code to unpickle ({what.split(' was ')[0] or 'a custom class'}): "
+                f"refused, weights are read weights-only; save its state_dict() instead") from None
+        raise CheckpointError(f"{path} is not a checkpoint (unreadable pickle)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
+            KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a checkpoint or is truncated "
+                              f"({reason[:120]})") from None
+
+
+def _safetensors_load(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a safetensors file ({reason[:120]})") from None
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def read_weights(path) -> Weights:
+    """The classifier (and policy) weights in ``path``, in any form of the module docstring."""
+    from .run_state import FORMAT, load_checkpoint
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _read_folder(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == SAFETENSORS:
+        return _from_state_dict(path, _safetensors_load(path), "state dict")
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        s = load_checkpoint(path)  # checks the keys a pgnm-fast checkpoint has
+        return Weights(path, "pgnm-fast", s["model"], s["model_name"], list(s["classes"]),
+                       s.get("policy"), s)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return _from_authors(path, obj)
+    if isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):  # timm's train.py
+        obj = obj["state_dict"]
+    if _is_state_dict(obj):
+        return _from_state_dict(path, obj, "state dict")
+    raise CheckpointError(f"{path} is not a checkpoint: no state dict of tensors, no 'model' "
+                          f"entry and no pgnm-fast format tag")
+
+
+def _from_state_dict(path, state, kind, model_name=None, classes=None, meta=None) -> Weights:
+    state = strip_prefixes(state)
+    if not any(k.startswith(("layer1.", "conv1")) for k in state):
+        raise CheckpointError(f"{path} holds no ResNet classifier weights (keys such as "
+                              f"{', '.join(list(state)[:3])})")
+    return Weights(path, kind, state, model_name or guess_model(state), classes, meta=meta or {})
+
+
+def _from_authors(path: Path, obj: dict) -> Weights:
+    from .models import policy_state_from_authors
+    args = obj.get("args")
+    name = getattr(args, "model", None) if args is not None else None
+    w = _from_state_dict(path, obj["model"], "authors'", name if name in model_names() else None)
+    if "policy_net" in obj:
+        policy = strip_prefixes(policy_state_from_authors(
+            dict(obj, policy_net=strip_prefixes(obj["policy_net"]))))
+        w.policy = policy
+    return w
+
+
+def _read_folder(path: Path) -> Weights:
+    weights, config = path / "model.safetensors", path / "config.json"
+    if not weights.is_file():
+        bin_file = path / "pytorch_model.bin"
+        if not bin_file.is_file():
+            raise CheckpointError(f"model folder {path} has no model.safetensors")
+        weights = bin_file
+    meta = {}
+    if config.is_file():
+        try:
+            meta = json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config} is not valid JSON ({e})") from None
+    state = _safetensors_load(weights) if weights.suffix == SAFETENSORS else _torch_load(weights)
+    if not _is_state_dict(state):
+        raise CheckpointError(f"{weights} is not a state dict")
+    name = str(meta.get("architecture", "")).split(".")[0]  # "resnet50.a1_in1k" -> resnet50
+    labels = meta.get("label_names") or meta.get("pretrained_cfg", {}).get("label_names")
+    return _from_state_dict(path, state, "timm folder", name if name in model_names() else None,
+                            list(labels) if isinstance(labels, (list, tuple)) else None, meta)
+
+
+def _reference_shapes(name: str) -> dict:
+    with torch.device("meta"):
+        model = create_model(name, 10, in_chans=3)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _fits(state: dict, ref: dict) -> tuple[list, list, list]:
+    """(missing, unexpected, wrong-shape) keys of ``state`` against a reference, ignoring the head
+    and the stem's input channels."""
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    stem = _stem_key(ref, None)
+    shaped = [k for k in ref if k in state and not k.startswith("fc.") and (
+        tuple(state[k].shape) != ref[k] if k != stem else
+        tuple(state[k].shape)[:1] + tuple(state[k].shape)[2:] != ref[k][:1] + ref[k][2:])]
+    return missing, unexpected, shaped
+
+
+def guess_model(state: dict) -> str | None:
+    """The model name whose keys and shapes a state dict matches best (None: none is close)."""
+    best, best_score = None, 0.0
+    for name in model_names():
+        ref = _reference_shapes(name)
+        missing, unexpected, shaped = _fits(state, ref)
+        score = (len(ref) - len(missing) - len(shaped)) / (len(ref) + len(unexpected))
+        if score > best_score:
+            best, best_score = name, score
+    return best if best_score > 0.5 else None
+
+
+def check_architecture(w: Weights, model_name: str) -> None:
+    """Raise naming the first mismatched keys when ``w`` does not fit ``model_name``."""
+    missing, unexpected, shaped = _fits(w.model, _reference_shapes(model_name))
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected or shaped:
+        looks = guess_model(w.model)
+        like = f"; they look like {looks}" if looks and looks != model_name else ""
+        parts = [f"{what} {keys[:3]}" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("other shapes", shaped)) if keys]
+        raise CheckpointError(f"weights in {w.path} do not fit {model_name}: "
+                              f"{', '.join(parts)}{like}")
+
+
+def resolve_model(w: Weights, requested: str | None) -> str:
+    """The architecture: the file's where it carries one (a different --model is an error),
+    else ``requested`` (checked against the weights), else the best guess."""
+    if w.model_name is not None and w.kind != "state dict":
+        if requested is not None and requested != w.model_name:
+            raise ConfigError(f"--model {requested} differs from the checkpoint's "
+                              f"{w.model_name} in {w.path}")
+        return w.model_name
+    name = requested or w.model_name
+    if name is None:
+        raise CheckpointError(f"cannot tell the architecture of {w.path}: pass --model")
+    check_architecture(w, name)
+    return name
+
+
+def fit_classifier(model, w: Weights, model_name: str, classes: list, log,
+                   training: bool = True) -> bool:
+    """Load ``w`` into ``model`` (a fresh ``model_name`` classifier for ``classes``): a new head
+    when the class count or names differ, a summed stem for a 1-channel model fed 3-channel
+    weights. Returns True when the stem was summed (see :func:`param_groups`)."""
+    check_architecture(w, model_name)
+    state, converted = dict(w.model), False
+    key = f"{FIRST_CONV[model_name]}.weight"
+    target_chans = model.state_dict()[key].shape[1]
+    if state[key].shape[1] != target_chans:
+        if target_chans != 1:
+            raise ConfigError(f"{w.path} has a {state[key].shape[1]}-channel stem; --in-chans "
+                              f"{target_chans} needs a 1-channel or {target_chans}-channel one")
+        state, converted = convert_to_grey(state, model_name), True
+        log(f"{w.path}: {w.in_chans}-channel stem summed to 1 channel (exact for grey images)"
+            + (f"; it trains with lr x{STEM_LR_SCALE:g} and weight decay /{STEM_LR_SCALE:g}, the "
+               f"3-channel stem's steps (--in-chans 3 keeps 3 channels instead)" if training
+               else ""))
+    same_head = w.num_classes == len(classes) and (w.classes is None or
+                                                   list(w.classes) == list(classes))
+    if not same_head:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        log(f"classes differ from the checkpoint's ({w.num_classes} -> {len(classes)}): "
+            f"new classifier head, trunk loaded")
+    missing, unexpected = model.load_state_dict(state, strict=same_head)
+    if unexpected or any(not k.startswith("fc.") for k in missing):
+        raise CheckpointError(f"weights in {w.path} do not fit {model_name}: missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}")
+    return converted
+
+
+def fit_policy(policy, w: Weights, log) -> None:
+    """The file's policy into ``policy`` (summing a 3-channel trunk stem for a grey run)."""
+    state = dict(w.policy)
+    key = f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight"
+    if key in state and state[key].shape[1] != policy.state_dict()[key].shape[1]:
+        state = convert_to_grey(state, "policy")
+    ours = policy.state_dict()
+    wrong = [k for k in ours if k not in state or state[k].shape != ours[k].shape]
+    if wrong or set(state) - set(ours):
+        raise CheckpointError(f"the policy in {w.path} does not fit this run's policy (--grid "
+                              f"{policy.grid}, resnet10t trunk): first mismatched keys "
+                              f"{(wrong or sorted(set(state) - set(ours)))[:3]}")
+    policy.load_state_dict(state)
+    log(f"policy and its base buffers loaded from {w.path}")
+
+
+def param_groups(model, stem_lr_scale: float, weight_decay: float) -> list[dict]:
+    """The optimiser's parameter groups: one, or with ``stem_lr_scale`` != 1 the stem weight in
+    its own group with ``lr x s`` and ``weight_decay / s`` (module docstring). The group's
+    ``lr_scale`` keeps the ratio when learning rates are reset on resume."""
+    if stem_lr_scale == 1.0:
+        return [dict(params=list(model.parameters()), lr_scale=1.0, weight_decay=weight_decay)]
+    stem = _stem_key(dict(model.named_parameters()), None)
+    params = dict(model.named_parameters())
+    rest = [p for k, p in params.items() if k != stem]
+    return [dict(params=rest, lr_scale=1.0, weight_decay=weight_decay),
+            dict(params=[params[stem]], lr_scale=stem_lr_scale,
+                 weight_decay=weight_decay / stem_lr_scale)]
+
+
+def build_optimizer(params, cfg, lr: float, device: torch.device,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """``--opt sgd`` (momentum, coupled weight decay, the paper's; fused on CUDA, foreach
+    elsewhere) or ``adamw``. Each group's lr is ``lr * lr_scale``. ``capturable``: AdamW's step
+    counters stay on the device, as CUDA graph capture requires (SGD needs nothing)."""
+    groups = [dict(g, lr=lr * g.get("lr_scale", 1.0)) for g in params]
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               **sgd_kind(device))
+    if cfg.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay,
+                                 capturable=capturable)
+    raise ConfigError(f"--opt must be sgd or adamw, not {cfg.opt!r}")
+
+
+def reset_hyperparameters(optimizer, lr: float, cfg, device: torch.device) -> None:
+    """After loading an optimiser's state on resume: the config's lr, momentum and weight decay,
+    each group scaled by its ``lr_scale``, and SGD's form for this device (not the saved one)."""
+    kind = sgd_kind(device) if isinstance(optimizer, torch.optim.SGD) else {}
+    for group in optimizer.param_groups:
+        group.pop("initial_lr", None)
+        s = group.get("lr_scale", 1.0)
+        group.update(lr=lr * s, weight_decay=cfg.weight_decay / s, **kind)
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+
+
+# ----------------------------------------------------------------------------------------------
+# Out
+
+def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors",
+           mean: float | None = None, std: float | None = None, log=print) -> Path:
+    """Write the classifier of ``checkpoint`` (any form :func:`read_weights` reads) to ``out``:
+    ``model.safetensors`` + timm ``config.json``, or ``model.pt`` (TorchScript). ``in_chans=3``
+    writes a 3-channel stem (the grey stem's weight / 3 per channel: identical logits on a grey
+    image replicated to RGB)."""
+    from .pipelines import MEAN, STD
+    w = read_weights(checkpoint)
+    name = resolve_model(w, None)
+    chans = w.in_chans or 1
+    in_chans = in_chans or chans
+    state = dict(w.model)
+    key = f"{FIRST_CONV[name]}.weight"
+    if in_chans != chans:
+        if chans == 1 and in_chans == 3:
+            state[key] = (state[key].float() / 3).repeat(1, 3, 1, 1).to(state[key].dtype)
+        elif in_chans == 1:
+            state = convert_to_grey(state, name)
+        else:
+            raise ConfigError(f"--in-chans must be 1 or 3, not {in_chans}")
+    classes = w.classes or [str(i) for i in range(w.num_classes)]
+    model = create_model(name, w.num_classes, in_chans=in_chans)
+    model.load_state_dict(state)
+    model.eval()
+    cfg = (w.checkpoint or {}).get("config", {})
+    mean = mean if mean is not None else cfg.get("mean") or MEAN
+    std = std if std is not None else cfg.get("std") or STD
+    crop, resize = cfg.get("val_crop_size", 224), cfg.get("val_resize_size", 256)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        scripted = torch.jit.script(model)
+        with atomic_open(out / "model.pt", "wb") as f:
+            torch.jit.save(scripted, f)
+        log(f"wrote {out / 'model.pt'} (TorchScript {name}, {in_chans}-channel input)")
+        return out
+    if fmt != "safetensors":
+        raise ConfigError(f"--format must be safetensors or torchscript, not {fmt!r}")
+    from safetensors.torch import save
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    config = {
+        "architecture": name, "num_classes": w.num_classes, "num_features": model.num_features,
+        "global_pool": "avg", "model_args": {"in_chans": in_chans},
+        "pretrained_cfg": {
+            "input_size": [in_chans, crop, crop], "interpolation": "bilinear",
+            "crop_pct": round(crop / resize, 4), "crop_mode": "center",
+            "mean": [float(mean)] * in_chans, "std": [float(std)] * in_chans,
+            "num_classes": w.num_classes, "first_conv": FIRST_CONV[name], "classifier": "fc",
+            "fixed_input_size": False, "license": "apache-2.0"},
+        "label_names": list(classes),
+    }
+    with atomic_open(out / "model.safetensors", "wb") as f:
+        f.write(save(tensors, metadata={"format": "pt"}))
+    with atomic_open(out / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    log(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} ({name}, "
+        f"{w.num_classes} classes, {in_chans}-channel input)")
+    return out
+
+
+__all__ = ["Weights", "read_weights", "fit_classifier", "fit_policy", "resolve_model",
+           "guess_model", "check_architecture", "param_groups", "build_optimizer",
+           "reset_hyperparameters", "export", "strip_prefixes", "STEM_LR_SCALE"]

@@ -1,0 +1,277 @@
+"""``--loader device``: a packed cache resident in device memory, augmented where it lies.
+
+:class:`DeviceLoader` copies a packed split's pixels once into one flat uint8 tensor on
+``device`` (grey: an RGB cache becomes grey by PIL's ITU-R 601-2 luma, as the other loaders
+read it), with each image's native height and width from the cache's records. Every batch is
+then cut, resized, flipped and normalised there by :func:`~pgnm_fast.pipelines.augment.resized_crop`
+(the Triton kernel on CUDA, the same integer math in torch on the CPU): no image crosses PCIe or
+meets a CPU after the first copy.
+
+Plans: the crop boxes and flips of an epoch are drawn on the host when the epoch starts, by
+DALI's vectorised rules (:func:`~pgnm_fast.pipelines.dali.random_resized_crop_params`:
+torchvision's RandomResizedCrop, area uniform in scale, log-ratio uniform in ratio, 10 tries,
+centre-crop fallback; flip with p = 0.5) from ``numpy.random.default_rng([seed, rank, epoch])``,
+and go to the device in one copy. An epoch is thus a pure function of ``(seed, rank, epoch)``
+(the same crops and flips as the DALI loader's), and a step reads its slice of the plan with no
+host synchronisation. Eval: torchvision's shorter-side resize and centre crop
+(:func:`~pgnm_fast.pipelines.dali.eval_params`), zero padding for a small image.
+
+Pixels: PIL's bilinear resampling (antialiased when shrinking) done as PIL does it, a
+horizontal fixed-point pass into an 8-bit intermediate, then a vertical one; this equals the
+plain loader's Pillow exactly where Pillow runs its passes in that order (every Pillow before
+13; Pillow 13 runs the vertical pass first for some shapes, and the two orders differ by at
+most 1 grey level, on a few percent of pixels).
+
+Order: train uses the plain loader's :class:`~pgnm_fast.pipelines.loader.EpochSampler` when
+the process holds the whole split (``resident="full"``, the default for one process); under
+torchrun with ``resident="shard"`` (the default there) rank ``r`` holds only the images
+``r, r + world_size, ...`` of the split and shuffles them by ``(seed, epoch)`` (padded by its
+own first images to the longest shard's length, as ``DistributedSampler`` pads): every image is
+seen once per epoch over all ranks, though not in the plain loader's global order. Eval: each
+rank's :class:`~pgnm_fast.pipelines.loader.EvalShardSampler` indices (those are its shard).
+
+Output: ``(images, labels)``, images ``[N, C, S, S]`` in ``dtype`` (float32 or bf16),
+``channels_last`` memory if asked, ``C`` 1 or 3 (copies of grey); labels int64. ``static=True``
+writes every batch into the same two tensors (``loader.buffers``), which a captured CUDA graph
+reads without a copy; the consumer must be done with a batch before asking for the next.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from pgnm_fast.errors import DataError
+
+from .augment import resized_crop, taps, value_table
+from .dali import eval_params, random_resized_crop_params
+from .loader import EpochSampler, EvalShardSampler
+from .transforms import MEAN, STD
+
+MARGIN_FRACTION, MARGIN_MIN = 0.2, 8 << 30  # device memory kept free for the model and step
+RESIDENT = ("full", "shard")
+_CHUNK = 256 << 20  # host-to-device copy size while loading
+
+
+class ShardSampler(Sampler):
+    """Train order of a rank that holds the fixed shard ``rank, rank + world_size, ...``: its
+    indices shuffled by ``(seed, epoch)`` and padded by their own first ones to
+    ``ceil(n / world_size)``. One process: the same order as :class:`EpochSampler`."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.n, self.num_replicas, self.rank, self.seed = n, num_replicas, rank, seed
+        self.num_samples = math.ceil(n / num_replicas)
+        self.epoch, self._passes, self._epoch_set = 0, 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_set = epoch, True
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        if self._passes and not self._epoch_set:  # as EpochSampler: the next epoch by itself
+            self.epoch += 1
+        self._passes, self._epoch_set = self._passes + 1, False
+        shard = torch.arange(self.rank, self.n, self.num_replicas)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = shard[torch.randperm(len(shard), generator=g)].tolist()
+        order += (order * math.ceil(self.num_samples / max(len(order), 1)))[
+            :self.num_samples - len(order)]
+        return iter(order)
+
+
+def grey_bytes(split) -> int:
+    """Device bytes :class:`DeviceLoader` needs for ``split``'s pixels (grey)."""
+    return int((split.heights * split.widths).sum())
+
+
+def resident_bytes(split, *, train: bool, rank: int, world_size: int, resident: str) -> int:
+    """Bytes this process keeps on the device for ``split`` (its shard or the whole split)."""
+    if resident == "shard" or not train:
+        keep = np.arange(rank, len(split), world_size)
+        return int((split.heights[keep] * split.widths[keep]).sum())
+    return grey_bytes(split)
+
+
+def fits(need: int, device) -> tuple[bool, str]:
+    """Whether ``need`` bytes fit in ``device``'s free memory after the margin, and the sizes
+    in words (``MARGIN_FRACTION`` of the device's memory, at least ``MARGIN_MIN``)."""
+    free, total = torch.cuda.mem_get_info(device)
+    margin = max(MARGIN_MIN, int(MARGIN_FRACTION * total))
+    gib = 2 ** 30
+    words = (f"cache {need / gib:.2f} GiB, {free / gib:.2f} GiB free on {device} less a "
+             f"{margin / gib:.1f} GiB margin")
+    return need <= free - margin, words
+
+
+class DeviceLoader:
+    """An iterable of ``(images, labels)`` batches from a packed split held on ``device``
+    (module docstring). ``impl``: ``"auto"`` (Triton on CUDA, torch on the CPU), ``"triton"``
+    or ``"torch"``."""
+
+    def __init__(self, split, *, train: bool, batch_size: int, crop_size: int = 224,
+                 resize_size: int = 256, channels: int = 1, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device=None, dtype=torch.float32,
+                 channels_last: bool = False, static: bool = False, resident: str | None = None,
+                 mean: float = MEAN, std: float = STD, impl: str = "auto"):
+        if not hasattr(split, "cache"):
+            raise DataError(f"--loader device reads a packed cache (pgnm-fast pack); the "
+                            f"{split.name} split is image files")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        resident = resident or ("shard" if world_size > 1 else "full")
+        if resident not in RESIDENT:
+            raise ValueError(f"resident must be one of {RESIDENT}, not {resident!r}")
+        self.split, self.train, self.batch_size = split, train, batch_size
+        self.crop_size, self.resize_size, self.channels = crop_size, resize_size, channels
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype, self.channels_last, self.static, self.impl = dtype, channels_last, static, impl
+        self.resident = resident if train else "shard"
+        n = len(split)
+        if train and self.resident == "full":
+            self.sampler = EpochSampler(range(n), num_replicas=world_size, rank=rank, seed=seed)
+        elif train:
+            self.sampler = ShardSampler(n, world_size, rank, seed)
+        else:
+            self.sampler = EvalShardSampler(n, world_size, rank)
+        if train and len(self.sampler) < batch_size:
+            raise DataError(f"the {split.name} split has {n} images, fewer than one batch of "
+                            f"{batch_size} per process ({world_size} processes)")
+        # the split indices this process holds, and where each split index sits among them
+        self.held = np.arange(n) if self.resident == "full" else np.arange(rank, n, world_size)
+        self._slot = np.full(n, -1, np.int64)
+        self._slot[self.held] = np.arange(len(self.held))
+        self.height = split.heights[self.held]
+        self.width = split.widths[self.held]
+        self.table = value_table(mean, std, dtype, self.device)
+        if train:  # a crop is at most the image, resized to crop_size
+            self.taps = taps(int(max(self.height.max(initial=1), self.width.max(initial=1))),
+                             crop_size)
+        else:  # the whole image resized to torchvision's shorter-side size
+            rh, rw, _, _ = eval_params(self.height, self.width, crop_size, resize_size)
+            scale = np.maximum(self.height / rh, self.width / rw).max(initial=1.0)
+            self.taps = 2 * math.ceil(max(scale, 1.0)) + 1
+        self._load()
+        self.buffers = None
+
+    # -- residency
+    def _load(self):
+        """Copy the held images into one flat uint8 device tensor (grey), in chunks."""
+        cache, records = self.split.cache, self.split.records[self.held]
+        sizes = self.height * self.width
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.data = torch.empty(int(sizes.sum()), dtype=torch.uint8, device=self.device)
+        pin = self.device.type == "cuda"
+        start = 0
+        while start < len(records):
+            stop, nbytes = start, 0
+            while stop < len(records) and (nbytes == 0 or nbytes + sizes[stop] <= _CHUNK):
+                nbytes += int(sizes[stop])
+                stop += 1
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            view = host.numpy()
+            off = cache.records["offset"][records[start:stop]]
+            if cache.channels == 1 and (np.diff(off) == sizes[start:stop - 1]).all():
+                view[:] = cache.data[off[0]:off[0] + nbytes]  # back to back in the file
+            else:
+                at = 0
+                for r in records[start:stop]:
+                    grey = _grey(cache.image(int(r)))
+                    view[at:at + grey.size] = grey.reshape(-1)
+                    at += grey.size
+            self.data[int(base[start]):int(base[start]) + nbytes].copy_(host)
+            start = stop
+        if pin:
+            torch.cuda.synchronize(self.device)  # the pinned chunks are freed after this
+        dev = self.device
+        self.base = torch.from_numpy(base).to(dev)
+        self.row = torch.from_numpy(self.width.astype(np.int64)).to(dev)
+        self.shape = torch.from_numpy(np.stack([self.height, self.width], 1).astype(np.int64)).to(dev)
+        self.labels = torch.from_numpy(np.asarray(self.split.labels)[self.held].astype(np.int64)).to(dev)
+
+    @property
+    def name(self) -> str:
+        return f"the cache resident on {self.device}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    # -- the trainer's loader contract
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    # -- planning
+    def plan_epoch(self) -> dict:
+        """The next epoch on the device: slot (position in the resident data) of each sample,
+        crop box, virtual output size, offset and flip (advances the sampler one pass)."""
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        slot = self._slot[order]
+        h, w, cs = self.height[slot], self.width[slot], self.crop_size
+        if self.train:
+            keep = len(order) // self.batch_size * self.batch_size
+            slot, h, w = slot[:keep], h[:keep], w[:keep]
+            rng = np.random.default_rng([self.seed, self.rank, self.sampler.epoch])
+            top, left, ch, cw = random_resized_crop_params(h, w, rng)
+            flip = rng.random(len(slot)) < 0.5
+            box = np.stack([top, left, ch, cw], 1)
+            out_hw = np.full((len(slot), 2), cs, np.int64)
+            offset = np.zeros((len(slot), 2), np.int64)
+        else:
+            rh, rw, top, left = eval_params(h, w, cs, self.resize_size)
+            box = np.stack([np.zeros_like(h), np.zeros_like(w), h, w], 1)
+            out_hw, offset = np.stack([rh, rw], 1), np.stack([top, left], 1)
+            flip = np.zeros(len(slot), bool)
+        arrays = dict(slot=slot, box=box, out_hw=out_hw, offset=offset, flip=flip)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
+                for k, v in arrays.items()}
+
+    # -- running
+    def _out_tensors(self, n):
+        if self.static and self.buffers is not None:
+            return self.buffers
+        images = torch.empty((n, self.channels, self.crop_size, self.crop_size), dtype=self.dtype,
+                             device=self.device, memory_format=torch.channels_last
+                             if self.channels_last else torch.contiguous_format)
+        labels = torch.empty(n, dtype=torch.int64, device=self.device)
+        if self.static:
+            self.buffers = (images, labels)
+        return images, labels
+
+    def batch(self, plan: dict, start: int, n: int, out=None):
+        """Augment samples ``start .. start + n`` of ``plan`` into ``out`` (or new tensors)."""
+        images, labels = out if out is not None else self._out_tensors(self.batch_size)
+        images, labels = images[:n], labels[:n]
+        sl = slice(start, start + n)
+        slot = plan["slot"][sl]
+        resized_crop(images, self.data, self.base[slot], self.row[slot], plan["box"][sl],
+                     plan["out_hw"][sl], plan["offset"][sl], plan["flip"][sl], self.table,
+                     self.taps, impl=self.impl)
+        torch.index_select(self.labels, 0, slot, out=labels)
+        return images, labels
+
+    def __iter__(self):
+        plan = self.plan_epoch()
+        total, B = len(plan["slot"]), self.batch_size
+        for start in range(0, total, B):
+            yield self.batch(plan, start, min(B, total - start))
+
+
+def _grey(a: np.ndarray) -> np.ndarray:
+    """``h x w x c`` uint8 -> ``h x w`` grey: as is, or PIL's ``convert("L")`` luma (exact
+    integer form: (19595 R + 38470 G + 7471 B + 2^15) >> 16)."""
+    if a.shape[2] == 1:
+        return a[:, :, 0]
+    rgb = a.astype(np.uint32)
+    return ((19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 0x8000)
+            >> 16).astype(np.uint8)

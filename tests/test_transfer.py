@@ -1,0 +1,119 @@
+"""pgnm-fast transfer: few-shot subsets, a new head on a kept trunk, the grid end to end (CPU)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from pgnm_fast.pipelines.sources import open_source
+
+from pgnm_fast import run_state as ckpt_io
+from pgnm_fast.cli import main
+from pgnm_fast.config import make_config
+from pgnm_fast.models import create_model
+from pgnm_fast.synth import CLASSES, make_synthetic
+from pgnm_fast.transfer import _model, draw_subset, feasible_shots, parse_shots
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+    """A downstream set whose 5 classes the default set (and so the checkpoints) never had."""
+    return make_synthetic(tmp_path_factory.mktemp("unseen"), images=150, seed=4, size=40,
+                          concepts="unseen")
+
+
+def _checkpoint(path, seed):
+    """A pretrained-looking checkpoint on the default 13 classes (random weights, moved BN)."""
+    torch.manual_seed(seed)
+    model = create_model("resnet10t", len(CLASSES))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    cfg = make_config("baseline", "tiny", train_crop_size=32, val_resize_size=36,
+                      val_crop_size=32, grid=8)
+    ckpt_io.save_checkpoint({"stage": "baseline", "epoch": 0, "model_name": "resnet10t",
+                             "classes": list(CLASSES), "in_chans": 1,
+                             "model": model.state_dict(), "config": dataclasses.asdict(cfg)},
+                            path)
+    return path
+
+
+def test_unseen_concepts_share_no_class_with_the_default_set(unseen):
+    classes = open_source(unseen).classes
+    assert len(classes) == 5 and not set(classes) & set(CLASSES)
+
+
+def test_subsets_are_stratified_reproducible_and_differ_by_repeat():
+    labels = np.repeat(np.arange(5), [30, 12, 50, 20, 9])
+    for n in (16, 32, 44):
+        a = draw_subset(labels, n, 5, seed=7, repeat=0)
+        assert len(a) == len(set(a)) == n
+        counts = np.bincount(labels[a], minlength=5)
+        assert counts.min() >= n // 5 and counts.max() <= n // 5 + 1  # stratified
+        assert np.array_equal(a, draw_subset(labels, n, 5, seed=7, repeat=0))  # reproducible
+        assert not np.array_equal(a, draw_subset(labels, n, 5, seed=7, repeat=1))
+        assert not np.array_equal(a, draw_subset(labels, n, 5, seed=8, repeat=0))
+
+
+def test_short_class_skips_the_shots_it_cannot_supply_naming_it():
+    names = ["a", "b", "c"]
+    labels = np.repeat(np.arange(3), [40, 7, 40])
+    said = []
+    assert feasible_shots([3, 16, 21, 22, 64], labels, names, said.append) == [3, 16, 21]
+    assert len(said) == 2 and all("class b has 7" in s for s in said)
+    assert "n=22" in said[0] and "up to 8 training images per class" in said[0]
+    with pytest.raises(Exception, match="class b has 7 training images"):
+        feasible_shots([64], labels, names, said.append)
+    with pytest.raises(Exception, match="--shots must be comma-separated positive"):
+        parse_shots("16,x")
+
+
+def test_new_head_keeps_the_trunk_and_probe_freezes_all_but_the_head(tmp_path):
+    state = ckpt_io.load_run_state(_checkpoint(tmp_path / "c.pt", 0))
+    model, params = _model(state, ["p", "q", "r"], torch.device("cpu"), probe=True)
+    own = model.state_dict()
+    assert own["fc.weight"].shape[0] == 3
+    trunk = [k for k in state.model if not k.startswith("fc.")]
+    assert trunk and all(torch.equal(own[k], state.model[k]) for k in trunk)
+    assert {id(p) for p in params} == {id(p) for p in model.fc.parameters()}
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)  # frozen BatchNorm
+    full, params = _model(state, ["p", "q", "r"], torch.device("cpu"), probe=False)
+    assert len(params) == len(list(full.parameters())) and all(m.training for m in full.modules())
+
+
+def test_transfer_grid_end_to_end(unseen, tmp_path):
+    a, b = _checkpoint(tmp_path / "a" / "best.pt", 1), _checkpoint(tmp_path / "b" / "best.pt", 2)
+    out = tmp_path / "tr"
+    r = CliRunner().invoke(main, ["transfer", "--from", str(a), "--from", str(b), "--data",
+                                  str(unseen), "--shots", "5,10,120", "--repeats", "2",
+                                  "--steps", "2", "-b", "8", "-j", "0", "--out", str(out),
+                                  "--probe"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "transfer.json").read_text())
+    assert "skipping n=120" in r.output and "has " in r.output  # 120 over 5: 24 a class
+    assert report["settings"]["shots"] == [5, 10] and report["settings"]["probe"]
+    runs = report["runs"]
+    assert len(runs) == 2 * 2 * 2 and {x["checkpoint"] for x in runs} == {"a", "b"}
+    test = open_source(unseen).split("test")
+    for x in runs:
+        assert 0 <= x["f1_macro"] <= 1 and 0 <= x["roc_auc_ovo_macro"] <= 1
+    cell = report["summary"]["a"]["10"]["f1_macro"]
+    assert cell["mean"] == pytest.approx(np.mean(cell["values"])) and len(cell["values"]) == 2
+    assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+    assert (out / "transfer.png").stat().st_size > 10_000
+    assert "a" in r.output and f"({len(test)} test images)" in r.output
+
+
+def test_transfer_bad_input_is_one_line(unseen, tmp_path):
+    a = _checkpoint(tmp_path / "a.pt", 1)
+    r = CliRunner().invoke(main, ["transfer", "--from", str(a), "--data", str(unseen),
+                                  "--shots", "400", "--out", str(tmp_path / "tr")])
+    assert r.exit_code != 0 and "Error:" in r.output and "training images" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "tr").exists()
+    r = CliRunner().invoke(main, ["transfer", "--from", str(tmp_path / "none.pt"), "--data",
+                                  str(unseen)])
+    assert r.exit_code != 0 and "does not exist" in r.output
