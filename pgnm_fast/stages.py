@@ -180,7 +180,7 @@ class Parts:
     policy: torch.nn.Module | None = None
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
-    val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
+    val_masker: torch.nn.Module | None = None  # validation's own, restarted each validation
     channels_last: bool = False  # NHWC model and batches (speed.use_channels_last)
 
 
@@ -216,8 +216,7 @@ def _build(run: Run, log) -> Parts:
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None, **loss)
-    val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
-        cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
+    val_masker = make_masker(cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
     return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker,
                  channels_last=layout is not None)
 
@@ -384,8 +383,8 @@ def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
     cfg, info = run.cfg, run.info
     check_finite_weights((parts.model, parts.policy), epoch)  # the last update, unread so far
     broadcast_buffers(unwrap(parts.model), info)
-    if parts.val_masker is not parts.masker and hasattr(parts.val_masker, "manual_seed"):
-        parts.val_masker.manual_seed(cfg.seed + 1)  # its own stream (the reference: torch's)
+    if hasattr(parts.val_masker, "manual_seed"):  # its own stream, restarted: a resumed run
+        parts.val_masker.manual_seed(cfg.seed + 1)  # validates as an uninterrupted one
     t_val, val_scores = time.perf_counter(), []
     last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker,
                          keep=val_scores, show_progress=show_progress)
