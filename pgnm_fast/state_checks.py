@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import warnings
 import zipfile
 
 import torch
@@ -111,10 +112,13 @@ def check_weights_fit(state, cfg, classes: list, path, how: str) -> None:
     if list(state.classes) != list(classes):
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
         strict = False
-    missing, unexpected = load_weights(model, weights, f"{how} {path}", strict=strict,
-                                       assign=True)  # meta modules take the tensors as they are
+    with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": the point
+        warnings.simplefilter("ignore")
+        missing, unexpected = load_weights(model, weights, f"{how} {path}", strict=strict)
     if unexpected or any(not k.startswith("fc.") for k in missing):
         raise CheckpointError(f"{how} {path}: its classifier weights do not fit {cfg.model} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if policy is not None:
-        load_weights(policy, state.policy or {}, f"{how} {path}", "policy", assign=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_weights(policy, state.policy or {}, f"{how} {path}", "policy")
