@@ -8,11 +8,14 @@ Each command imports what it needs (torch, scipy, scikit-learn) when it runs, so
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 
 import click
 
-from .errors import PgnmError
+from .atomic import os_reason
+from .errors import ConfigError, PgnmError
 from .names import IMPLS, MODELS, OPTIMIZERS, SCHEDULERS
 
 PRESETS = ("paper", "tiny")  # pgnm_fast.config.PRESETS (a test checks they agree)
@@ -24,20 +27,59 @@ def _one_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler or torchrun sends): ends a run as Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) \
+            if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)
         except PgnmError as e:
             err = click.ClickException(_one_line(e))
             err.exit_code = e.exit_code
             raise err from None
+        except OSError as e:
+            if not e.filename:  # not about a path the user gave: a bug, keep its traceback
+                raise
+            err = click.ClickException(f"{e.filename}: {os_reason(e)}")
+            err.exit_code = 2
+            raise err from None
+        except KeyboardInterrupt as e:
+            what = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
+            click.echo(f"Aborted ({what}).", err=True)
+            ctx.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
+        finally:
+            if previous is not None:  # an embedding program (a test runner) keeps its own
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pgnm-fast")
 def main():
     """PGNM pretraining for medical image classifiers: heated stage, fine-tune, evaluation."""
+
+
+def _at_least(*checks) -> None:
+    """``(flag, value, minimum)``: one line naming the first flag below its minimum (None: unset)."""
+    for flag, value, minimum in checks:
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag} must be at least {minimum}, not {value}")
+
+
+def _check_output_file(path, flag: str) -> None:
+    from pathlib import Path
+
+    from .folders import check_output_dir
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder, not a file name")
+    check_output_dir(Path(path).parent, flag)
 
 
 def training_options(f):
@@ -72,6 +114,9 @@ def training_options(f):
                      help="Data loading: a packed cache held in device memory (device), DALI "
                           "(GPU or CPU-only), the plain PyTorch loader, or auto: device for a "
                           "packed cache that fits on the GPU, else DALI where it is installed."),
+        click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default=None,
+                     help="A file that cannot be used (checked before the first epoch): stop "
+                          "naming it (default), or leave it out and say how many."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast (CUDA or CPU)."),
         click.option("--graphs/--no-graphs", default=None, help="CUDA-graph-captured step (GPU)."),
         click.option("--channels-last/--no-channels-last", default=None,
@@ -181,6 +226,9 @@ def evaluate(checkpoint, model, data, split, json_path, predictions_path, batch_
     """Top-1/5, balanced accuracy, macro precision/recall/F1 and one-vs-one ROC-AUC."""
     from .evaluate import evaluate_checkpoint
     from .metrics import format_metrics
+    _at_least(("-b/--batch-size", batch_size, 1), ("-j/--workers", workers, 0))
+    if json_path is not None:
+        _check_output_file(json_path, "--json")
     metrics = evaluate_checkpoint(checkpoint, data, split, json_path, batch_size, workers, device,
                                   amp, log=click.echo, warn=lambda s: click.echo(s, err=True),
                                   predictions_path=predictions_path, model_name=model)
@@ -232,9 +280,9 @@ def pack(data, out, verify_path, on_bad_image, channels, workers, recheck):
     """Decode every image once into a memory-mapped cache that training reads with --data.
 
     Resumable: run the same command again after an interruption."""
-    from .errors import ConfigError
     from .pipelines.pack import pack as pack_data
     from .pipelines.pack import verify
+    _at_least(("-j/--workers", workers, 0),)
     if verify_path is not None:
         if data or out:
             raise ConfigError("--verify CACHE takes no --data or --out")

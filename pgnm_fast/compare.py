@@ -37,6 +37,7 @@ from .config import make_config
 from .distributed import shutdown
 from .errors import ConfigError, DataError
 from .evaluate import predict_checkpoint, write_json_atomic
+from .folders import check_output_dir
 from .metrics import (
     METRIC_KEYS,
     classification_metrics,
@@ -129,6 +130,7 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
         raise ConfigError("compare under torchrun needs --out (every process must name the same "
                           "folder)")
     out = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(out, "--out")
     experiment = {"data": str(data), "preset": preset, "finetune_from": finetune_from,
                   "match_budget": match_budget}
     stored = out / "experiment.json"

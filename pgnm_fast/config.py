@@ -6,6 +6,7 @@ Field names follow torchvision's classification reference scripts (``lr_step_siz
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -13,6 +14,7 @@ from .names import IMPLS, OPTIMIZERS
 from .speed import check_flags
 
 STAGES = ("heated", "baseline", "finetune")
+MIN_CROP = 8  # smaller crops are narrower than the classifiers' stem padding
 
 
 @dataclass
@@ -39,6 +41,7 @@ class TrainConfig:
     workers: int = 8
     threads: int = 0                 # CPU intra-op threads; 0: the cores the loading leaves
     loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
+    on_bad_image: str = "error"      # a file that cannot be used: stop (error) or leave out (skip)
     amp: bool = False
     graphs: bool = False
     channels_last: bool | None = None  # NHWC model and batches; None: on for CUDA (speed.py)
@@ -78,6 +81,8 @@ class TrainConfig:
     def check(self) -> "TrainConfig":
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage {self.stage!r} (choose from {', '.join(STAGES)})")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"--on-bad-image must be error or skip, not {self.on_bad_image!r}")
         if self.impl not in IMPLS:
             raise ConfigError(f"--impl must be one of {', '.join(IMPLS)}, not {self.impl!r}")
         for name in ("epochs", "batch_size", "grid", "train_crop_size", "val_crop_size",
@@ -92,8 +97,11 @@ class TrainConfig:
                               "heated classifier goes with its policy")
         if self.threads < 0:
             raise ConfigError(f"--threads must be positive, not {self.threads}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, not {self.lr}")
+        self._check_numbers()
+        if min(self.train_crop_size, self.val_crop_size) < MIN_CROP:
+            flag = "--train-crop-size" if self.train_crop_size < MIN_CROP else "--val-crop-size"
+            raise ConfigError(f"{flag} must be at least {MIN_CROP} pixels (the classifier's stem), "
+                              f"not {min(self.train_crop_size, self.val_crop_size)}")
         if self.grid > min(self.train_crop_size, self.val_crop_size):
             raise ConfigError(f"--grid {self.grid} is larger than the crop size "
                               f"{min(self.train_crop_size, self.val_crop_size)}")
@@ -112,6 +120,37 @@ class TrainConfig:
         if self.std is not None and self.std <= 0:
             raise ConfigError(f"--std must be positive, not {self.std}")
         return self
+
+    def _check_numbers(self) -> None:
+        """Every numeric flag in its range (one line naming the flag), before anything runs."""
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lr_warmup_decay", "policy_lr"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{_flag(name)} must be a finite number, not {value}")
+        for name in ("lr", "lr_gamma"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_flag(name)} must be positive, not {getattr(self, name)}")
+        if self.policy_lr is not None and self.policy_lr <= 0:
+            raise ConfigError(f"--policy-lr must be positive, not {self.policy_lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), not {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--wd must be zero or positive, not {self.weight_decay}")
+        if self.lr_step_size <= 0:
+            raise ConfigError(f"--lr-step-size must be positive, not {self.lr_step_size}")
+        if self.lr_warmup_epochs < 0:
+            raise ConfigError(f"--lr-warmup-epochs must be zero or positive, not "
+                              f"{self.lr_warmup_epochs}")
+        if not 0 < self.lr_warmup_decay <= 1:
+            raise ConfigError(f"--lr-warmup-decay must be in (0, 1] (the warm-up starts at lr x "
+                              f"this factor), not {self.lr_warmup_decay}")
+        if self.batch_size < 2:
+            raise ConfigError(f"--batch-size must be at least 2: BatchNorm needs more than one "
+                              f"image per batch in training, not {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"-j/--workers must be zero or positive, not {self.workers}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"--seed must be in [0, 2**32), not {self.seed}")
 
 
 # The authors' settings (docs/method.md §5): heated and baseline 90 epochs, fine-tune 10 with
@@ -162,6 +201,11 @@ def config_from_dict(values: dict) -> TrainConfig:
     """Rebuild a config stored in a checkpoint, ignoring keys this version does not know."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    """The CLI flag of a config field (``weight_decay`` -> ``--wd``)."""
+    return {"weight_decay": "--wd", "workers": "-j/--workers"}.get(name, "--" + name.replace("_", "-"))
 
 
 __all__ = ["TrainConfig", "make_config", "config_from_dict", "PRESETS", "STAGES", "IMPLS",

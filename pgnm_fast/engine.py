@@ -165,6 +165,17 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
                          "train_top1": total[3] / n, "images": int(total[4])}
 
 
+def check_finite_weights(modules, epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` if a parameter of ``modules`` is NaN or infinite: the loss
+    the epoch loop reads comes from before each update, so after the epoch's last update the
+    weights themselves are checked (one host sync per epoch), before validation and saving."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise TrainingDiverged(f"training stopped at the end of epoch {epoch}: its last update "
+                               f"made the weights non-finite; last.pt keeps the previous epoch "
+                               f"(try a lower --lr)")
+
+
 def _read_window(window, masker, epoch, first, global_step, seconds):
     values = window.tolist()  # the one host sync of the window
     bad_policy = masker is not None and bool(masker.nonfinite)

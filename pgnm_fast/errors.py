@@ -29,3 +29,8 @@ class CheckpointError(PgnmError):
 
 class ConfigError(PgnmError):
     """An unknown model name, preset or an inconsistent combination of flags."""
+
+
+class OutputError(PgnmError):
+    """An output path that cannot be written: a file where a folder belongs, no permission, a
+    read-only file system, a full disk, or a folder another process is writing to."""

@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 
+from .errors import PgnmError
+
 METRIC_KEYS = ("top1", "top5", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
                "roc_auc_ovo_macro", "n_images")
 
@@ -22,6 +24,12 @@ def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     k = min(k, probs.shape[1])
     topk = np.argpartition(-probs, kth=k - 1, axis=1)[:, :k]
     return float((topk == labels[:, None]).any(axis=1).mean())
+
+
+class NonFiniteOutputs(PgnmError):
+    """Outputs that cannot be scored: the weights behind them diverged."""
+
+    exit_code = 3
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray,
@@ -37,6 +45,11 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     labels = np.asarray(labels, dtype=np.int64)
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not match")
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        raise NonFiniteOutputs(f"the classifier's outputs are NaN or infinite for {bad} of "
+                               f"{len(logits)} images: its weights diverged (try a lower --lr, "
+                               f"or an earlier checkpoint)")
     probs = softmax(logits, axis=1)
     if len(labels) == 0:
         raise ValueError("no images to evaluate")

@@ -8,6 +8,7 @@ set), so run folders written by earlier versions load unchanged.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import zipfile
@@ -18,6 +19,7 @@ import torch
 
 from .atomic import atomic_open
 from .errors import CheckpointError
+from .state_checks import check_finite, check_types, verify_integrity
 
 FORMAT = "pgnm-fast/1"
 REQUIRED = ("model", "model_name", "classes", "stage", "epoch", "config")
@@ -73,8 +75,10 @@ def save_run_state(state: RunState | dict, path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically: a crash or Ctrl-C leaves the previous file intact.
     Every checkpoint the stages write goes through here."""
     payload = state.to_dict() if isinstance(state, RunState) else dict(state)
+    buffer = io.BytesIO()  # serialised first: a failed file write is then an OSError naming
+    torch.save(dict(payload, format=FORMAT), buffer)  # the path, not torch's writer error
     with atomic_open(path, "wb") as f:
-        torch.save(dict(payload, format=FORMAT), f)
+        f.write(buffer.getbuffer())
     return Path(path)
 
 
@@ -98,6 +102,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    verify_integrity(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
@@ -109,4 +114,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     for key in REQUIRED:
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks '{key}': written by another tool or damaged")
+    check_types(state, path)
+    check_finite(state, path)
     return state

@@ -7,6 +7,7 @@ macro F1), ``metrics.jsonl`` and ``config.json``, and with ``--average-last N`` 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,13 +18,16 @@ from typing import Callable, Iterable
 
 import torch
 
+from .atomic import atomic_open, remove_stale_temporaries, write_error
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
 from .console import epoch_lines, format_val, resume_hint
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
                           gather_to_main, init_distributed)
-from .engine import HeatedStep, PlainStep, predict, train_one_epoch, unwrap
+from .engine import (HeatedStep, PlainStep, check_finite_weights, predict, train_one_epoch,
+                     unwrap)
 from .errors import ConfigError, DataError
+from .folders import check_output_dir, lock_folder
 from .evaluate import write_json_atomic
 from .graphs import GraphedStep
 from .kernels import make_masker
@@ -31,6 +35,7 @@ from .metrics import classification_metrics, json_safe
 from .models import PolicyNet, create_model
 from .observe import RunObserver
 from .pipelines import BatchLoader, make_loader
+from .pipelines.check import report_bad
 from .pipelines.sources import open_source
 from . import run_state
 from .provenance import run_record
@@ -39,6 +44,7 @@ from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
 from .weights import (STEM_LR_SCALE, Weights, build_optimizer, fit_classifier, fit_policy,
                       param_groups, read_weights, reset_hyperparameters, resolve_model)
+from .state_checks import check_fits, check_weights_fit, load_weights
 
 
 @dataclasses.dataclass
@@ -61,7 +67,7 @@ def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | Non
                  cfg: TrainConfig, log: Callable[[str], None]) -> Path:
     """``--data``, else the data of a checkpoint the run starts from, else the embedded set."""
     if data is not None:
-        return Path(data)
+        return Path(os.path.abspath(Path(data).expanduser()))  # any folder can resume
     for state in states:
         if state is not None and state.data:
             return Path(state.data)
@@ -81,6 +87,7 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
         if resume_state.stage != stage:
             raise ConfigError(f"--resume {resume} is a {resume_state.stage} checkpoint, not {stage}")
         cfg = config_from_dict(resume_state.config).replace(**overrides).check()
+        check_fits(resume_state, cfg, resume, "--resume")
     else:
         if init is not None:
             overrides["model"] = resolve_model(init, overrides.get("model"))
@@ -96,24 +103,45 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     if data is None and init is not None and init.checkpoint is not None:
         data = init.checkpoint.get("data") or None  # the data the checkpoint was trained on
     data_root = resolve_data(data, (resume_state,), cfg, log)
-    source = open_source(data_root)
+    source = open_source(data_root, skip_bad=cfg.on_bad_image == "skip")
     train_split = source.split("train")
     if "val" not in source.splits:
         raise DataError(f"data at {data_root} has no val split (the run selects best.pt on it)")
     val_split = source.split("val")
+    report_bad(source.problems, cfg.on_bad_image, None, log, what="entry")
     classes = list(source.classes)
     if resume_state is not None and list(resume_state.classes) != classes:
         raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
+    if resume_state is not None:
+        check_weights_fit(resume_state, cfg, classes, resume, "--resume")
     run_dir = Path(out) if out else (Path(resume).parent if resume else
                                      Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if resume is None and (run_dir / "last.pt").exists():
-        raise ConfigError(f"run folder {run_dir} already holds a run (last.pt): continue it with "
-                          f"--resume {run_dir / 'last.pt'} or choose another --out")
+    _check_fresh(run_dir, resume)
+    check_output_dir(run_dir, "--out")
     if len(train_split) < cfg.batch_size * info.world_size:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
     return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init,
                str(init_from) if init_from else None)
+
+
+def _check_fresh(run_dir: Path, resume) -> None:
+    if resume is None and (run_dir / "last.pt").exists():
+        raise ConfigError(f"run folder {run_dir} already holds a run (last.pt): continue it with "
+                          f"--resume {run_dir / 'last.pt'} or choose another --out")
+
+
+@contextlib.contextmanager
+def _hold_run_folder(run: Run, resume, init_from, log):
+    """Rank 0 locks the run folder (:mod:`pgnm_fast.folders`) and removes the temporaries of a
+    killed checkpoint write."""
+    if not run.info.is_main:
+        yield
+        return
+    with lock_folder(run.out, "run folder"):
+        _check_fresh(run.out, resume)  # another run may have finished here since the check
+        remove_stale_temporaries(run.out)
+        yield
 
 
 def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
@@ -129,7 +157,8 @@ def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
     run.recheck = recheck
     try:
-        return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
+        with _hold_run_folder(run, resume, init_from, log):
+            return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
     except KeyboardInterrupt:
         if run.info.is_main and resume_hint_on_interrupt:
             last = run.out / "last.pt"
@@ -154,7 +183,7 @@ class Parts:
     policy: torch.nn.Module | None = None
     masker: torch.nn.Module | None = None
     policy_optimizer: torch.optim.Optimizer | None = None
-    val_masker: torch.nn.Module | None = None  # the masker itself unless the eval crop differs
+    val_masker: torch.nn.Module | None = None  # validation's own, restarted each validation
     channels_last: bool = False  # NHWC model and batches (speed.use_channels_last)
 
 
@@ -190,8 +219,7 @@ def _build(run: Run, log) -> Parts:
     policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None, **loss)
-    val_masker = masker if cfg.val_crop_size == cfg.train_crop_size else make_masker(
-        cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
+    val_masker = make_masker(cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
     return Parts(model, optimizer, step, policy, masker, policy_optimizer, val_masker,
                  channels_last=layout is not None)
 
@@ -209,10 +237,10 @@ def _restore(run: Run, parts: Parts, log) -> tuple[int, int, float]:
     s, cfg = run.resume_state, run.cfg
     if s is None:
         return 0, 0, -math.inf
-    unwrap(parts.model).load_state_dict(s.model)
+    load_weights(unwrap(parts.model), s.model, "the --resume checkpoint")
     pairs = [(parts.optimizer, s.optimizer, cfg.lr)]
     if parts.policy is not None:
-        unwrap(parts.policy).load_state_dict(s.policy)
+        load_weights(unwrap(parts.policy), s.policy, "the --resume checkpoint", "policy")
         if s.config.get("impl") == cfg.impl:  # same implementation: continue its mask stream
             parts.masker.load_state_dict(s.masker)
         pairs.append((parts.policy_optimizer, s.policy_optimizer, cfg.effective_policy_lr()))
@@ -233,7 +261,8 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, recheck=run.recheck, log=log, **cfg.normalisation(),
+                  backend=cfg.loader, on_bad_image=cfg.on_bad_image, recheck=run.recheck,
+                  log=log, **cfg.normalisation(),
                   channels_last=use_channels_last(cfg.channels_last, info.device))
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
@@ -308,7 +337,10 @@ def _train(run: Run, log, show_progress) -> Path:
         run.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(dict(dataclasses.asdict(cfg), data=str(run.data_root),
                                run_record=run_record()), run.out / "config.json")
-    write = MetricsLog(run.out / "metrics.jsonl").write if info.is_main else (lambda record: None)
+    metrics_log = MetricsLog(run.out / "metrics.jsonl")
+    if info.is_main:
+        metrics_log.keep_until(start_epoch - 1)
+    write = metrics_log.write if info.is_main else (lambda record: None)
     log(f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
         + f") on {dev}, {cfg.epochs} epochs of batch {cfg.batch_size}"
@@ -372,7 +404,10 @@ def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
     its training started (``time.perf_counter``). ``observer``: rank 0's pictures and tables
     (:mod:`pgnm_fast.observe`)."""
     cfg, info = run.cfg, run.info
+    check_finite_weights((parts.model, parts.policy), epoch)  # the last update, unread so far
     broadcast_buffers(unwrap(parts.model), info)
+    if hasattr(parts.val_masker, "manual_seed"):  # its own stream, restarted: a resumed run
+        parts.val_masker.manual_seed(cfg.seed + 1)  # validates as an uninterrupted one
     t_val, val_scores = time.perf_counter(), []
     last_val = _validate(run, unwrap(parts.model), val_loader, parts.policy, parts.val_masker,
                          keep=val_scores, show_progress=show_progress)
@@ -394,22 +429,28 @@ def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
         state.averaged = averager.state_dict()
         if averaged_val is not None:  # before last.pt: a crash between can resume
             write(_save_average(run, averager, parts, averaged_val, state, log))
-    save_epoch_states(state, run.out, improved)
     seconds = time.perf_counter() - t_epoch
-    write(dict(kind="epoch", epoch=epoch, step=global_step, seconds=seconds, **lrs,
-               **{k if k.startswith("train_") else f"train_{k}": v for k, v in train_stats.items()},
-               val=json_safe(last_val)))
+    record = dict(kind="epoch", epoch=epoch, step=global_step, seconds=seconds, **lrs,
+                  **{k if k.startswith("train_") else f"train_{k}": v
+                     for k, v in train_stats.items()}, val=json_safe(last_val))
+    save_epoch_states(state, run.out, improved, lambda: write(record))
     log(epoch_lines(epoch, cfg.epochs, train_stats, last_val, lrs["lr"], seconds, t_val,
                     heated=parts.policy is not None))
     if observer is not None:
         observer.end_epoch(epoch, global_step, parts.policy, val_loader, val_scores, improved)
 
 
-def save_epoch_states(state: RunState, out: Path, improved: bool) -> None:
-    """The checkpoints of one epoch: ``last.pt``, and ``best.pt`` when validation improved."""
-    run_state.save_run_state(state, out / "last.pt")
+def save_epoch_states(state: RunState, out: Path, improved: bool,
+                      write_record: Callable[[], None] = lambda: None) -> None:
+    """The checkpoints of one epoch, in the order that keeps them consistent at any kill:
+    ``best.pt`` when validation improved, the epoch's metrics record, then ``last.pt``. Until
+    ``last.pt`` is replaced the run resumes at this epoch, replays it (bit for bit) and drops
+    its record first (:meth:`MetricsLog.keep_until`); so ``best.pt`` never lags the best score
+    ``last.pt`` records, and every saved epoch has its record."""
     if improved:
         run_state.save_run_state(state, out / "best.pt")
+    write_record()
+    run_state.save_run_state(state, out / "last.pt")
 
 
 def _state(run: Run, epoch: int, global_step: int, parts: Parts, best_f1: float,
@@ -466,6 +507,30 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
 
+    def keep_until(self, epoch: int) -> None:
+        """Drop the records of epochs after ``epoch`` (a resumed run replays them), so the log
+        holds each epoch once, as an uninterrupted run's does."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [ln for ln in lines if _record_epoch(ln) <= epoch]
+        if len(keep) != len(lines):
+            with atomic_open(self.path, "w") as f:
+                f.writelines(keep)
+
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.path, e) from None
+
+
+def _record_epoch(line: str) -> int:
+    """The (last) epoch a metrics.jsonl record belongs to; a line cut by a kill counts as after
+    every epoch (dropped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return 1 << 62
+    return max(record.get("epochs") or [record.get("epoch", -1)])

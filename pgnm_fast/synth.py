@@ -33,16 +33,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pgnm_fast.atomic import temporary_folder_beside, write_error
 from pgnm_fast.errors import DataError
+from pgnm_fast.folders import check_output_dir
 
 GENERATOR_VERSION = 1
+MIN_SIZE, MAX_SIZE = 8, 4096  # image side in pixels
 INFO_FILE = "pgnm_fast_synth.json"
 SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}  # train gets the rest, at least one patient each
 
@@ -277,6 +278,18 @@ def _plan(images, seed, k=None):
     return [(po, so, ids[off:off + int(po.max()) + 1]) for po, so, off in plans]
 
 
+def check_options(images: int, seed: int, size: int) -> None:
+    """One line naming the flag (``--images``, ``--seed``, ``--size``) that is out of range."""
+    from pgnm_fast.errors import ConfigError
+    if images < 3 * len(CLASS_PARTS):
+        raise ConfigError(f"--images must be at least {3 * len(CLASS_PARTS)} (3 per class, "
+                          f"{len(CLASS_PARTS)} classes), not {images}")
+    if not 0 <= seed < 2 ** 32:
+        raise ConfigError(f"--seed must be in [0, 2**32), not {seed}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ConfigError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, not {size}")
+
+
 def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
                    layout: str = "radimagenet", concepts: str = "default") -> Path:
     """Write the synthetic data set under ``out`` (created; must be absent or empty); return it.
@@ -288,13 +301,24 @@ def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
     """
     if concepts not in CONCEPTS:
         raise ValueError(f"concepts must be one of {', '.join(CONCEPTS)}, got {concepts!r}")
-    specs = CONCEPTS[concepts]
     if layout not in ("radimagenet", "folders"):
         raise ValueError(f"layout must be 'radimagenet' or 'folders', got {layout!r}")
+    check_options(images, seed, size)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: synthetic data needs an empty or absent folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out")
+    with temporary_folder_beside(out) as tmp:  # a killed generation leaves no half data set
+        try:
+            _write(tmp, images, seed, size, layout, concepts)
+            os.rename(tmp, out)  # onto an absent or empty folder
+        except OSError as e:
+            raise write_error(out, e) from None
+    return out
+
+
+def _write(out: Path, images: int, seed: int, size: int, layout: str, concepts: str) -> None:
+    specs = CONCEPTS[concepts]
     rows = {"train": [], "val": [], "test": []}
     made = set()
     plans = _plan(images, seed, len(specs))
@@ -330,7 +354,6 @@ def make_synthetic(out, images: int = 2400, seed: int = 0, size: int = 96,
             "size": size, "layout": layout, "concepts": concepts,
             "classes": sorted(class_name(*c) for c in specs)}
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    return out
 
 
 def cache_dir() -> Path:
@@ -361,17 +384,13 @@ def ensure_default_data(log=print, images: int = 2400, seed: int = 0, size: int 
     if root.exists():
         raise DataError(f"{root}: exists but holds no complete synthetic data set ({INFO_FILE} "
                         f"missing); delete it to regenerate")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with temporary_folder_beside(root) as tmp:
         make_synthetic(tmp / "data", images=images, seed=seed, size=size)
         try:
             os.rename(tmp / "data", root)
-        except OSError:
+        except OSError as e:
             if not (root / INFO_FILE).is_file():  # not a concurrent run that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                raise write_error(root, e) from None
     log(f"Generated a synthetic data set of {images} images ({size}x{size}, "
         f"{len(CLASSES)} classes, seed {seed}) at {root}")
     return root

@@ -14,9 +14,10 @@
   CRC does not match (a flipped byte), or no ``IDAT``; another format that PIL cannot decode.
 
 A PNG is checked structurally (signature, chunk lengths, CRC-32 of every chunk, ``IHDR`` first,
-``IEND`` last), which reads the bytes once but decodes nothing; files of other formats are
-decoded with PIL. A PNG whose chunks are intact but whose compressed stream is broken passes the
-scan; the loaders name such a file when it fails to decode.
+``IEND`` last) and its compressed image data is inflated: it must give exactly the bytes the
+header implies, with valid row filter types, so a stream written broken under valid CRCs is
+found here, not mid-epoch (inflating is cheaper than decoding: no unfiltering, no conversion).
+Files of other formats are decoded with PIL.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class Probe:
 
 
 def _png_probe(data: memoryview, nbytes: int) -> Probe:
-    pos, ihdr, idat, iend, trns = 8, None, False, False, False
+    pos, ihdr, idat, iend, trns, idats = 8, None, False, False, False, []
     while pos + 8 <= len(data):
         length, = struct.unpack(">I", data[pos:pos + 4])
         ctype = bytes(data[pos + 4:pos + 8])
@@ -69,6 +70,7 @@ def _png_probe(data: memoryview, nbytes: int) -> Probe:
             ihdr = struct.unpack(">IIBBBBB", data[pos + 8:pos + 21])
         elif ctype == b"IDAT":
             idat = True
+            idats.append(data[pos + 8:end - 4])
         elif ctype == b"tRNS":
             trns = True
         elif ctype == b"IEND":
@@ -80,9 +82,46 @@ def _png_probe(data: memoryview, nbytes: int) -> Probe:
     width, height, depth, ctype_code = ihdr[:4]
     if not idat or width == 0 or height == 0:
         return Probe(BAD, nbytes=nbytes, reason="corrupt PNG (no image data)")
+    broken = _inflate_problem(idats, width, height, depth, ctype_code, interlaced=ihdr[6] == 1)
+    if broken:
+        return Probe(BAD, nbytes=nbytes, reason=f"corrupt PNG ({broken})")
     native = ctype_code == 0 and depth == 8 and not trns  # transparency: PIL decides
     return Probe(GREY8 if native else CONVERT, height, width, colour=ctype_code in (2, 3, 6),
                  deep=depth > 8, nbytes=nbytes)
+
+
+SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2))  # (x0, y0, dx, dy) of the 7 interlace passes
+
+
+def _inflate_problem(idats, width, height, depth, ctype_code, interlaced) -> str:
+    """Why the compressed image data cannot decode ("" if it can): the zlib stream must inflate
+    to exactly the size the header implies, and every row's filter byte must be 0-4. This proves
+    what CRCs cannot (a stream written broken with valid checksums)."""
+    if ctype_code not in SAMPLES or depth not in (1, 2, 4, 8, 16):
+        return f"colour type {ctype_code} at bit depth {depth} is not valid PNG"
+    bits = SAMPLES[ctype_code] * depth
+    passes = [(width, height)] if not interlaced else [
+        (-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in ADAM7]
+    rows = [(w, h) for w, h in passes if w > 0 and h > 0]
+    expected = sum(h * (1 + -(-w * bits // 8)) for w, h in rows)
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(b"".join(idats), expected + 1)
+        if len(raw) == expected and inflater.unconsumed_tail:
+            raw += inflater.decompress(inflater.unconsumed_tail, 1)  # more than expected?
+    except zlib.error as e:
+        return f"broken compressed image data: {e}"
+    if len(raw) != expected:
+        return (f"compressed image data inflates to {'more than ' if len(raw) > expected else ''}"
+                f"{min(len(raw), expected)} bytes, the header implies {expected}")
+    if not interlaced:
+        stride = 1 + -(-width * bits // 8)
+        filters = np.frombuffer(raw, np.uint8)[::stride]
+        if filters.max(initial=0) > 4:
+            return f"row filter type {int(filters.max())} (valid: 0-4)"
+    return ""
 
 
 def _pil_probe(path, nbytes: int) -> Probe:

@@ -29,7 +29,7 @@ from pgnm_fast.errors import ConfigError
 
 from . import check, startup
 from .contract import BatchLoader
-from .loader import PlainLoader, batch_loader, build_loader, on_cuda
+from .loader import PlainLoader, batch_loader, build_loader, on_cuda, split_key
 from .packed import PackedSplit
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
@@ -67,10 +67,11 @@ class CachedDataset(Dataset):
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, generator = split_key(key)
         a = self.cache.image(self.records[i])
         img = Image.fromarray(a[:, :, 0]) if a.shape[2] == 1 else Image.fromarray(a).convert("L")
-        return self.transform(img), int(self.labels[i])
+        return self.transform(img, generator), int(self.labels[i])
 
 
 def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, crop_size: int = 224,

@@ -19,9 +19,10 @@ Sampling:
   exactly once over all ranks, no padding, so shard lengths differ by at most one (gather the
   results with a size-aware collective, or pad them yourself).
 
-Augmentation randomness comes from torch's generator inside each worker, which DataLoader seeds
-from the loader's own generator (seeded by ``seed`` and ``rank``), so a run is reproducible for a
-given ``workers`` count. With ``workers=0`` the main process's global torch generator is used.
+Augmentation randomness: every train sample's draws come from a torch generator seeded by
+:func:`sample_seeds` from ``(seed, rank, epoch, sample index)`` alone (the
+train sampler hands each index its seed), so a batch is the same whatever the number
+of workers, whether the workers persist across epochs, and in a run resumed at any epoch.
 """
 from __future__ import annotations
 
@@ -50,22 +51,24 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, generator = split_key(key)
         try:
             img = load_grey(self.files[i])
         except DataError as e:
             raise ImageDecodeError(str(e)) from None
-        return self.transform(img), int(self.labels[i])
+        return self.transform(img, generator), int(self.labels[i])
 
 
 class EpochSampler(DistributedSampler):
     """``DistributedSampler`` (shuffled by seed and epoch) that moves to the next epoch by
     itself when ``set_epoch`` was not called between two passes."""
 
-    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0, keyed=False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=False)
         self._passes, self._epoch_set = 0, False
+        self.keyed = keyed  # yield (index, augmentation seed) pairs (:func:`sample_seeds`)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -77,7 +80,11 @@ class EpochSampler(DistributedSampler):
         if self._passes and not self._epoch_set:
             self.epoch += 1
         self._passes, self._epoch_set = self._passes + 1, False
-        yield from self._indices()
+        if not self.keyed:
+            yield from self._indices()
+            return
+        indices = list(self._indices())
+        yield from zip(indices, sample_seeds(self.seed, self.rank, self.epoch, indices).tolist())
 
     def _indices(self):
         return DistributedSampler.__iter__(self)
@@ -89,9 +96,10 @@ class ClassBalancedSampler(EpochSampler):
     so every class is drawn equally often in expectation. The draw is a function of ``(seed,
     epoch)``, the same on every rank; rank r takes every ``num_replicas``-th index from r."""
 
-    def __init__(self, labels, num_replicas=1, rank=0, seed=0):
+    def __init__(self, labels, num_replicas=1, rank=0, seed=0, keyed=False):
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        super().__init__(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed)
+        super().__init__(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed,
+                         keyed=keyed)
         self.weights = 1.0 / torch.bincount(labels).double()[labels]
 
     def _indices(self):
@@ -100,11 +108,33 @@ class ClassBalancedSampler(EpochSampler):
         return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
 
 
-def train_sampler(labels, num_replicas: int, rank: int, seed: int, class_balanced: bool = False):
-    """The training sampler of both backends: shuffled epochs, or class-balanced draws."""
+def train_sampler(labels, num_replicas: int, rank: int, seed: int, class_balanced: bool = False,
+                  keyed: bool = False):
+    """The training sampler of both backends: shuffled epochs, or class-balanced draws;
+    ``keyed``: with each index its augmentation seed (the plain loader's datasets)."""
     if class_balanced:
-        return ClassBalancedSampler(labels, num_replicas=num_replicas, rank=rank, seed=seed)
-    return EpochSampler(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed)
+        return ClassBalancedSampler(labels, num_replicas=num_replicas, rank=rank, seed=seed,
+                                    keyed=keyed)
+    return EpochSampler(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed,
+                        keyed=keyed)
+
+
+def sample_seeds(seed: int, rank: int, epoch: int, indices) -> np.ndarray:
+    """One uint64 generator seed per sample index, a pure function of ``(seed, rank, epoch,
+    index)``: SplitMix64's finaliser over a per-epoch base drawn by numpy's SeedSequence."""
+    base = np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0]
+    z = base + (np.asarray(indices, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def split_key(key):
+    """``(index, generator)`` from what a sampler yields: an index (no augmentation draws,
+    evaluation) or ``(index, seed)`` from a keyed :class:`EpochSampler`."""
+    if isinstance(key, tuple):
+        return key[0], torch.Generator().manual_seed(key[1])
+    return key, None
 
 
 class EvalShardSampler(Sampler):
@@ -187,7 +217,8 @@ def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, w
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if train:
-        sampler = train_sampler(dataset.labels, world_size, rank, seed, class_balanced)
+        sampler = train_sampler(dataset.labels, world_size, rank, seed, class_balanced,
+                                keyed=True)
         per_rank = math.ceil(len(dataset) / world_size)
         if per_rank < batch_size and (drop_last is None or drop_last):
             raise DataError(f"the {name} split has {len(dataset)} images, fewer than one "

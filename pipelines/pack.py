@@ -27,8 +27,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pgnm_fast.atomic import atomic_open
+from pgnm_fast.atomic import atomic_open, remove_stale_temporaries, write_error
 from pgnm_fast.errors import DataError
+from pgnm_fast.folders import LOCK_FILE, check_output_dir, lock_folder
 
 from . import check, startup
 from .packed import (DATA, FORMAT, MANIFEST, PARTIAL, PATHS, RECORD_DTYPE, RECORDS,  # noqa: F401
@@ -69,6 +70,13 @@ def _pack_chunk(job):
     """Decode the records of one chunk and write them at their offsets; runs in a worker.
     Returns (chunk index, content hashes, [(position in chunk, reason)])."""
     k, data_path, entries, channels = job
+    try:
+        return _pack_entries(k, data_path, entries, channels)
+    except OSError as e:  # a full disk: one line naming the file, not a worker's traceback
+        raise write_error(data_path, e) from None
+
+
+def _pack_entries(k, data_path, entries, channels):
     hashes, bad = [], []
     fd = os.open(data_path, os.O_WRONLY)
     try:
@@ -92,6 +100,19 @@ def _pack_chunk(job):
     finally:
         os.close(fd)
     return k, hashes, bad
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the kernel ends this worker when the packer dies, however it dies
+    (a SIGKILL runs no cleanup that could stop the pool)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still applies
+        return
+    if os.getppid() != parent:  # the packer died before the call above
+        os._exit(1)
 
 
 # ----------------------------------------------------------------------------- the packer
@@ -179,17 +200,29 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
     ``recheck``: check the files afresh instead of reusing the cached verdict (.startup)."""
     check.check_on_bad(on_bad_image)
     out = Path(out)
-    if (out / MANIFEST).is_file():
-        raise DataError(f"{out}: already holds a finished cache ({MANIFEST}); check it with "
-                        f"pgnm-fast pack --verify {out}, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
+    _check_unfinished(out)
+    check_output_dir(out, "--out")
     source = open_source(data, skip_bad=on_bad_image == "skip")
     if source.layout == "packed":
         raise DataError(f"{data}: is already a packed cache")
     plan = _plan(source, on_bad_image, channels, None, log, recheck)
     if not plan.paths:
         raise DataError(f"{data}: no readable image to pack")
+    with lock_folder(out, "cache folder"):  # one packer per folder
+        _check_unfinished(out)
+        for folder in (out, out / PARTIAL, out / PARTIAL / "chunks"):
+            remove_stale_temporaries(folder)  # of a killed atomic write
+        return _pack_locked(source, plan, out, on_bad_image, workers, chunk_size, log,
+                            after_chunk)
+
+
+def _check_unfinished(out: Path) -> None:
+    if (out / MANIFEST).is_file():
+        raise DataError(f"{out}: already holds a finished cache ({MANIFEST}); check it with "
+                        f"pgnm-fast pack --verify {out}, or choose another --out")
+
+
+def _pack_locked(source, plan, out, on_bad_image, workers, chunk_size, log, after_chunk):
     work = out / PARTIAL
     fingerprint = _fingerprint(source, plan, on_bad_image)
     plan_file = work / "plan.json"
@@ -199,7 +232,7 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
             raise DataError(f"{work}: an interrupted pack of other data or options (the source "
                             f"changed since?); delete {work} to start again")
         log(f"resuming the interrupted pack in {work}")
-    elif out.exists() and any(p.name != PARTIAL for p in out.iterdir()):
+    elif out.exists() and any(p.name not in (PARTIAL, LOCK_FILE) for p in out.iterdir()):
         raise DataError(f"{out}: not empty and not an interrupted pack; choose another --out")
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     data_path = work / DATA
@@ -207,8 +240,11 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
             and (out / DATA).stat().st_size == plan.total:
         os.replace(out / DATA, data_path)  # interrupted between the last two renames
     if not plan_file.is_file():
-        with open(data_path, "wb") as f:
-            f.truncate(plan.total)  # sparse until written
+        try:
+            with open(data_path, "wb") as f:
+                f.truncate(plan.total)  # sparse until written
+        except OSError as e:
+            raise write_error(data_path, e) from None
         with atomic_open(plan_file, "w") as f:
             json.dump({"fingerprint": fingerprint, "records": len(plan.paths),
                        "bytes": plan.total, "chunk_size": chunk_size}, f)
@@ -263,7 +299,8 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
             for job in jobs:
                 record(_pack_chunk(job))
         else:  # in order, at most 4 chunks per worker in flight (Executor.map submits them all)
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 pending = collections.deque()
                 for job in jobs:
                     pending.append(pool.submit(_pack_chunk, job))

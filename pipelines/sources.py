@@ -76,10 +76,19 @@ def _existing_files(paths: list[Path]) -> set[str]:
     for d in by_dir:
         try:
             with os.scandir(d) as it:
-                found.update(os.path.join(d, e.name) for e in it if e.is_file())
+                found.update(os.path.join(d, e.name) for e in it if _is_file(e))
         except OSError:
             pass
     return found
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """False for what cannot be read as a file, a symbolic link loop included (the loaders'
+    check then names it as missing)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 @dataclass
@@ -152,6 +161,10 @@ class RadImageNetSource(DataSource):
             first = "; ".join(f"row {line}: {fn}" for line, fn in missing[:MAX_LISTED])
             raise DataError(f"{path}: {len(missing)} of {len(rows)} rows name files missing "
                             f"under {base} (first: {first})")
+        sound = [self._sound_name(str(p)) for p in files]
+        if not all(sound):
+            rows = [r for r, k in zip(rows, sound) if k]
+            files = [p for p, k in zip(files, sound) if k]
         if self.class_from == "auto":
             if name == "train" or "train" not in self.splits:
                 from_path = all(_class_from_path(r[1]) for r in rows)
@@ -209,9 +222,18 @@ class FolderSource(DataSource):
             raise DataError(f"{split_dir}: no class folders")
         files, names = [], []
         for c in classes:
-            imgs = sorted(e.name for e in os.scandir(split_dir / c)
-                          if e.is_file() and not e.name.startswith(".")
-                          and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            imgs = []
+            for e in os.scandir(split_dir / c):
+                if e.name.startswith(".") or not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                try:
+                    is_file = e.is_file()
+                except OSError as err:  # a symbolic link loop, a permission problem
+                    self._bad(e.path, f"cannot read ({err.strerror or err})")
+                    continue
+                if is_file and self._sound_name(e.path):
+                    imgs.append(e.name)
+            imgs.sort()
             if not imgs:
                 if self.skip_bad:
                     self.problems.append((str(split_dir / c), "empty class folder"))

@@ -76,6 +76,21 @@ class DataSource:
             self._cache[key] = (files, names)
         return self._cache[key]
 
+    def _bad(self, path: str, reason: str) -> None:
+        """A file the listing cannot use: listed under ``skip_bad``, else one DataError."""
+        if "\n" in path or "\r" in path:
+            path = repr(path)  # one line in messages and lists
+        if not self.skip_bad:
+            raise DataError(f"{path}: {reason} (--on-bad-image skip leaves it out)")
+        self.problems.append((path, reason))
+
+    def _sound_name(self, path: str) -> bool:
+        """False (after :meth:`_bad`) for a name with a line break: file lists hold one per line."""
+        if "\n" in path or "\r" in path:
+            self._bad(path, "the file name contains a line break")
+            return False
+        return True
+
     def _read(self, name: str) -> tuple[list[str], list[str]]:
         """The split's file paths and class names: each file-based layout implements this (the
         packed cache overrides ``split`` and ``classes`` instead)."""

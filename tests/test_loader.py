@@ -305,3 +305,25 @@ def test_loader_argument_errors(synth_root):
         build_loader(split, train=False, batch_size=4, crop_size=16, rank=2, world_size=2)
     with pytest.raises(ValueError, match="channels"):
         build_loader(split, train=False, batch_size=4, crop_size=16, channels=2)
+
+
+def test_augmentation_is_a_function_of_seed_rank_epoch_and_index(synth_root):
+    """Epoch 1 from two workers that already ran epoch 0 (persistent, as in training) equals
+    epoch 1 from a fresh loader without workers (a run resumed at epoch 1)."""
+    split = open_source(synth_root).split("train")
+    kw = {"train": True, "batch_size": 16, "crop_size": 24, "resize_size": 27, "seed": 7}
+    persistent = build_loader(split, workers=2, **kw)
+    for epoch in range(2):
+        persistent.sampler.set_epoch(epoch)
+        ran_on = list(persistent)
+    resumed = build_loader(split, workers=0, **kw)
+    resumed.sampler.set_epoch(1)
+    fresh = list(resumed)
+    assert len(fresh) == len(ran_on)
+    for (xa, ya), (xb, yb) in zip(ran_on, fresh):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other_rank = build_loader(split, workers=0, rank=1, world_size=2, **kw)
+    other_rank.sampler.set_epoch(1)
+    assert not torch.equal(next(iter(other_rank))[0], fresh[0][0][:16])
+    resumed.sampler.set_epoch(2)
+    assert not torch.equal(next(iter(resumed))[0], fresh[0][0])

@@ -227,7 +227,7 @@ def make_bad(root: Path, kind: str) -> str:
 
 
 REASONS = {"zero-byte": "empty file", "truncated": "truncated PNG", "corrupt-crc": "CRC mismatch",
-           "corrupt-stream": "cannot decode", "not-an-image": "not an image",
+           "corrupt-stream": "broken compressed image data", "not-an-image": "not an image",
            "empty-class-folder": "empty class folder"}
 
 

@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 from sklearn.neighbors import NearestCentroid
 
 from pgnm_fast import synth
-from pgnm_fast.errors import DataError
+from pgnm_fast.errors import ConfigError, DataError
 from pgnm_fast.pipelines import open_source
 
 PATIENT = re.compile(r"-p(\d+)-\d+\.png$")
@@ -174,7 +174,7 @@ def test_make_synthetic_refuses_bad_arguments(tmp_path):
     (tmp_path / "busy" / "x.txt").write_text("x")
     with pytest.raises(DataError, match="busy"):
         synth.make_synthetic(tmp_path / "busy", images=52, size=32)
-    with pytest.raises(ValueError, match="at least 39"):
+    with pytest.raises(ConfigError, match="at least 39"):
         synth.make_synthetic(tmp_path / "few", images=20, size=32)
     with pytest.raises(ValueError, match="layout"):
         synth.make_synthetic(tmp_path / "x", images=52, size=32, layout="zip")
