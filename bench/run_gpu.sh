@@ -76,7 +76,7 @@ run() {  # run NAME TIMEOUT CMD...: time-boxed, status kept, output kept
 pytest_q=(-q -rs -p no:cacheprovider)
 bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.2 --benchmark-min-rounds=5)
 if [ $quick = 1 ]; then
-    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py -k "not replayed")
+    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py tests/test_uint8_batches.py -k "not replayed")
     validate_q=(--quick)
     kernel_k=(-k "test_step and 32")
     bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.02 --benchmark-min-rounds=1)
@@ -88,7 +88,7 @@ if [ $quick = 1 ]; then
 else
     test_files=(tests/kernels/test_special.py tests/kernels/test_sample_score.py tests/kernels/test_mask_apply.py
                 tests/kernels/test_masker.py tests/kernels/test_kernels_gpu.py tests/kernels/test_reference.py
-                tests/test_graphs.py tests/test_graphs_gpu.py)
+                tests/test_graphs.py tests/test_graphs_gpu.py tests/test_uint8_batches.py)
     validate_q=()
     kernel_k=(-k "not config_sweep")
     synth=(--images 3200 --size 160)

@@ -151,6 +151,12 @@ def training_options(f):
                           "(fine-tune and --no-policy baseline; the paper's option is 3)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
+        click.option("--threads", type=int, default=None, metavar="N",
+                     help="CPU runs: intra-op threads (default: the cores left after the "
+                          "data-loading threads, at least 1)."),
+        click.option("--recheck", is_flag=True,
+                     help="Check every image file afresh instead of reusing the verdict cached "
+                          "beside the data."),
         click.option("--tensorboard/--no-tensorboard", default=None,
                      help="Also write TensorBoard event files (scalars, mask images) to "
                           "RUN/tensorboard (needs the tensorboard package)."),
@@ -164,7 +170,7 @@ INIT_HELP = WEIGHT_FORMS + "; a head of another class count is replaced."
 
 
 def _split(kwargs):
-    run = {k: kwargs.pop(k) for k in ("data", "out", "preset", "device")}
+    run = {k: kwargs.pop(k) for k in ("data", "out", "preset", "device", "recheck")}
     return run, kwargs
 
 
@@ -268,7 +274,9 @@ def synth(out, images, seed, size, layout, concepts):
 @click.option("--channels", type=click.Choice(["auto", "grey", "rgb"]), default="auto",
               show_default=True, help="auto: RGB only when every image is colour.")
 @click.option("-j", "--workers", type=int, default=None, help="Decoding processes (default: CPUs).")
-def pack(data, out, verify_path, on_bad_image, channels, workers):
+@click.option("--recheck", is_flag=True,
+              help="Check every file afresh instead of reusing the verdict cached beside the data.")
+def pack(data, out, verify_path, on_bad_image, channels, workers, recheck):
     """Decode every image once into a memory-mapped cache that training reads with --data.
 
     Resumable: run the same command again after an interruption."""
@@ -283,7 +291,7 @@ def pack(data, out, verify_path, on_bad_image, channels, workers):
     if not data or not out:
         raise ConfigError("pack needs --data ROOT and --out CACHE (or --verify CACHE)")
     pack_data(data, out, on_bad_image=on_bad_image, channels=channels, workers=workers,
-              log=click.echo)
+              log=click.echo, recheck=recheck)
 
 
 @main.command()

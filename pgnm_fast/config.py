@@ -39,6 +39,7 @@ class TrainConfig:
     val_crop_size: int = 224
     channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
     workers: int = 8
+    threads: int = 0                 # CPU intra-op threads; 0: the cores the loading leaves
     loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
     on_bad_image: str = "error"      # a file that cannot be used: stop (error) or leave out (skip)
     amp: bool = False
@@ -94,6 +95,8 @@ class TrainConfig:
         if self.average_last and self.policy:
             raise ConfigError("--average-last applies to the fine-tune and baseline stages: the "
                               "heated classifier goes with its policy")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be positive, not {self.threads}")
         self._check_numbers()
         if min(self.train_crop_size, self.val_crop_size) < MIN_CROP:
             flag = "--train-crop-size" if self.train_crop_size < MIN_CROP else "--val-crop-size"

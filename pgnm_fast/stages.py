@@ -60,6 +60,7 @@ class Run:
     resume_state: RunState | None = None
     init: Weights | None = None  # --initial-checkpoint / --from
     init_from: str | None = None  # the path of --initial-checkpoint / --from
+    recheck: bool = False  # check the image files afresh (not the cached verdict)
 
 
 def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
@@ -148,11 +149,13 @@ def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
               resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
               device: str | None = None, log: Callable[[str], None] = print,
               show_progress: bool = True, keep_process_group: bool = False,
-              resume_hint_on_interrupt: bool = True) -> Path:
+              resume_hint_on_interrupt: bool = True, recheck: bool = False) -> Path:
     """Train one stage; returns the run folder. Under torchrun the process group is taken down
     at the end unless ``keep_process_group`` (several stages in one run: compare). On Ctrl-C the
-    command that resumes is printed unless ``resume_hint_on_interrupt`` is False."""
+    command that resumes is printed unless ``resume_hint_on_interrupt`` is False.
+    ``recheck``: check the image files afresh instead of reusing the cached verdict."""
     run = prepare_run(stage, preset, overrides, data, out, resume, init_from, device, log)
+    run.recheck = recheck
     try:
         with _hold_run_folder(run, resume, init_from, log):
             return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
@@ -258,7 +261,8 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     cfg, info = run.cfg, run.info
     common = dict(batch_size=cfg.batch_size, resize_size=cfg.val_resize_size,
                   channels=cfg.channels, workers=cfg.workers, device=info.device,
-                  backend=cfg.loader, on_bad_image=cfg.on_bad_image, log=log, **cfg.normalisation(),
+                  backend=cfg.loader, on_bad_image=cfg.on_bad_image, recheck=run.recheck,
+                  log=log, **cfg.normalisation(),
                   channels_last=use_channels_last(cfg.channels_last, info.device))
     # static (DALI, for graph replay): every train batch lands in the same two tensors
     # (loader.buffers); without it DALI's own output buffers are yielded, no copy
@@ -273,6 +277,20 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
                       rank=info.rank if shards > 1 else 0, world_size=shards,
                       **common) if shards > 1 or info.is_main else None
     return train, val
+
+
+def intra_op_threads(cfg: TrainConfig, device: torch.device) -> int | None:
+    """CPU runs: ``--threads``, else the cores of this process (its share under torchrun) left
+    after the data-loading processes or threads, at least 1. On a 2-core machine with two loading
+    workers the step then runs on one thread instead of competing with the loader for both
+    cores. None on a GPU (torch's default stays)."""
+    if device.type != "cpu":
+        return None
+    if cfg.threads:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    loading = 0 if cfg.loader == "device" else max(0, cfg.workers)  # device: no loading workers
+    return max(1, cores - loading)
 
 
 def _graphs_blocked(info: DistInfo) -> str | None:
@@ -306,6 +324,9 @@ def _train(run: Run, log, show_progress) -> Path:
     if parts.policy is not None:
         schedulers.append(build_policy_lr_scheduler(parts.policy_optimizer, cfg, start_epoch))
     train_loader, val_loader = _loaders(run, log)
+    threads = intra_op_threads(cfg, dev)
+    if threads is not None:
+        torch.set_num_threads(threads)
     step = _graphed(parts, train_loader, run, log) if cfg.graphs else parts.step
     averager = None
     if cfg.average_last:  # on every process: each validates its shard of the average
@@ -324,6 +345,8 @@ def _train(run: Run, log, show_progress) -> Path:
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
         + f") on {dev}, {cfg.epochs} epochs of batch {cfg.batch_size}"
         + (f" x {info.world_size}" if info.distributed else "")
+        + (f"\n  {threads} intra-op thread{'s' if threads > 1 else ''} (--threads)"
+           if threads is not None else "")
         + (f"\n  weights from {run.init_from}" if run.init_from else "")
         + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "
           f"{run.data_root} through {train_loader.name}\n  run folder: {run.out}")

@@ -21,10 +21,11 @@ Files of other formats are decoded with PIL.
 """
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,21 +174,51 @@ def default_threads() -> int:
     return min(16, 2 * len(os.sched_getaffinity(0)))
 
 
-def scan(files, threads: int | None = None) -> ScanResult:
-    """Probe every file in ``files`` with a thread pool (reads each file once)."""
-    files = list(files)
-    with ThreadPoolExecutor(threads or default_threads()) as pool:
-        probes = list(pool.map(probe, files, chunksize=64))
-    result = ScanResult(
-        files,
-        np.fromiter((p.kind for p in probes), np.uint8, len(probes)),
-        np.fromiter((p.height for p in probes), np.int64, len(probes)),
-        np.fromiter((p.width for p in probes), np.int64, len(probes)),
-        np.fromiter((p.colour for p in probes), bool, len(probes)),
-        np.fromiter((p.deep for p in probes), bool, len(probes)),
-        np.fromiter((p.nbytes for p in probes), np.int64, len(probes)))
-    result.bad = [(i, p.reason) for i, p in enumerate(probes) if p.kind == BAD]
+def scan(files, threads: int | None = None, chunk: int = 1024,
+         processes: int = 0) -> ScanResult:
+    """Probe every file in ``files`` with a thread pool (reads each file once), ``chunk`` files
+    at a time: memory holds the per-file arrays and the probes of the chunks in flight, not a
+    future per file. ``processes`` > 1: the chunks are spread over that many processes (each
+    with its thread pool), for the CPU-bound part (chunk parsing, CRCs) on every core."""
+    files = files if isinstance(files, list) else list(files)
+    n = len(files)
+    result = ScanResult(files, np.zeros(n, np.uint8), np.zeros(n, np.int32),
+                        np.zeros(n, np.int32), np.zeros(n, bool), np.zeros(n, bool),
+                        np.zeros(n, np.int64))
+    threads = threads or default_threads()
+    if processes > 1 and n > chunk:
+        with ProcessPoolExecutor(processes) as pool:
+            pending = collections.deque()
+            for start in range(0, n, chunk):
+                pending.append((start, pool.submit(_scan_part, files[start:start + chunk],
+                                                   max(1, threads // processes))))
+                if len(pending) >= 2 * processes:
+                    _place(result, *_result_of(pending.popleft()))
+            while pending:
+                _place(result, *_result_of(pending.popleft()))
+        return result
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(0, n, chunk):
+            _place(result, start, list(pool.map(probe, files[start:start + chunk])))
     return result
+
+
+def _result_of(item):
+    start, future = item
+    return start, future.result()
+
+
+def _scan_part(files: list, threads: int) -> list:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(probe, files))
+
+
+def _place(result: ScanResult, start: int, probes: list) -> None:
+    for i, p in enumerate(probes, start):
+        result.kind[i], result.height[i], result.width[i] = p.kind, p.height, p.width
+        result.colour[i], result.deep[i], result.nbytes[i] = p.colour, p.deep, p.nbytes
+        if p.kind == BAD:
+            result.bad.append((i, p.reason))
 
 
 def check_on_bad(on_bad_image: str) -> str:

@@ -27,9 +27,9 @@ from torch.utils.data import Dataset
 
 from pgnm_fast.errors import ConfigError
 
-from . import check
+from . import check, startup
 from .contract import BatchLoader
-from .loader import PlainLoader, batch_loader, build_loader, split_key
+from .loader import PlainLoader, batch_loader, build_loader, on_cuda, split_key
 from .packed import PackedSplit
 from .sources import Split, open_source
 from .transforms import MEAN, STD, build_transform
@@ -80,17 +80,18 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
                         device: torch.device | str | None = None,
                         mean: float = MEAN, std: float = STD,
                         class_balanced: bool = False,
-                        channels_last: bool = False) -> PlainLoader:
+                        channels_last: bool = False, uint8: bool | None = None) -> PlainLoader:
     """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
-    sampling, seeding and batching, pixels from the cache instead of PNG files (so the same
-    seed gives the same batches as from the files)."""
+    sampling, seeding and batching (and its ``uint8`` rule), pixels from the cache instead of
+    PNG files (so the same seed gives the same batches as from the files)."""
+    uint8 = on_cuda(device) if uint8 is None else uint8
     dataset = CachedDataset(split, build_transform(train, crop_size=crop_size,
                                                    resize_size=resize_size, channels=channels,
-                                                   mean=mean, std=std))
+                                                   mean=mean, std=std, uint8=uint8))
     return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
                         seed=seed, rank=rank, world_size=world_size, device=device,
-                        class_balanced=class_balanced,
-                        channels_last=channels_last)
+                        class_balanced=class_balanced, channels_last=channels_last,
+                        normalise_on=(device or "cpu", mean, std) if uint8 else None)
 
 
 def _torchrun_rank(rank, world_size):
@@ -140,7 +141,7 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                 backend: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
                 on_bad_image: str = "error", bad_list: str | os.PathLike | None = None,
                 log: Callable[[str], None] = print, mean: float = MEAN, std: float = STD,
-                class_balanced: bool = False) -> BatchLoader:
+                class_balanced: bool = False, recheck: bool = False) -> BatchLoader:
     """A loader over ``data``: a Split (files or packed), or a data path with ``split`` (default
     ``train`` / ``val``). ``rank``/``world_size``: default from torchrun's environment.
     ``workers``: DataLoader processes (torch) or DALI CPU threads (0 means 1). ``dtype``,
@@ -160,7 +161,8 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
     scan = None
     if not packed:
         t0 = time.perf_counter()
-        scan = check.scan(data.files)
+        scan = startup.checked(data.files, data.root, rank=rank, world_size=world_size,
+                               recheck=recheck, log=log)
         if time.perf_counter() - t0 > 5:
             log(f"checked {len(data.files)} image files in {time.perf_counter() - t0:.0f} s (a "
                 f"cache made by `pgnm-fast pack` needs no check)")
@@ -173,7 +175,7 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                              log)
             keep = scan.good
             data = Split(data.name, [data.files[i] for i in keep], data.labels[keep],
-                         data.classes)
+                         data.classes, data.root)
             scan = check.ScanResult(data.files, scan.kind[keep], scan.height[keep],
                                     scan.width[keep], scan.colour[keep], scan.deep[keep],
                                     scan.nbytes[keep])

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from pgnm_fast.errors import DataError
 
 from .sources import Split
-from .transforms import MEAN, STD, build_transform, load_grey
+from .transforms import MEAN, STD, build_transform, load_grey, normalise
 
 
 class ImageDecodeError(DataError):
@@ -158,28 +158,45 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
                  device: torch.device | str | None = None, mean: float = MEAN,
                  std: float = STD, class_balanced: bool = False,
-                 channels_last: bool = False) -> PlainLoader:
+                 channels_last: bool = False, uint8: bool | None = None) -> PlainLoader:
     """A DataLoader over ``split`` (module docstring for sampling and seeding).
 
-    ``device``: where the batches will go; a CUDA device turns on pinned memory (the loader
-    itself yields CPU tensors). ``drop_last``: None means True for train, False for eval.
+    ``device``: where the batches will go; a CUDA device turns on pinned memory.
+    ``drop_last``: None means True for train, False for eval.
     ``channels_last``: the workers hand NHWC batches (the step then needs no copy).
+    ``uint8`` (default: on a CUDA device): the workers hand uint8 batches, a quarter of the
+    bytes, which the loader moves to ``device`` and normalises there
+    (:func:`~.transforms.normalise`, the same float32 values); else CPU float32 batches.
     """
+    uint8 = on_cuda(device) if uint8 is None else uint8
     transform = build_transform(train, crop_size=crop_size, resize_size=resize_size,
-                                channels=channels, mean=mean, std=std)
+                                channels=channels, mean=mean, std=std, uint8=uint8)
     return batch_loader(ImageDataset(split, transform), split.name, train=train,
                         batch_size=batch_size, workers=workers, seed=seed, rank=rank,
                         world_size=world_size, drop_last=drop_last, device=device,
-                        class_balanced=class_balanced,
-                        channels_last=channels_last)
+                        class_balanced=class_balanced, channels_last=channels_last,
+                        normalise_on=(device or "cpu", mean, std) if uint8 else None)
+
+
+def on_cuda(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
 
 
 class PlainLoader(DataLoader):
     """The PyTorch DataLoader with the loader contract (:class:`~.contract.BatchLoader`): it
-    yields fresh CPU tensors (never static buffers)."""
+    yields fresh tensors (never static buffers): CPU float32, or with ``normalise_on`` =
+    (device, mean, std) the workers' uint8 batches moved to that device and normalised there."""
 
     static = False
     buffers = None
+    normalise_on = None
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if self.normalise_on is None:
+            return batches
+        device, mean, std = self.normalise_on
+        return ((normalise(x.to(device, non_blocking=True), mean, std), y) for x, y in batches)
 
     @property
     def name(self) -> str:
@@ -193,9 +210,10 @@ def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, w
                  rank: int, world_size: int, drop_last: bool | None = None,
                  device: torch.device | str | None = None,
                  class_balanced: bool = False,
-                 channels_last: bool = False) -> PlainLoader:
+                 channels_last: bool = False, normalise_on: tuple | None = None) -> PlainLoader:
     """Sampling, seeding and batching of a map-style dataset (module docstring), shared by the
-    PNG files and the packed cache, so both give the same batches for the same seed."""
+    PNG files and the packed cache, so both give the same batches for the same seed.
+    ``normalise_on``: (device, mean, std) for a dataset of uint8 images (PlainLoader)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if train:
@@ -207,12 +225,14 @@ def batch_loader(dataset: Dataset, name: str, *, train: bool, batch_size: int, w
                             f"batch of {batch_size} per process ({world_size} processes)")
     else:
         sampler = EvalShardSampler(len(dataset), world_size, rank)
-    pin = device is not None and torch.device(device).type == "cuda"
+    pin = on_cuda(device)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-    return PlainLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=train if drop_last is None else drop_last, pin_memory=pin,
-                      persistent_workers=workers > 0, generator=generator,
-                      collate_fn=collate_channels_last if channels_last else None)
+    loader = PlainLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                         drop_last=train if drop_last is None else drop_last, pin_memory=pin,
+                         persistent_workers=workers > 0, generator=generator,
+                         collate_fn=collate_channels_last if channels_last else None)
+    loader.normalise_on = normalise_on
+    return loader
 
 
 def collate_channels_last(batch):

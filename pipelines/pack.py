@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from pgnm_fast.atomic import atomic_open, remove_stale_temporaries, write_error
 from pgnm_fast.errors import DataError
 from pgnm_fast.folders import LOCK_FILE, check_output_dir, lock_folder
 
-from . import check
+from . import check, startup
 from .packed import (DATA, FORMAT, MANIFEST, PARTIAL, PATHS, RECORD_DTYPE, RECORDS,  # noqa: F401
                      SKIPPED, VERSION, PackedCache, PackedSource, PackedSplit, open_packed,
                      pixel_hash, sha256_file, verify)
@@ -92,7 +93,7 @@ def _pack_entries(k, data_path, entries, channels):
                                  f"{a.shape[1]}x{a.shape[0]})"))
                 hashes.append(0)
                 continue
-            buf = np.ascontiguousarray(a).tobytes()
+            buf = memoryview(np.ascontiguousarray(a)).cast("B")  # no copy
             os.pwrite(fd, buf, offset)
             hashes.append(pixel_hash(buf))
         os.fsync(fd)
@@ -134,16 +135,20 @@ class _Plan:
             if len(self.paths) else 0
 
 
-def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log) -> _Plan:
-    paths, split_code, labels = [], [], []
+def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log,
+          recheck: bool = False) -> _Plan:
+    paths, split_code, labels, scans = [], [], [], []
+    t0 = time.perf_counter()
     for name in source.splits:
         part = source.split(name)
         paths += part.files
         split_code += [SPLITS.index(name)] * len(part)
         labels.append(part.labels)
+        # the verdict the loaders cache and reuse (.startup), per split
+        scans.append(startup.checked(part.files, part.root, recheck=recheck, threads=threads,
+                                     log=log))
     check.report_bad(source.problems, on_bad_image, None, log, what="entry")
-    t0 = time.perf_counter()
-    scan = check.scan(paths, threads)
+    scan = _concatenate(paths, scans)
     log(f"checked {len(paths)} files in {time.perf_counter() - t0:.1f} s")
     keep = scan.good
     bad = [(paths[i], reason) for i, reason in scan.bad]
@@ -164,6 +169,19 @@ def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log) ->
     return plan
 
 
+def _concatenate(paths: list, scans: list) -> check.ScanResult:
+    """One verdict over ``paths`` from the verdicts of its splits, in order."""
+    arrays = {f: np.concatenate([getattr(r, f) for r in scans]) if scans else np.zeros(0)
+              for f in startup.VERDICT_FIELDS}
+    arrays["height"], arrays["width"] = (arrays[f].astype(np.int64) for f in ("height", "width"))
+    result = check.ScanResult(paths, **arrays)
+    base = 0
+    for r in scans:
+        result.bad += [(base + i, reason) for i, reason in r.bad]
+        base += len(r.files)
+    return result
+
+
 def _fingerprint(source: DataSource, plan: _Plan, on_bad_image: str) -> str:
     h = hashlib.sha256(json.dumps([FORMAT, VERSION, str(source.root), source.layout,
                                    list(source.classes), plan.channels, on_bad_image]).encode())
@@ -175,10 +193,11 @@ def _fingerprint(source: DataSource, plan: _Plan, on_bad_image: str) -> str:
 
 def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
          workers: int | None = None, chunk_size: int = 256, log=print,
-         after_chunk=None) -> dict:
+         after_chunk=None, recheck: bool = False) -> dict:
     """Pack the data set at ``data`` into the cache folder ``out`` (module docstring); returns
     the manifest. ``workers``: decoding processes (0: in this process; default: the CPU count).
-    ``after_chunk(k)`` is called after each finished chunk (progress; tests interrupt there)."""
+    ``after_chunk(k)`` is called after each finished chunk (progress; tests interrupt there).
+    ``recheck``: check the files afresh instead of reusing the cached verdict (.startup)."""
     check.check_on_bad(on_bad_image)
     out = Path(out)
     _check_unfinished(out)
@@ -186,7 +205,7 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
     source = open_source(data, skip_bad=on_bad_image == "skip")
     if source.layout == "packed":
         raise DataError(f"{data}: is already a packed cache")
-    plan = _plan(source, on_bad_image, channels, None, log)
+    plan = _plan(source, on_bad_image, channels, None, log, recheck)
     if not plan.paths:
         raise DataError(f"{data}: no readable image to pack")
     with lock_folder(out, "cache folder"):  # one packer per folder
@@ -252,6 +271,9 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
              plan.channels) for k in todo)
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
     t0, n_done = time.perf_counter(), 0
+    images = [min(chunk_size, len(plan.paths) - k * chunk_size) for k in todo]
+    bar = tqdm(total=sum(images), unit="img", unit_scale=True, desc="pack", disable=None,
+               mininterval=1.0, smoothing=0.05)
 
     def record(result):
         nonlocal n_done
@@ -259,27 +281,35 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
         with atomic_open(chunk_dir / f"{k:06d}.json", "w") as f:
             json.dump({"hashes": [f"{h:016x}" for h in hashes], "bad": bad}, f)
         n_done += 1
+        bar.update(len(hashes))
         if bad and on_bad_image == "error":  # stop at the first undecodable file
             base = k * chunk_size
             check.report_bad([(plan.paths[base + p], r) for p, r in bad], "error")
-        if n_done % max(1, len(todo) // 10) == 0 or n_done == len(todo):
-            log(f"packed chunk {n_done}/{len(todo)} ({time.perf_counter() - t0:.1f} s)")
+        if bar.disable and (n_done % max(1, len(todo) // 10) == 0 or n_done == len(todo)):
+            seconds = time.perf_counter() - t0
+            rate = sum(images[:n_done]) / max(seconds, 1e-9)
+            left = sum(images[n_done:]) / max(rate, 1e-9)
+            log(f"packed chunk {n_done}/{len(todo)} ({seconds:.1f} s, {rate:.0f} images/s, "
+                f"{left:.0f} s left)")
         if after_chunk is not None:
             after_chunk(k)
 
-    if workers <= 0:
-        for job in jobs:
-            record(_pack_chunk(job))
-    else:  # in order, at most 4 chunks per worker in flight (Executor.map submits them all)
-        with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            pending = collections.deque()
+    try:
+        if workers <= 0:
             for job in jobs:
-                pending.append(pool.submit(_pack_chunk, job))
-                if len(pending) >= 4 * workers:
+                record(_pack_chunk(job))
+        else:  # in order, at most 4 chunks per worker in flight (Executor.map submits them all)
+            with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
+                pending = collections.deque()
+                for job in jobs:
+                    pending.append(pool.submit(_pack_chunk, job))
+                    if len(pending) >= 4 * workers:
+                        record(pending.popleft().result())
+                while pending:
                     record(pending.popleft().result())
-            while pending:
-                record(pending.popleft().result())
+    finally:
+        bar.close()
     results = {}
     for k in range(n_chunks):
         results[k] = json.loads((chunk_dir / f"{k:06d}.json").read_text())

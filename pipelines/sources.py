@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -96,9 +96,15 @@ class RadImageNetSource(DataSource):
     csv_dir: Path = None
     image_root: Path | None = None
     class_from: str = "auto"
+    listing_options = ("image_root", "class_from")
+    listing_state = ("class_from",)
+    _dirs: dict = field(default_factory=dict, repr=False)  # split -> folders its rows name
 
     def _where(self, name):
         return self.csv_dir / CSV_NAME.format(name)
+
+    def listing_deps(self, name, files):
+        return sorted({str(self._where(name))} | self._dirs.get(name, set()))
 
     def _rows(self, name):
         path = self._where(name)
@@ -142,6 +148,7 @@ class RadImageNetSource(DataSource):
             return [], []
         base = self._base(rows)
         files = [base / r[1] for r in rows]
+        self._dirs[name] = {str(p.parent) for p in files}
         found = _existing_files(files)
         missing = [(r[0], r[1]) for r, p in zip(rows, files) if str(p) not in found]
         if missing and self.skip_bad:
@@ -202,6 +209,11 @@ def _detect_radimagenet(path: Path, image_root=None, class_from="auto", skip_bad
 # ----------------------------------------------------------------------------- class folders
 @dataclass
 class FolderSource(DataSource):
+    def listing_deps(self, name, files):
+        split_dir = self.root / name
+        return [str(split_dir)] + sorted(e.path for e in os.scandir(split_dir)
+                                         if e.is_dir() and not e.name.startswith("."))
+
     def _read(self, name):
         split_dir = self.root / name
         classes = sorted(e.name for e in os.scandir(split_dir)

@@ -3,6 +3,7 @@
 and :mod:`.packed` (a packed cache)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class Split:
     files: list[str]
     labels: np.ndarray  # int64
     classes: list[str]
+    root: Path | None = None  # the data set's folder (start-up caches go beside it)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -37,6 +39,9 @@ class DataSource:
     _cache: dict = field(default_factory=dict, repr=False)
     skip_bad: bool = False
     problems: list = field(default_factory=list, repr=False)
+    # the listing cache (.startup): options that select the files, attributes the read decides
+    listing_options = ()
+    listing_state = ()
 
     @property
     def classes(self) -> list[str]:
@@ -59,12 +64,13 @@ class DataSource:
             raise DataError(f"{self._where(name)}: {len(unknown)} label(s) absent from the train "
                             f"split: {', '.join(unknown[:MAX_LISTED])}")
         labels = np.fromiter((index[c] for c in names), dtype=np.int64, count=len(names))
-        return Split(name, files, labels, list(self.classes))
+        return Split(name, files, labels, list(self.classes), self.root)
 
     def _names(self, name):
         key = ("split", name)
         if key not in self._cache:
-            files, names = self._read(name)
+            from .startup import cached_listing
+            files, names = cached_listing(self, name)
             if not files:
                 raise DataError(f"{self._where(name)}: the {name} split is empty")
             self._cache[key] = (files, names)
@@ -92,6 +98,11 @@ class DataSource:
 
     def _where(self, name: str) -> Path:
         return self.root / name
+
+    def listing_deps(self, name: str, files: list[str]) -> list[str]:
+        """The files and folders whose size and time decide the listing of a split (a file
+        added or removed changes its folder's time)."""
+        return sorted({str(self._where(name))} | {os.path.dirname(f) for f in files})
 
 
 # ----------------------------------------------------------------------------- RadImageNet CSVs

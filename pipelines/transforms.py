@@ -152,11 +152,23 @@ class CenterCrop:
         return img.crop((left, top, left + cw, top + ch))
 
 
+def to_uint8(img, channels=1) -> torch.Tensor:
+    """8-bit grey PIL image -> uint8 [channels, H, W], the pixels as they are."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).unsqueeze(0)
+    return x.repeat(channels, 1, 1) if channels != 1 else x
+
+
+def normalise(x: torch.Tensor, mean=MEAN, std=STD, dtype=torch.float32) -> torch.Tensor:
+    """uint8 images of any shape, memory format and device -> ``(x / 255 - mean) / std``, computed
+    in float32 in that order (so equal bit for bit to :func:`to_tensor`), then cast to ``dtype``
+    (bf16: the float32 value rounded once to nearest even)."""
+    x = x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
 def to_tensor(img, channels=1, mean=MEAN, std=STD) -> torch.Tensor:
     """8-bit grey PIL image -> float32 [channels, H, W], scaled to [0, 1] then normalised."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).to(torch.float32).div_(255.0)
-    x = x.sub_(mean).div_(std).unsqueeze(0)
-    return x.repeat(channels, 1, 1) if channels != 1 else x
+    return normalise(to_uint8(img, channels), mean, std)
 
 
 def _check(channels):
@@ -168,32 +180,40 @@ class ClassificationPresetTrain:
     """The training transform (torchvision reference name); call on a grey PIL image."""
 
     def __init__(self, *, crop_size=224, channels=1, mean=MEAN, std=STD, hflip_prob=0.5,
-                 scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+                 scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), uint8=False):
         _check(channels)
         self.crop = RandomResizedCrop(crop_size, scale, ratio)
         self.flip = RandomHorizontalFlip(hflip_prob)
-        self.channels, self.mean, self.std = channels, mean, std
+        self.channels, self.mean, self.std, self.uint8 = channels, mean, std, uint8
 
     def __call__(self, img, generator=None):
         img = self.flip(self.crop(img, generator), generator)
+        if self.uint8:  # normalised where the batch goes (normalise)
+            return to_uint8(img, self.channels)
         return to_tensor(img, self.channels, self.mean, self.std)
 
 
 class ClassificationPresetEval:
     """The evaluation transform (torchvision reference name); call on a grey PIL image."""
 
-    def __init__(self, *, crop_size=224, resize_size=256, channels=1, mean=MEAN, std=STD):
+    def __init__(self, *, crop_size=224, resize_size=256, channels=1, mean=MEAN, std=STD,
+                 uint8=False):
         _check(channels)
         self.resize, self.crop = Resize(resize_size), CenterCrop(crop_size)
-        self.channels, self.mean, self.std = channels, mean, std
+        self.channels, self.mean, self.std, self.uint8 = channels, mean, std, uint8
 
     def __call__(self, img, generator=None):
-        return to_tensor(self.crop(self.resize(img)), self.channels, self.mean, self.std)
+        img = self.crop(self.resize(img))
+        if self.uint8:
+            return to_uint8(img, self.channels)
+        return to_tensor(img, self.channels, self.mean, self.std)
 
 
 def build_transform(train: bool, *, crop_size=224, resize_size=256, channels=1, mean=MEAN,
-                    std=STD):
+                    std=STD, uint8=False):
+    """The train or eval preset; ``uint8``: it yields the uint8 pixels (see :func:`normalise`)."""
     if train:
-        return ClassificationPresetTrain(crop_size=crop_size, channels=channels, mean=mean, std=std)
+        return ClassificationPresetTrain(crop_size=crop_size, channels=channels, mean=mean, std=std,
+                                         uint8=uint8)
     return ClassificationPresetEval(crop_size=crop_size, resize_size=resize_size,
-                                    channels=channels, mean=mean, std=std)
+                                    channels=channels, mean=mean, std=std, uint8=uint8)
