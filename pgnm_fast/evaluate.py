@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
 
 from .atomic import atomic_open
 from .config import config_from_dict
@@ -62,6 +61,7 @@ def _write_per_class(logits, labels, classes, json_path: Path, split: str, log) 
 def write_predictions(path, files, logits, labels, classes, k: int = 5) -> None:
     """One row per image: path, label, predicted class, then the top-k classes and their
     softmax scores (k = min(5, number of classes))."""
+    from scipy.special import softmax  # here: the training path imports this module without scipy
     probs = softmax(np.asarray(logits, dtype=np.float64), axis=1)
     k = min(k, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]

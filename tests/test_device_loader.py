@@ -294,7 +294,7 @@ def test_resumed_run_through_the_device_loader_is_bit_identical(cache, tmp_path,
     whole, part = tmp_path / "whole", tmp_path / "part"
     r = cli("train", "--out", whole, *common)
     assert r.exit_code == 0, r.output
-    assert "data through the cache resident on cpu" in r.output
+    assert "through the cache resident on cpu" in r.output
     disarm = ctrl_c_in_epoch(1)
     assert cli("train", "--out", part, *common).exit_code != 0
     disarm()
