@@ -14,13 +14,14 @@ Paths:
   the CPU reference.
 
 A round is one epoch after a warm-up epoch (its crop plan drawn on the host included; the
-steady rate of the batches alone, what a long epoch approaches, is in ``extra_info``). On a machine shared with other jobs the rate of a
-path drifts with the load, so the paths run in alternation and ``test_device_vs_plain_loader``
-reports the ratio device / plain of each round (median and range), which the load affects
-much less than either rate, and the CPU time each path spends per image (this process and the
-plain loader's worker processes, from ``/proc``): under load a path with more processes gets
-more of the machine, CPU time per image does not depend on that. On a GPU, ``test_data_path_share_of_a_resnet50_step`` times one
-batch's augmentation against a resnet50 forward + backward + SGD step at batch 256 (bf16
+steady rate of the batches alone, what a long epoch approaches, is in ``extra_info``). On a
+machine shared with other jobs the rate of a path drifts with the load, so the paths run in
+alternation and ``test_device_vs_plain_loader`` reports the ratio device / plain of each round
+(median and range), which the load affects much less than either rate, and the CPU time each
+path spends per image (this process and the plain loader's worker processes, from ``/proc``):
+under load a path with more processes gets more of the machine, CPU time per image does not
+depend on that. On a GPU, ``test_data_path_share_of_a_resnet50_step`` times one batch's
+augmentation against a resnet50 forward + backward + SGD step at batch 256 (bf16
 autocast, channels-last): the heated step does that and more, so the printed share is an upper
 bound of the data path's share of it.
 

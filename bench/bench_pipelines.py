@@ -117,7 +117,7 @@ def _loader(path: str, root, cache):
 
 def _epoch(loader, device) -> int:
     n = 0
-    for images, labels in loader:
+    for _images, labels in loader:
         n += labels.shape[0]
     if device == "cuda":
         torch.cuda.synchronize()

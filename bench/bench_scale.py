@@ -32,8 +32,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from pgnm_fast.pipelines import open_source, startup
 
+from pgnm_fast.pipelines import open_source, startup
 from pgnm_fast.synth import cache_dir, make_synthetic
 
 FILES = int(os.environ.get("PGNM_SCALE_FILES", "10000"))

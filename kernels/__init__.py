@@ -15,7 +15,6 @@ from .masker import FastMasker
 from .reference import ReferenceMasker
 
 
-
 def make_masker(impl: str, grid: int, crop_size, seed: int = 0) -> torch.nn.Module:
     """The masker of implementation ``impl`` ("reference" or "fast"); call ``.to(device)`` on it.
 

@@ -207,7 +207,7 @@ def check_scores(device, backend, gen, quick):
             if dtype != torch.float32:  # gradients are returned in a~'s dtype: add its rounding
                 for k in ("grad_a", "grad_b"):
                     extra = rounding_bound(dtype, want[k]) + bounds[k]
-                    row[k] = error_summary(getattr(a_t if k == "grad_a" else b_t, "grad").float().cpu(),
+                    row[k] = error_summary((a_t if k == "grad_a" else b_t).grad.float().cpu(),
                                            want[k], extra)
             row["passed"] = row["same_draw"] and all(row[k]["norm"] <= 1.0 for k in ("logp", "S", "grad_a", "grad_b"))
             out.append(row)

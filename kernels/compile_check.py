@@ -10,7 +10,8 @@ import sys
 
 from triton import next_power_of_2 as triton_next_pow2
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile as triton_compile
+from triton.compiler import ASTSource
+from triton.compiler import compile as triton_compile
 
 from pgnm_fast.kernels import mask_apply, resized_crop, sample_score
 

@@ -75,10 +75,10 @@ class TrainConfig:
         return dict(mean=MEAN if self.mean is None else self.mean,
                     std=STD if self.std is None else self.std)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage {self.stage!r} (choose from {', '.join(STAGES)})")
         if self.on_bad_image not in ("error", "skip"):

@@ -5,7 +5,9 @@
 before it starts. :func:`lock_folder` takes an exclusive ``fcntl.flock`` on ``FOLDER/.lock``
 for as long as a run, a pack or a data set generation writes there: a second writer stops with
 one line naming the process that holds it. The kernel drops the lock when its holder ends,
-however it ends (Ctrl-C, SIGTERM, SIGKILL), so a lock is never stale. The holder removes the
+however it ends (Ctrl-C, SIGTERM, SIGKILL), so a lock is never stale: forked children (the
+plain loader's workers, pack's decoders) close their copy of the lock's descriptor at once, so a
+killed holder's orphaned workers do not keep the lock after it. The holder removes the
 lock file before it lets go; a process that locked a file no longer at ``FOLDER/.lock`` (removed
 as it opened it) lets go and locks the new one, so two processes never hold two files. A killed
 holder leaves the file, which the next writer simply locks.
@@ -21,6 +23,20 @@ from .atomic import os_reason, write_error
 from .errors import OutputError
 
 LOCK_FILE = ".lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    """In a forked child: drop the inherited lock descriptors (the parent keeps the locks)."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def check_output_dir(path, flag: str = "--out") -> Path:
@@ -62,6 +78,7 @@ def lock_folder(path, what: str = "folder"):
         lock.unlink(missing_ok=True)  # still held: a process that opened it sees it replaced
         if created and path.is_dir() and not any(path.iterdir()):
             path.rmdir()  # stopped before writing anything: leave no folder
+        _HELD.discard(fd)
         os.close(fd)  # releases the lock
 
 
@@ -99,5 +116,6 @@ def _acquire(path: Path, lock: Path, what: str) -> int:
         except OSError as e:
             os.close(fd)
             raise write_error(lock, e) from None
+        _HELD.add(fd)
         return fd
     raise OutputError(f"{lock}: cannot lock (the file keeps being replaced)")

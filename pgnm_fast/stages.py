@@ -13,22 +13,29 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
+from . import run_state
 from .atomic import atomic_open, remove_stale_temporaries, write_error
 from .averaging import LastEpochsAverage
 from .config import TrainConfig, config_from_dict, make_config
 from .console import epoch_lines, format_val, resume_hint
-from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_buffers, cleanup,
-                          gather_to_main, init_distributed)
-from .engine import (HeatedStep, PlainStep, check_finite_weights, predict, train_one_epoch,
-                     unwrap)
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_buffers,
+    cleanup,
+    gather_to_main,
+    init_distributed,
+)
+from .engine import HeatedStep, PlainStep, check_finite_weights, predict, train_one_epoch, unwrap
 from .errors import ConfigError, DataError
-from .folders import check_output_dir, lock_folder
 from .evaluate import write_json_atomic
+from .folders import check_output_dir, lock_folder
 from .graphs import GraphedStep
 from .kernels import make_masker
 from .metrics import classification_metrics, json_safe
@@ -37,14 +44,22 @@ from .observe import RunObserver
 from .pipelines import BatchLoader, make_loader
 from .pipelines.check import report_bad
 from .pipelines.sources import open_source
-from . import run_state
 from .provenance import run_record
 from .run_state import RunState, load_run_state
 from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
-from .weights import (STEM_LR_SCALE, Weights, build_optimizer, fit_classifier, fit_policy,
-                      param_groups, read_weights, reset_hyperparameters, resolve_model)
 from .state_checks import check_fits, check_weights_fit, load_weights
+from .weights import (
+    STEM_LR_SCALE,
+    Weights,
+    build_optimizer,
+    fit_classifier,
+    fit_policy,
+    param_groups,
+    read_weights,
+    reset_hyperparameters,
+    resolve_model,
+)
 
 
 @dataclasses.dataclass
@@ -362,7 +377,7 @@ def _train(run: Run, log, show_progress) -> Path:
         t_epoch = time.perf_counter()
         global_step, train_stats = train_one_epoch(
             step, train_loader, dev, epoch, global_step, cfg.print_freq,
-            log_step=lambda rec: write(dict(rec, **lrs)), masker=parts.masker,
+            log_step=lambda rec, lrs=lrs: write(dict(rec, **lrs)), masker=parts.masker,
             show_progress=show_progress and info.is_main, channels_last=parts.channels_last,
             log_line=log)
         images_seen += train_stats["images"] * info.world_size

@@ -2,7 +2,8 @@
 loader, and loaders to come). Code that drives a loader reads only these names."""
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 

@@ -42,9 +42,9 @@ import functools
 import io
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ class _CacheSamples:
         """Whole images (views), or with ``anchor``/``shape`` copies of the crops alone."""
         if anchor is None:
             return list(self._images(indices))
-        return [np.ascontiguousarray(img[t:t + h, l:l + w]) for img, (t, l), (h, w)
+        return [np.ascontiguousarray(img[t:t + h, x:x + w]) for img, (t, x), (h, w)
                 in zip(self._images(indices), anchor.tolist(), shape.tolist())]
 
     def name(self, i):

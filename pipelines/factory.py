@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from PIL import Image
@@ -138,7 +138,8 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
                 crop_size: int = 224, resize_size: int = 256, channels: int = 1,
                 workers: int = 2, seed: int = 0, rank: int | None = None,
                 world_size: int | None = None, device: torch.device | str | None = None,
-                backend: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False, static: bool = False,
+                backend: str = "auto", dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                static: bool = False,
                 on_bad_image: str = "error", bad_list: str | os.PathLike | None = None,
                 log: Callable[[str], None] = print, mean: float = MEAN, std: float = STD,
                 class_balanced: bool = False, recheck: bool = False) -> BatchLoader:

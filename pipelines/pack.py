@@ -32,9 +32,24 @@ from pgnm_fast.errors import DataError
 from pgnm_fast.folders import LOCK_FILE, check_output_dir, lock_folder
 
 from . import check, startup
-from .packed import (DATA, FORMAT, MANIFEST, PARTIAL, PATHS, RECORD_DTYPE, RECORDS,  # noqa: F401
-                     SKIPPED, VERSION, PackedCache, PackedSource, PackedSplit, open_packed,
-                     pixel_hash, sha256_file, verify)
+from .packed import (  # noqa: F401
+    DATA,
+    FORMAT,
+    MANIFEST,
+    PARTIAL,
+    PATHS,
+    RECORD_DTYPE,
+    RECORDS,
+    SKIPPED,
+    VERSION,
+    PackedCache,
+    PackedSource,
+    PackedSplit,
+    open_packed,
+    pixel_hash,
+    sha256_file,
+    verify,
+)
 from .sources import SPLITS, DataSource, open_source
 from .transforms import to_grey
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pgnm_fast.run_state import load_checkpoint, save_checkpoint
 from pgnm_fast.errors import CheckpointError
+from pgnm_fast.run_state import load_checkpoint, save_checkpoint
 
 
 def _state():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.stats import binomtest, kstest, ks_2samp
+from scipy.stats import binomtest, ks_2samp, kstest
 
 pytest.importorskip("nvidia.dali")
 
@@ -17,13 +17,18 @@ from click.testing import CliRunner  # noqa: E402
 from pgnm_fast.cli import main  # noqa: E402
 from pgnm_fast.errors import DataError  # noqa: E402
 from pgnm_fast.pipelines import make_loader, open_source  # noqa: E402
-from pgnm_fast.pipelines.dali import (DaliLoader, eval_params,  # noqa: E402
-                                      random_resized_crop_params)
+from pgnm_fast.pipelines.dali import DaliLoader, eval_params, random_resized_crop_params  # noqa: E402
 from pgnm_fast.pipelines.loader import EpochSampler, build_loader  # noqa: E402
 from pgnm_fast.pipelines.pack import pack  # noqa: E402
-from pgnm_fast.pipelines.transforms import (MEAN, STD, CenterCrop,  # noqa: E402
-                                            ClassificationPresetEval, RandomResizedCrop, Resize,
-                                            load_grey)
+from pgnm_fast.pipelines.transforms import (  # noqa: E402
+    MEAN,
+    STD,
+    CenterCrop,
+    ClassificationPresetEval,
+    RandomResizedCrop,
+    Resize,
+    load_grey,
+)
 
 LEVEL = 1e-3           # significance level of every statistical test here
 GREY = 1 / (255 * STD)  # one grey level in normalised units

@@ -282,8 +282,8 @@ def test_resumed_run_through_the_device_loader_is_bit_identical(cache, tmp_path,
                                                                 ctrl_c_in_epoch):
     from click.testing import CliRunner
 
-    from pgnm_fast.run_state import load_checkpoint
     from pgnm_fast.cli import main
+    from pgnm_fast.run_state import load_checkpoint
 
     def cli(*args):
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -74,8 +74,8 @@ def test_graph_replay_matches_the_eager_step(heated, amp):
 def test_train_with_graphs_on_the_gpu(tmp_path):
     from click.testing import CliRunner
 
-    from pgnm_fast.run_state import load_checkpoint
     from pgnm_fast.cli import main
+    from pgnm_fast.run_state import load_checkpoint
     from pgnm_fast.synth import make_synthetic
     data = make_synthetic(tmp_path / "synth", images=240, seed=11, size=40)
     out = tmp_path / "run"

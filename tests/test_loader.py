@@ -12,9 +12,18 @@ from scipy.stats import binomtest, kstest
 from pgnm_fast.errors import DataError
 from pgnm_fast.pipelines import build_loader, open_source
 from pgnm_fast.pipelines.loader import EpochSampler, EvalShardSampler
-from pgnm_fast.pipelines.transforms import (MEAN, STD, CenterCrop, ClassificationPresetEval,
-                                            ClassificationPresetTrain, RandomHorizontalFlip,
-                                            RandomResizedCrop, Resize, load_grey, to_tensor)
+from pgnm_fast.pipelines.transforms import (
+    MEAN,
+    STD,
+    CenterCrop,
+    ClassificationPresetEval,
+    ClassificationPresetTrain,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    Resize,
+    load_grey,
+    to_tensor,
+)
 
 LEVEL = 1e-3  # significance level of every statistical test here
 

@@ -14,7 +14,13 @@ import torch.nn as nn
 
 from pgnm_fast.errors import CheckpointError, ConfigError
 from pgnm_fast.models import (
-    PolicyNet, adapt_input_conv, convert_to_grey, create_model, model_names, policy_state_from_authors)
+    PolicyNet,
+    adapt_input_conv,
+    convert_to_grey,
+    create_model,
+    model_names,
+    policy_state_from_authors,
+)
 
 NAMES = ['resnet10t', 'resnet18', 'resnet50']
 TIMM_PARAMS = {'resnet10t': 5_435_488, 'resnet18': 11_689_512, 'resnet50': 25_557_032}

@@ -5,9 +5,9 @@ import torch
 from click.testing import CliRunner
 
 from pgnm_fast import engine, speed
-from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.cli import main
 from pgnm_fast.pipelines import make_loader
+from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.synth import make_synthetic
 
 SMALL = ["--epochs", "1", "-b", "16", "--train-crop-size", "32", "--val-resize-size", "36",
@@ -34,7 +34,8 @@ def seen(monkeypatch):
     real = engine.HeatedStep.__call__
 
     def spy(self, images, target, stats):
-        got.append((images.is_contiguous(memory_format=torch.channels_last), _nhwc_only(self.model.layer1[0].conv1.weight),
+        got.append((images.is_contiguous(memory_format=torch.channels_last),
+                    _nhwc_only(self.model.layer1[0].conv1.weight),
                     _nhwc_only(engine.unwrap(self.policy).fe.layer1[0].conv1.weight)))
         return real(self, images, target, stats)
     monkeypatch.setattr(engine.HeatedStep, "__call__", spy)

@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-from pgnm_fast.pipelines import check, open_source, startup
 
+from pgnm_fast.pipelines import check, open_source, startup
 from pgnm_fast.synth import make_synthetic
 
 

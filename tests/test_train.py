@@ -5,9 +5,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.cli import main
 from pgnm_fast.metrics import METRIC_KEYS
+from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.synth import make_synthetic
 
 SMALL = ["--epochs", "2", "-b", "16", "--train-crop-size", "32", "--val-resize-size", "36",

@@ -115,9 +115,9 @@ def test_options_through_the_cli_and_a_resumed_summed_stem(synth_root, tmp_path)
     stem's group keeps lr x3 and weight decay /3 after the resume resets the learning rates."""
     from click.testing import CliRunner
 
-    from pgnm_fast.run_state import load_checkpoint
     from pgnm_fast.cli import main
     from pgnm_fast.models import create_model
+    from pgnm_fast.run_state import load_checkpoint
 
     def cli(*args):
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

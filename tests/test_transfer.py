@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from pgnm_fast.pipelines.sources import open_source
 
 from pgnm_fast import run_state as ckpt_io
 from pgnm_fast.cli import main
 from pgnm_fast.config import make_config
 from pgnm_fast.models import create_model
+from pgnm_fast.pipelines.sources import open_source
 from pgnm_fast.synth import CLASSES, make_synthetic
 from pgnm_fast.transfer import _model, draw_subset, feasible_shots, parse_shots
 

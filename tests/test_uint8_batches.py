@@ -4,10 +4,11 @@ float32 batch rounded once to nearest even."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from pgnm_fast.pipelines import open_source
 from pgnm_fast.pipelines.loader import build_loader
 from pgnm_fast.pipelines.transforms import MEAN, STD, normalise, to_tensor, to_uint8
-from PIL import Image
 
 
 def _float32_reference(a: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:

@@ -22,9 +22,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.cli import main
 from pgnm_fast.folders import LOCK_FILE, lock_folder
+from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

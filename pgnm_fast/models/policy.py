@@ -12,7 +12,8 @@ in-place, graph-capturable method (docs/method.md §7 and §8).
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn

@@ -17,8 +17,6 @@ starts with weight 0.
 """
 from __future__ import annotations
 
-from typing import Type, Union
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,7 +105,7 @@ class ResNet(nn.Module):
 
     def __init__(
             self,
-            block: Type[Union[BasicBlock, Bottleneck]],
+            block: type[BasicBlock | Bottleneck],
             layers: tuple[int, ...],
             num_classes: int = 1000,
             in_chans: int = 3,

@@ -10,9 +10,11 @@ import os
 import pytest
 import torch
 
-from pgnm_fast.kernels import FastMasker, masker as masker_mod, reference as ref
-from pgnm_fast.kernels.mask_plan import axis_plan
+from pgnm_fast.kernels import FastMasker
+from pgnm_fast.kernels import masker as masker_mod
+from pgnm_fast.kernels import reference as ref
 from pgnm_fast.kernels.checks import C_APPLY, EPS32, error_summary, rounding_bound
+from pgnm_fast.kernels.mask_plan import axis_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None

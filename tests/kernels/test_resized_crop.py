@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pgnm_fast.pipelines.augment import (resample_tables, resample_torch, resized_crop, taps,
-                                         value_table)
+from pgnm_fast.pipelines.augment import resample_tables, resample_torch, resized_crop, taps, value_table
 from pgnm_fast.pipelines.transforms import to_tensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled, or interpreted

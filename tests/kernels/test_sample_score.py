@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pgnm_fast.kernels import FastMasker, reference as ref, sample_score as op
+from pgnm_fast.kernels import FastMasker
+from pgnm_fast.kernels import reference as ref
+from pgnm_fast.kernels import sample_score as op
 from pgnm_fast.kernels.checks import error_summary, ks_float32, ks_two_sample, rounding_bound, score_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
