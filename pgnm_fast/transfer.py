@@ -43,7 +43,7 @@ from .evaluate import write_json_atomic
 from .metrics import classification_metrics, json_safe, t_interval
 from .models import create_model
 from .pipelines import make_loader
-from .pipelines.loader import batch_loader
+from .pipelines.loader import batch_loader, split_key
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform, load_grey
 from .run_state import load_run_state
@@ -109,8 +109,9 @@ class _Decoded(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), int(self.labels[i])
+    def __getitem__(self, key):
+        i, generator = split_key(key)  # the train sampler's (index, augmentation seed)
+        return self.transform(self.images[i], generator), int(self.labels[i])
 
 
 def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
