@@ -109,6 +109,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             zipfile.BadZipFile, AttributeError, KeyError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({reason[:160]})") from None
+    return check_checkpoint(state, path)
+
+
+def check_checkpoint(state: Any, path: str | os.PathLike) -> dict:
+    """``state`` (a loaded file, its integrity verified) as a pgnm-fast checkpoint: its format
+    tag, keys, metadata types and finite weights, else :class:`CheckpointError` naming ``path``."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pgnm-fast checkpoint (no '{FORMAT}' format tag)")
     for key in REQUIRED:

@@ -127,7 +127,8 @@ def _is_state_dict(obj) -> bool:
 
 def read_weights(path) -> Weights:
     """The classifier (and policy) weights in ``path``, in any form of the module docstring."""
-    from .run_state import FORMAT, load_checkpoint
+    from .run_state import FORMAT, check_checkpoint
+    from .state_checks import verify_integrity
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -139,7 +140,8 @@ def read_weights(path) -> Weights:
         return _from_state_dict(path, _safetensors_load(path), "state dict")
     obj = _torch_load(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        s = load_checkpoint(path)  # checks the keys a pgnm-fast checkpoint has
+        verify_integrity(path)
+        s = check_checkpoint(obj, path)  # the keys, types and finite weights it must have
         return Weights(path, "pgnm-fast", s["model"], s["model_name"], list(s["classes"]),
                        s.get("policy"), s)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
