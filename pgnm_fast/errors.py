@@ -34,3 +34,16 @@ class ConfigError(PgnmError):
 class OutputError(PgnmError):
     """An output path that cannot be written: a file where a folder belongs, no permission, a
     read-only file system, a full disk, or a folder another process is writing to."""
+
+
+def interrupt_in(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind ``error``: itself, or one a library wrapped while it ran (a
+    signal that lands inside an import or a ``__set_name__`` comes back as another exception
+    whose cause or context is the interrupt). None when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

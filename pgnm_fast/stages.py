@@ -33,7 +33,7 @@ from .distributed import (
     init_distributed,
 )
 from .engine import HeatedStep, PlainStep, check_finite_weights, predict, train_one_epoch, unwrap
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, interrupt_in
 from .evaluate import write_json_atomic
 from .folders import check_output_dir, lock_folder
 from .graphs import GraphedStep
@@ -174,16 +174,18 @@ def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
     try:
         with _hold_run_folder(run, resume, init_from, log):
             return _train(run, log if run.info.is_main else (lambda *_: None), show_progress)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        cleanup(run.info)
+        interrupt = interrupt_in(e)
+        if interrupt is None:
+            raise
         if run.info.is_main and resume_hint_on_interrupt:
             last = run.out / "last.pt"
             log(resume_hint(run.cfg.stage, last, run.init_from) if last.exists() else
                 "interrupted before the first epoch ended: nothing to resume")
-        cleanup(run.info)
-        raise
-    except BaseException:
-        cleanup(run.info)
-        raise
+        if interrupt is e:
+            raise
+        raise interrupt from None  # wrapped by a library it landed in: the CLI ends as on Ctrl-C
     finally:
         if not keep_process_group:
             cleanup(run.info)

@@ -486,3 +486,26 @@ def test_a_killed_generation_leaves_no_temporary_folder_for_good(tmp_path):
     make_synthetic(tmp_path / "data", images=39, seed=0, size=8)
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", live.name])
+
+
+def test_an_interrupt_wrapped_by_a_library_still_ends_the_run_cleanly(data, tmp_path, monkeypatch):
+    """SIGTERM landing inside an import (matplotlib's __set_name__ wraps it in RuntimeError) ends
+    the run as Ctrl-C does: the resume hint, exit 143, no traceback."""
+    from pgnm_fast import stages
+    from pgnm_fast.cli import Terminated
+    from pgnm_fast.errors import interrupt_in
+
+    def wrapped_interrupt(*args, **kwargs):
+        try:
+            raise Terminated
+        except Terminated as t:
+            raise RuntimeError("Error calling __set_name__") from t
+
+    assert interrupt_in(ValueError("x")) is None
+    monkeypatch.setattr(stages, "end_epoch", wrapped_interrupt)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--no-policy", "--data", str(data), "--out", str(out),
+                                  *TINY, "--epochs", "2"])
+    assert r.exit_code == 128 + signal.SIGTERM, r.output
+    assert "Traceback" not in r.output and "Aborted (SIGTERM)" in r.output
+    assert "nothing to resume" in r.output
