@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pgnm_fast.pipelines.device as devmod
 from pgnm_fast.errors import ConfigError, DataError
@@ -242,6 +243,137 @@ def test_output_forms_and_static_buffers(cache):
         assert (len(ptrs) == 1) == bool(form.get("static"))
         if form.get("static"):
             assert ld.buffers[0].data_ptr() in ptrs
+
+
+# ----------------------------------------------------------------------------- fill in the step
+class NoHostSync(TorchDispatchMode):
+    """Fails on every op that reads device data to the host or whose output shape depends on
+    the data (``.item()``, ``nonzero``, boolean indexing, ``equal``, ...): the ops a CUDA graph
+    cannot hold and that stall the GPU."""
+
+    BANNED = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                    torch.ops.aten.item.default) or any(t in func.tags for t in self.BANNED):
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def _deferred(root, **kw):
+    ld = loader(root, static=True, **kw)
+    assert ld.defer_fill() == ld.fill and ld.prologue == ld.fill
+    return ld
+
+
+def test_counter_driven_fill_equals_the_eager_batches(cache):
+    """Two epochs: every batch that ``fill`` writes, picked by the device-side counter, equals
+    the eager ``batch(plan, start, n)`` of the same (seed, epoch), bit for bit; the iterator
+    yields the static buffers unfilled; the plan tensors keep their storage across epochs."""
+    eager = loader(cache, seed=9)
+    ld = _deferred(cache, seed=9)
+    ptrs = set()
+    for epoch in range(2):
+        ref = batches(eager)
+        n = 0
+        for (x, y), (xr, yr) in zip(ld, ref):
+            assert (x, y) == ld.buffers
+            x.fill_(float("nan"))
+            ld.fill()
+            assert torch.equal(x, xr) and torch.equal(y, yr), (epoch, n)
+            n += 1
+        assert n == len(ref) == len(ld) and int(ld._step) == n
+        ptrs.add(tuple(v.data_ptr() for v in ld._plan.values()))
+    assert len(ptrs) == 1
+
+
+def test_the_fill_does_no_host_synchronisation(cache):
+    """The fill's whole path (counter, plan rows, taps, labels) under a guard that fails on any
+    host read of device data, with the Triton kernel (interpreted on the CPU); the guard
+    catches the CPU-only torch resampling, which reads its tap count to the host."""
+    ld = _deferred(cache, impl="triton", batch_size=4)
+    ref = batches(loader(cache, batch_size=4, impl="torch"))
+    it = iter(ld)
+    for i in range(2):
+        x, y = next(it)
+        with NoHostSync():
+            ld.fill()
+        assert torch.equal(x, ref[i][0]) and torch.equal(y, ref[i][1])
+    ld.impl = "torch"
+    next(it)
+    with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
+        ld.fill()
+
+
+def test_graphed_step_runs_the_fill_inside_the_captured_function(cache):
+    """GraphedStep with the fill as its prologue, through a capture that records the function
+    (running nothing) and replays it: the fill runs in the warm-up steps and in every replay,
+    never at capture, and a whole epoch steps over the same batches as the eager loader."""
+    from pgnm_fast.engine import N_STATS
+    from pgnm_fast.graphs import GraphedStep
+
+    state = {"replaying": False}
+    fills = []
+
+    def capture(fn):
+        def replay():
+            state["replaying"] = True
+            fn()
+            state["replaying"] = False
+        return replay
+
+    ld = _deferred(cache, seed=2)
+    fill = ld.prologue
+
+    def prologue():
+        fills.append(state["replaying"])
+        fill()
+
+    seen = []
+
+    def step(images, target, stats):
+        seen.append((images.clone(), target.clone()))
+        stats[4] += target.shape[0]
+
+    runner = GraphedStep(step, [], warmup=2, static_inputs=True, prologue=prologue,
+                         log=quiet, capture=capture, warm=lambda fn: fn())
+    stats = torch.zeros(N_STATS)
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        for images, target in ld:
+            runner(images, target, stats)
+        eager = loader(cache, seed=2)
+        eager.set_epoch(epoch)
+        ref = batches(eager)
+        got, seen[:] = list(seen), []
+        assert len(got) == len(ref)
+        assert all(torch.equal(x, xr) and torch.equal(y, yr) for (x, y), (xr, yr) in zip(got, ref))
+    steps = 2 * len(ld)
+    assert runner.captures == 1 and stats[4] == steps * ld.batch_size
+    assert fills == [False, False] + [True] * (steps - 2)
+    with pytest.raises(RuntimeError, match="prologue fills the static buffers"):
+        runner(images.clone(), target, stats)
+
+
+def test_the_trainer_defers_the_fill_only_when_the_step_is_graphed(cache, monkeypatch):
+    import types
+
+    import pgnm_fast.stages as stages
+    from pgnm_fast.graphs import GraphedStep
+    parts = types.SimpleNamespace(step=lambda *a: None, optimizer=None, policy_optimizer=None)
+    run = types.SimpleNamespace(info=types.SimpleNamespace(device=torch.device("cpu"),
+                                                           distributed=False))
+    ld = loader(cache, static=True)
+    assert stages._graphed(parts, ld, run, quiet) is parts.step and ld.prologue is None
+    monkeypatch.setattr(stages, "_graphs_blocked", lambda info: None)
+    said = []
+    runner = stages._graphed(parts, ld, run, said.append)
+    assert isinstance(runner, GraphedStep) and runner.prologue == ld.fill == ld.prologue
+    assert "augmentation captured" in said[0]
+    plain = loader(cache)  # not static: filled by the iterator, no prologue
+    assert stages._graphed(parts, plain, run, quiet).prologue is None and plain.prologue is None
+    with pytest.raises(ValueError, match="static train loader"):
+        loader(cache, "val", static=True).defer_fill()
 
 
 # ----------------------------------------------------------------------------- the factory
