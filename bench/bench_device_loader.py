@@ -6,12 +6,18 @@
 Paths:
 
 - ``device``: :class:`~pgnm_fast.pipelines.device.DeviceLoader` over the packed train split
-  (on a GPU: the Triton kernel, the cache in GPU memory; on the CPU: the torch version, the
-  cache in host memory), float32 NCHW;
+  (on a GPU: the Triton kernel, the cache in GPU memory; on the CPU: torch's uint8
+  antialiased resize, one image per task over a pool of one thread per CPU, the cache in host
+  memory), float32 NCHW;
 - ``device-bf16-cl`` (GPU only): bf16 channels-last into static buffers, the step's form under
   ``--graphs --amp``;
-- ``torch-cache``: the plain PyTorch loader on the same cache (one worker process per CPU),
-  the CPU reference.
+- ``torch-cache``: the plain PyTorch loader on the same cache (one worker process per CPU,
+  each with one torch thread, PIL's resize), the CPU reference.
+
+Both CPU paths use every CPU: the device path's resize threads are one per CPU whatever
+``PGNM_BENCH_THREADS`` says (that setting only sets the torch threads of this process, which
+the device path uses for its batched normalisation), and the plain loader has one worker
+process per CPU.
 
 A round is one epoch after a warm-up epoch (its crop plan drawn on the host included; the
 steady rate of the batches alone, what a long epoch approaches, is in ``extra_info``). On a
@@ -74,7 +80,8 @@ def bench_cache():
 
 def _device_loader(cache, **kw):
     return DeviceLoader(open_source(cache).split("train"), train=True, batch_size=BATCH,
-                        crop_size=CROP, device="cuda" if CUDA else None, **kw)
+                        crop_size=CROP, device="cuda" if CUDA else None,
+                        threads=None if CUDA else CPUS, **kw)
 
 
 def _epoch(loader) -> tuple[int, float]:

@@ -4,8 +4,8 @@
 ``device`` (grey: an RGB cache becomes grey by PIL's ITU-R 601-2 luma, as the other loaders
 read it), with each image's native height and width from the cache's records. Every batch is
 then cut, resized, flipped and normalised there by :func:`~pgnm_fast.pipelines.augment.resized_crop`
-(the Triton kernel on CUDA, the same integer math in torch on the CPU): no image crosses PCIe or
-meets a CPU after the first copy.
+(the Triton kernel on CUDA; on the CPU torch's antialiased uint8 resize, one image per task
+over a thread pool): on a GPU no image crosses PCIe or meets a CPU after the first copy.
 
 Plans: the crop boxes and flips of an epoch are drawn on the host when the epoch starts, by
 DALI's vectorised rules (:func:`~pgnm_fast.pipelines.dali.random_resized_crop_params`:
@@ -16,11 +16,14 @@ and go to the device in one copy. An epoch is thus a pure function of ``(seed, r
 host synchronisation. Eval: torchvision's shorter-side resize and centre crop
 (:func:`~pgnm_fast.pipelines.dali.eval_params`), zero padding for a small image.
 
-Pixels: PIL's bilinear resampling (antialiased when shrinking) done as PIL does it, a
-horizontal fixed-point pass into an 8-bit intermediate, then a vertical one; this equals the
-plain loader's Pillow exactly where Pillow runs its passes in that order (every Pillow before
-13; Pillow 13 runs the vertical pass first for some shapes, and the two orders differ by at
-most 1 grey level, on a few percent of pixels).
+Pixels: PIL's bilinear resampling (antialiased when shrinking). On CUDA (and with
+``impl="torch"``) done as PIL does it, a horizontal fixed-point pass into an 8-bit
+intermediate, then a vertical one; this equals the plain loader's Pillow exactly where Pillow
+runs its passes in that order (every Pillow before 13; Pillow 13 runs the vertical pass first
+for some shapes, and the two orders differ by at most 1 grey level, on a few percent of
+pixels). On the CPU (``impl="interpolate"``, the default there) torch's own uint8 resize with
+PIL's rules and 16-bit weights: within 1 grey level of PIL and of the exact path, a few
+percent of pixels apart; deterministic, so a resumed run still replays its batches exactly.
 
 Order: train uses the plain loader's :class:`~pgnm_fast.pipelines.loader.EpochSampler` when
 the process holds the whole split (``resident="full"``, the default for one process); under
@@ -119,14 +122,16 @@ def fits(need: int, device) -> tuple[bool, str]:
 
 class DeviceLoader:
     """An iterable of ``(images, labels)`` batches from a packed split held on ``device``
-    (module docstring). ``impl``: ``"auto"`` (Triton on CUDA, torch on the CPU), ``"triton"``
-    or ``"torch"``."""
+    (module docstring). ``impl``: ``"auto"`` (Triton on CUDA, ``"interpolate"`` on the CPU),
+    ``"triton"``, ``"torch"`` or ``"interpolate"`` (:func:`~pgnm_fast.pipelines.augment.resized_crop`);
+    ``threads``: the CPU resize's thread pool (default: torch's intra-op thread count)."""
 
     def __init__(self, split, *, train: bool, batch_size: int, crop_size: int = 224,
                  resize_size: int = 256, channels: int = 1, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device=None, dtype=torch.float32,
                  channels_last: bool = False, static: bool = False, resident: str | None = None,
-                 mean: float = MEAN, std: float = STD, impl: str = "auto"):
+                 mean: float = MEAN, std: float = STD, impl: str = "auto",
+                 threads: int | None = None):
         if not hasattr(split, "cache"):
             raise DataError(f"--loader device reads a packed cache (pgnm-fast pack); the "
                             f"{split.name} split is image files")
@@ -142,6 +147,7 @@ class DeviceLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype, self.channels_last, self.static, self.impl = dtype, channels_last, static, impl
+        self.threads = threads
         self.resident = resident if train else "shard"
         n = len(split)
         if train and self.resident == "full":
@@ -272,7 +278,8 @@ class DeviceLoader:
         slot = rows["slot"]
         resized_crop(images, self.data, self.base.index_select(0, slot),
                      self.row.index_select(0, slot), rows["box"], rows["out_hw"],
-                     rows["offset"], rows["flip"], self.table, self.taps, impl=self.impl)
+                     rows["offset"], rows["flip"], self.table, self.taps, impl=self.impl,
+                     threads=self.threads)
         torch.index_select(self.labels, 0, slot, out=labels)
         return images, labels
 
