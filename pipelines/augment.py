@@ -26,6 +26,7 @@ so the output equals the plain loader's tensor exactly (bf16: that value rounded
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -133,25 +134,42 @@ def resample_torch(data, base, stride, rows, row_w, cols, col_w):
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
+def _one_thread(barrier):
+    torch.get_num_threads()  # torch's per-thread set-up first (it would reset the count later)
+    torch.set_num_threads(1)
+    barrier.wait()  # every worker started and set up before the caller's count is restored
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
+    """``threads`` worker threads, each running torch ops on one intra-op thread (one image per
+    worker; a 2-thread op inside each of 2 workers waits on a descheduled thread whenever the
+    machine is busy), the caller's intra-op thread count left as it was."""
     if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="resized-crop")
+        caller = torch.get_num_threads()
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="resized-crop")
+        barrier = threading.Barrier(threads)
+        for f in [pool.submit(_one_thread, barrier) for _ in range(threads)]:
+            f.result()
+        torch.set_num_threads(caller)  # the process-wide parts of set_num_threads, restored
+        _POOLS[threads] = pool
     return _POOLS[threads]
 
 
 def resample_interpolate(data, base, stride, box, out_hw, offset, flip, size: int,
-                         threads: int | None = None):
+                         threads: int | None = None, sink=None):
     """Grey levels ``[B, S, S]`` uint8 by torch's own antialiased bilinear resize of uint8
     images (``F.interpolate(..., mode="bilinear", antialias=True)``, PIL's filter, support
     and two 8-bit passes with 16-bit fixed-point weights instead of PIL's 22-bit ones): within
     1 grey level of :func:`resample_torch` and of PIL's ``resize`` (tested, a few percent of
     pixels differ). One image at a time (each crop its own size), ``threads`` at once in a
-    thread pool (default: torch's intra-op thread count; the resize releases the GIL);
-    deterministic. Same arguments as :func:`resample_tables`, on the CPU."""
+    pool of threads with one torch thread each (default: torch's intra-op thread count; the
+    resize releases the GIL); deterministic. Same arguments as :func:`resample_tables`, on the
+    CPU. ``sink``: called as ``sink(i, grey_i)`` in the worker for each image instead (then
+    returns None)."""
     B, S = len(box), size
-    grey = torch.zeros((B, S, S), dtype=torch.uint8)  # level 0 where an eval window pads
-    rows = zip(base.tolist(), stride.tolist(), box.tolist(), out_hw.tolist(), offset.tolist(),
-               flip.tolist())
+    grey = torch.empty((B, S, S), dtype=torch.uint8) if sink is None else None
+    rows = zip(*(t.to(torch.int64).tolist() for t in (base, stride, box, out_hw, offset)),
+               flip.to(torch.bool).tolist())
 
     def one(i, row):
         first, step, (top, left, h, w), (oh, ow), (oy, ox), flipped = row
@@ -161,20 +179,34 @@ def resample_interpolate(data, base, stride, box, out_hw, offset, flip, size: in
             img = torch.nn.functional.interpolate(img, size=(oh, ow), mode="bilinear",
                                                   antialias=True, align_corners=False)
         y0, y1, x0, x1 = max(oy, 0), min(oy + S, oh), max(ox, 0), min(ox + S, ow)
-        if y1 <= y0 or x1 <= x0:  # the window misses the image: all padding
-            return
-        window = img[0, 0, y0:y1, x0:x1]
-        if flipped:  # output column j shows window column S - 1 - j
-            grey[i, y0 - oy:y1 - oy, S - (x1 - ox):S - (x0 - ox)].copy_(window.flip(-1))
+        if (y0, y1, x0, x1) == (oy, oy + S, ox, ox + S):  # no padding (train)
+            g = img[0, 0, y0:y1, x0:x1]
+            g = g.flip(-1) if flipped else g
+        else:  # an eval window that leaves the image: level 0 around it
+            g = torch.zeros((S, S), dtype=torch.uint8)
+            if y1 > y0 and x1 > x0:
+                window = img[0, 0, y0:y1, x0:x1]
+                if flipped:  # output column j shows window column S - 1 - j
+                    g[y0 - oy:y1 - oy, S - (x1 - ox):S - (x0 - ox)] = window.flip(-1)
+                else:
+                    g[y0 - oy:y1 - oy, x0 - ox:x1 - ox] = window
+        if sink is None:
+            grey[i].copy_(g)
         else:
-            grey[i, y0 - oy:y1 - oy, x0 - ox:x1 - ox].copy_(window)
+            sink(i, g)
 
     threads = threads or torch.get_num_threads()
-    if threads == 1 or B == 1:
+    if B == 1 or (threads == 1 and torch.get_num_threads() == 1):
         for i, row in enumerate(rows):
             one(i, row)
     else:
-        list(_pool(threads).map(one, range(B), rows))
+        inference = torch.is_inference_mode_enabled()  # thread-local: the caller's, in each worker
+
+        def task(i, row):
+            with torch.inference_mode(inference):
+                one(i, row)
+
+        list(_pool(threads).map(task, range(B), rows))
     return grey
 
 
@@ -189,13 +221,17 @@ def resized_crop(out, data, base, stride, box, out_hw, offset, flip, table, k: i
     B, C, S = out.shape[0], out.shape[1], out.shape[2]
     if impl == "auto":
         impl = "triton" if data.device.type == "cuda" else "interpolate"
-    if impl == "interpolate":
-        grey = resample_interpolate(data, base, stride, box, out_hw, offset, flip, S, threads)
-    else:
-        rows, row_w, cols, col_w = resample_tables(box, out_hw, offset, flip, S, k)
-        if impl == "triton":
-            from pgnm_fast.kernels.resized_crop import resample_normalise
-            return resample_normalise(out, data, base, stride, rows, row_w, cols, col_w, table)
-        grey = resample_torch(data, base, stride, rows, row_w, cols, col_w)
-    out.copy_(table[grey.to(torch.int64)].unsqueeze(1).expand(B, C, S, S))
+    if impl == "interpolate":  # the lookup in each worker, on its image
+        def sink(i, grey):
+            values = torch.index_select(table, 0, grey.reshape(-1).to(torch.int64))
+            out[i].copy_(values.view(1, S, S).expand(C, S, S))
+
+        resample_interpolate(data, base, stride, box, out_hw, offset, flip, S, threads, sink)
+        return out
+    rows, row_w, cols, col_w = resample_tables(box, out_hw, offset, flip, S, k)
+    if impl == "triton":
+        from pgnm_fast.kernels.resized_crop import resample_normalise
+        return resample_normalise(out, data, base, stride, rows, row_w, cols, col_w, table)
+    grey = resample_torch(data, base, stride, rows, row_w, cols, col_w)
+    out.copy_(table[grey].unsqueeze(1).expand(B, C, S, S))
     return out

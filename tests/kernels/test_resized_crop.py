@@ -120,6 +120,23 @@ def test_interpolate_eval_windows_pad_like_the_exact_path():
         assert (fast[i][pad] == 0).all() and (exact[i][pad] == 0).all()
 
 
+def test_interpolate_is_the_same_on_any_number_of_threads_and_in_inference_mode():
+    """The worker threads write into the caller's tensor under the caller's inference mode
+    (validation runs under ``torch.inference_mode``); thread count does not change a pixel."""
+    rng = np.random.default_rng()
+    args = _kernel_inputs(rng, 9, 20, False)
+    outs = []
+    for threads in (1, 2, 3):
+        with torch.inference_mode():
+            out = torch.empty(9, 3, 20, 20)
+            resized_crop(out, *args[:-1], value_table(), args[-1], impl="interpolate",
+                         threads=threads)
+        outs.append(out)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    grey = resample_interpolate(*args[:-1], 20)
+    assert torch.equal(outs[0], value_table()[grey.long()].unsqueeze(1).expand(9, 3, 20, 20))
+
+
 def test_value_table_is_to_tensors_normalisation():
     levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     assert torch.equal(value_table()[torch.from_numpy(levels).long()], to_tensor(levels)[0])
