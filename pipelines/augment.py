@@ -33,6 +33,7 @@ import torch
 
 from .transforms import MEAN, STD
 
+IMPLS = ("auto", "triton", "torch", "interpolate")  # resized_crop's implementations
 PRECISION_BITS = 22  # PIL's fixed point for 8-bit images (32 - 8 - 2)
 HALF = 1 << (PRECISION_BITS - 1)
 
@@ -210,6 +211,11 @@ def resample_interpolate(data, base, stride, box, out_hw, offset, flip, size: in
     return grey
 
 
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
+
+
 def resized_crop(out, data, base, stride, box, out_hw, offset, flip, table, k: int,
                  impl: str = "auto", threads: int | None = None):
     """Write the batch's normalised crops into ``out`` (``[B, C, S, S]``, any strides and
@@ -218,6 +224,7 @@ def resized_crop(out, data, base, stride, box, out_hw, offset, flip, table, k: i
     integer math exactly: the kernel's reference), ``"interpolate"``
     (:func:`resample_interpolate`, CPU, within 1 grey level; ``threads``), or ``"auto"``
     (Triton on CUDA, interpolate on the CPU). No host synchronisation on CUDA."""
+    check_impl(impl)
     B, C, S = out.shape[0], out.shape[1], out.shape[2]
     if impl == "auto":
         impl = "triton" if data.device.type == "cuda" else "interpolate"

@@ -58,7 +58,7 @@ from torch.utils.data import Sampler
 
 from pgnm_fast.errors import DataError
 
-from .augment import resized_crop, taps, value_table
+from .augment import check_impl, resized_crop, taps, value_table
 from .dali import eval_params, random_resized_crop_params
 from .loader import EpochSampler, EvalShardSampler
 from .transforms import MEAN, STD
@@ -139,6 +139,7 @@ class DeviceLoader:
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        check_impl(impl)
         resident = resident or ("shard" if world_size > 1 else "full")
         if resident not in RESIDENT:
             raise ValueError(f"resident must be one of {RESIDENT}, not {resident!r}")

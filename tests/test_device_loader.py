@@ -442,3 +442,8 @@ def test_resumed_run_through_the_device_loader_is_bit_identical(cache, tmp_path,
     for key in full["model"]:
         assert torch.equal(resumed["model"][key], full["model"][key]), key
     assert torch.equal(resumed["policy"]["base_alpha"], full["policy"]["base_alpha"])
+
+
+def test_an_unknown_impl_is_refused(cache):
+    with pytest.raises(ValueError, match="impl must be one of"):
+        loader(cache, impl="pil")
