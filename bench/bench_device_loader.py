@@ -27,9 +27,10 @@ alternation and ``test_device_vs_plain_loader`` reports the ratio device / plain
 path spends per image (this process and the plain loader's worker processes, from ``/proc``):
 under load a path with more processes gets more of the machine, CPU time per image does not
 depend on that. On a GPU, ``test_data_path_share_of_a_resnet50_step`` times one batch's
-augmentation against a resnet50 forward + backward + SGD step at batch 256 (bf16
-autocast, channels-last): the heated step does that and more, so the printed share is an upper
-bound of the data path's share of it.
+augmentation (the counter-driven fill that ``--graphs`` captures with the step) against a
+resnet50 forward + backward + SGD step at batch 256 (bf16 autocast, channels-last): the
+heated step does that and more, so the printed share is an upper bound of the data path's
+share of it.
 
 Targets (reported, not asserted): on the CPU the device path at least as fast as the plain
 loader (ratio >= 1); on one H100/H200 at least 50,000 images/s and under 2% of the step.
@@ -163,11 +164,12 @@ def test_device_vs_plain_loader(benchmark, bench_cache):
 def test_data_path_share_of_a_resnet50_step(benchmark, bench_cache):
     from pgnm_fast.models import create_model
     loader = _device_loader(bench_cache, dtype=torch.bfloat16, channels_last=True, static=True)
-    plan = loader.plan_epoch()
+    loader.defer_fill()  # the data path as --graphs runs it: the counter-driven fill
+    images, labels = next(iter(loader))
     model = create_model("resnet50", num_classes=165, in_chans=1).cuda().to(
         memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    images, labels = loader.batch(plan, 0, BATCH)
+    loader.fill()
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -186,7 +188,7 @@ def test_data_path_share_of_a_resnet50_step(benchmark, bench_cache):
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / reps
 
-    t_data = timed(lambda: loader.batch(plan, 0, BATCH), 50)
+    t_data = timed(loader.fill, 50)  # past the epoch's last batch the counter wraps
     benchmark.pedantic(lambda: timed(step, 10), rounds=3, iterations=1)
     t_step = timed(step, 10)
     share = t_data / t_step
