@@ -10,7 +10,8 @@ Paths:
   antialiased resize, one image per task over a pool of one thread per CPU, the cache in host
   memory), float32 NCHW;
 - ``device-bf16-cl`` (GPU only): bf16 channels-last into static buffers, the step's form under
-  ``--graphs --amp``;
+  ``--graphs --amp``; ``test_captured_fill_images_per_second`` (GPU only): the same batches
+  filled by replays of a CUDA graph holding the loader's fill, as ``--graphs`` runs it;
 - ``torch-cache``: the plain PyTorch loader on the same cache (one worker process per CPU,
   each with one torch thread, PIL's resize), the CPU reference.
 
@@ -122,6 +123,35 @@ def test_images_per_second(benchmark, bench_cache, path):
                                 target="50,000 images/s on one H100/H200" if CUDA else None)
     print(f"\n{path}: {rate:,.0f} images/s per epoch of {n}, {steady:,.0f} images/s in its "
           f"batches (the per-epoch plan left out)")
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_captured_fill_images_per_second(benchmark, bench_cache):
+    """The train data path as ``--graphs`` runs it: the loader's counter-driven fill (bf16
+    channels-last) captured once in a CUDA graph, replayed once per batch of an epoch."""
+    loader = _device_loader(bench_cache, dtype=torch.bfloat16, channels_last=True, static=True)
+    loader.defer_fill()
+    next(iter(loader))
+    for _ in range(3):  # Triton compiles, the allocator warms
+        loader.fill()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loader.fill()
+    steps = len(loader)
+
+    def epoch():
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+
+    epoch()
+    benchmark.pedantic(epoch, rounds=5, iterations=1)
+    rate = steps * BATCH / statistics.median(benchmark.stats.stats.data)
+    RESULTS["device-graphed"] = rate
+    benchmark.extra_info.update(images_per_s=round(rate, 1), device=torch.cuda.get_device_name(),
+                                target="50,000 images/s on one H100/H200")
+    print(f"\ncaptured fill: {rate:,.0f} images/s ({steps} replays of batch {BATCH})")
 
 
 def test_device_vs_plain_loader(benchmark, bench_cache):
