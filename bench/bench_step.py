@@ -16,11 +16,14 @@ adds resnet50 at 224 x 224, grid 64, batch 4.
 
 Each timed round runs several steps, then waits for the device. The ratios (fused vs the authors'
 way, heated vs plain, graphs vs eager) go into each benchmark's ``extra_info`` and the JSON's
-``step_ratios``, and are printed at the end of the session.
+``step_ratios``, and are printed at the end of the session. ``PGNM_BENCH_ROWS=FILE`` also appends
+each case's figures to FILE (one JSON line) as the case ends: pytest-benchmark writes its JSON at
+the end of the session only, so a session stopped at a time-box keeps what it measured.
 """
 from __future__ import annotations
 
 import gc
+import json
 import os
 
 import pytest
@@ -40,10 +43,15 @@ GPU_SETTINGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_graphs", "bf16_cl_compile")
 SETTINGS_OF = {  # which settings each arm is timed with on a GPU
     "plain": GPU_SETTINGS, "fast": GPU_SETTINGS, "reference": ("fp32", "bf16_cl"),
     "authors": ("fp32",)}  # the authors' way is fp32 eager by definition
+TARGET_CASES = [  # what bench/report.py's targets read, timed first on a GPU (a time-box keeps them)
+    ("resnet50", 224, 64, 256, "fast", "bf16_cl_graphs"), ("resnet50", 224, 64, 256, "plain", "bf16_cl_graphs"),
+    ("resnet50", 224, 64, 256, "authors", "fp32"), ("resnet50", 224, 64, 32, "fast", "bf16_cl_graphs"),
+    ("resnet50", 224, 64, 32, "fast", "bf16_cl")]
 
 
 def cases(device: str, full: bool = False) -> list[tuple]:
-    """(model, crop, grid, batch, arm, setting) for a device; compile cases last (they compile)."""
+    """(model, crop, grid, batch, arm, setting) for a device: on a GPU the targets' cases first,
+    compile cases last (they compile)."""
     quick = bool(os.environ.get("PGNM_BENCH_QUICK"))  # bench/run_gpu.sh --quick
     if device == "cuda" and quick:
         return [("resnet18", 224, 64, 32, arm, setting) for arm in SETTINGS_OF
@@ -54,6 +62,7 @@ def cases(device: str, full: bool = False) -> list[tuple]:
                for model in ("resnet10t", "resnet18", "resnet50") for batch in (32, 256)
                for arm, settings in SETTINGS_OF.items() for setting in settings
                if setting != "bf16_cl_compile"]
+        out = TARGET_CASES + [c for c in out if c not in TARGET_CASES]
         out += [("resnet50", 224, 64, 256, arm, "bf16_cl_compile") for arm in ("plain", "fast")]
         return out
     if quick:
@@ -229,3 +238,8 @@ def test_step(benchmark, case, request):
             "peak_mem_MiB": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None}
     benchmark.extra_info.update(info)
     MEASURED.append((info, seconds))
+    if os.environ.get("PGNM_BENCH_ROWS"):  # each case as it ends: a session stopped later keeps it
+        s = benchmark.stats.stats
+        with open(os.environ["PGNM_BENCH_ROWS"], "a") as fh:
+            fh.write(json.dumps({"extra_info": info, "stats": {"median": s.median, "q1": s.q1, "q3": s.q3,
+                                                               "rounds": s.rounds}}) + "\n")
