@@ -6,9 +6,13 @@
 ``record`` (called by bench/run_gpu.sh) gathers one run's raw outputs: the kernel and step
 benchmark JSONs, the validate JSON, the tests' JUnit XML, the end-to-end training's metrics.jsonl
 and each step's exit status, and writes one record: device, driver (from nvidia-smi, if present),
-torch, triton, every figure, every target met or not. ``readme`` rewrites the part of README.md
-between the performance markers from every bench/results/*.json, naming each figure's device;
-``--check`` exits 1 if the README is not what the records give.
+torch, triton, every figure, every target met or not. The step benchmark's figures come from its
+JSON, or where a time-box stopped it before the JSON was written, from the rows it wrote as each
+case ended (``<tag>-step-rows.jsonl``). A record already at ``--out`` for the same tag keeps the
+parts this run has no outputs for (a run of some steps only: ``run_gpu.sh loader``).
+``readme`` rewrites the part of README.md between the performance markers from every
+bench/results/*.json, naming each figure's device; ``--check`` exits 1 if the README is not what
+the records give.
 """
 from __future__ import annotations
 
@@ -124,6 +128,46 @@ def train_figures(metrics_path) -> dict:
     return out
 
 
+def _rows(path) -> dict | None:
+    """bench_step.py's rows file (one JSON line per case, as each ended) as its JSON's
+    ``benchmarks``; None where there is none. A line cut short by a kill is left out."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return {"benchmarks": rows} if rows else None
+
+
+def loader_figures(bench: dict | None) -> dict:
+    """bench_device_loader.py's figures: each benchmark's ``extra_info`` by its name."""
+    if not bench:
+        return {}
+    return {b["name"]: b.get("extra_info", {}) for b in bench.get("benchmarks", [])}
+
+
+PARTS = ("kernels", "validate", "tests", "step", "train", "loader")  # a record's per-step figures
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """``new``, with the parts it lacks taken from ``old`` (the same tag's earlier record) and
+    the targets recomputed from the merged step figures."""
+    if not old or old.get("tag") != new.get("tag"):
+        return new
+    out = dict(new)
+    for part in PARTS:
+        if not out.get(part) and old.get(part):
+            out[part] = old[part]
+    out["exit_status"] = {**old.get("exit_status", {}), **new.get("exit_status", {})}
+    out["targets"] = targets(out.get("step") or {}, out["on_gpu"])
+    return out
+
+
 def targets(step: dict, on_gpu: bool) -> dict:
     """Every target, met or not (None: not measured in this run; on the CPU: not a target)."""
     rows = {(r["model"], r["crop"], r["batch"], r["arm"], r["setting"]): r for r in step.get("rows", [])}
@@ -169,13 +213,15 @@ def record(raw: str, tag: str) -> dict:
         suite = ET.parse(raw / f"{tag}-tests.xml").getroot()
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
         rec["tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    step = step_figures(_load(raw / f"{tag}-step.json"))
+    eager = _load(raw / f"{tag}-step.json") or _rows(raw / f"{tag}-step-rows.jsonl")
+    step = step_figures(eager)
     compiled = step_figures(_load(raw / f"{tag}-step-compile.json"))
     if compiled:  # the compile cases ran apart: their ratios need the eager rows too
-        step = step_figures({"benchmarks": (_load(raw / f"{tag}-step.json") or {"benchmarks": []})["benchmarks"]
+        step = step_figures({"benchmarks": (eager or {"benchmarks": []})["benchmarks"]
                              + _load(raw / f"{tag}-step-compile.json")["benchmarks"]})
     rec["step"] = step
     rec["train"] = train_figures(raw / f"{tag}-train-metrics.jsonl")
+    rec["loader"] = loader_figures(_load(raw / f"{tag}-loader.json"))
     rec["exit_status"] = {p.name[len(tag) + 1:-3]: int(p.read_text().strip() or -1)
                           for p in sorted(raw.glob(f"{tag}-*.rc"))}
     rec["targets"] = targets(step, rec["on_gpu"])
@@ -254,7 +300,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "readme":
         return readme(args.check)
-    rec = record(args.raw, args.tag)
+    rec = merge(_load(args.out), record(args.raw, args.tag))
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(rec, fh, indent=1)
