@@ -49,6 +49,17 @@ def test_an_unknown_step_is_one_error_line():
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "'tset'" in p.stderr
 
 
+def test_every_gpu_test_module_is_in_a_step():
+    """A test module with GPU-only cases (``pytest.mark.gpu``) is run by some step of
+    run_gpu.sh (test_dali.py needs DALI, which a GPU machine may lack: its own command)."""
+    script = (ROOT / "bench" / "run_gpu.sh").read_text()
+    gpu = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+           if "mark.gpu" in p.read_text()} - {"tests/test_dali.py"}
+    assert gpu and not {f for f in gpu if f not in script}
+    named = {w.split("::")[0] for w in script.split() if w.startswith(("tests/", "bench/")) and ".py" in w}
+    assert all((ROOT / f).is_file() for f in named), named
+
+
 NO_DALI = """
 import sys
 for name in ("nvidia.dali", "nvidia.dali.plugin", "nvidia.dali.plugin.pytorch"):
