@@ -104,6 +104,8 @@ if [ $plan = 1 ]; then  # the time-boxes, nothing run
     exit 0
 fi
 
+# the CPU variant, even on a GPU machine; one torch thread unless told (bench/conftest.py)
+[ "$target" = cpu ] && export CUDA_VISIBLE_DEVICES="" PGNM_BENCH_THREADS=${PGNM_BENCH_THREADS:-1}
 # one interpreter start (an import of torch takes seconds) for the device check and its name
 device=$("$PY" -c "
 import re, sys, torch
@@ -118,7 +120,6 @@ if [ -z "$device" ]; then
         || echo "run_gpu.sh: $PY could not import torch" >&2
     exit 2
 fi
-[ "$target" = cpu ] && export CUDA_VISIBLE_DEVICES="" PGNM_BENCH_THREADS=${PGNM_BENCH_THREADS:-1}
 raw=bench/results/raw
 tag=$device$([ $quick = 1 ] && echo -quick)
 mkdir -p "$raw"

@@ -60,6 +60,15 @@ def test_every_gpu_test_module_is_in_a_step():
     assert all((ROOT / f).is_file() for f in named), named
 
 
+def test_no_visible_gpu_stops_before_any_step_with_one_line():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, DEVICE="cuda")
+    p = subprocess.run(["bash", "bench/run_gpu.sh", "tests"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 2 and "== tests" not in p.stdout
+    assert p.stderr.strip().splitlines() == [
+        f"run_gpu.sh: no CUDA device visible to {sys.executable} (DEVICE=cpu runs the CPU variant)"]
+
+
 NO_DALI = """
 import sys
 for name in ("nvidia.dali", "nvidia.dali.plugin", "nvidia.dali.plugin.pytorch"):
