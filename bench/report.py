@@ -6,7 +6,7 @@
 ``record`` (called by bench/run_gpu.sh) gathers one run's raw outputs: the kernel and step
 benchmark JSONs, the validate JSON, the tests' JUnit XML, the end-to-end training's metrics.jsonl
 and each step's exit status, and writes one record: device, driver (from nvidia-smi, if present),
-torch, triton, every figure, every target met or not. The step benchmark's figures come from its
+torch and its CUDA, triton, every figure, every target met or not. The step benchmark's figures come from its
 JSON, or where a time-box stopped it before the JSON was written, from the rows it wrote as each
 case ended (``<tag>-step-rows.jsonl``). A record already at ``--out`` for the same tag keeps the
 parts this run has no outputs for (a run of some steps only: ``run_gpu.sh loader``).
@@ -58,10 +58,11 @@ def driver() -> str | None:
 
 def _versions() -> dict:
     import platform
-    out = {"python": platform.python_version(), "torch": None, "triton": None, "device_name": None}
+    out = {"python": platform.python_version(), "torch": None, "cuda": None, "triton": None,
+           "device_name": None}
     try:
         import torch
-        out["torch"] = torch.__version__
+        out["torch"], out["cuda"] = torch.__version__, torch.version.cuda
         out["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except ImportError:
         pass
