@@ -220,3 +220,32 @@ def test_grid_larger_than_crop_is_refused():
         FastMasker(65, 64)
     with pytest.raises(ValueError, match="larger than the crop size 64x32"):
         FastMasker(40, (64, 32))
+
+
+@pytest.mark.parametrize("launch", [{"block": 1024}, {"block": 256, "num_warps": 4}], ids=["gpu-default", "b256"])
+def test_the_compiled_block_walk_equals_one_block_per_row(monkeypatch, launch):
+    """On a GPU each row is walked in blocks (an online logsumexp carried across them, and the
+    backward over several programs per row); the interpreter otherwise takes a whole row in one
+    block. Here the interpreter walks the blocks a GPU does: the masks, S and the gradients equal
+    the one-block run (m exactly: a cell's random stream does not depend on the block)."""
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    a_t = (torch.rand(ROWS, GRID * GRID, generator=g) * 6 - 3).to(DEVICE)
+    b_t = (torch.rand(ROWS, GRID * GRID, generator=g) * 6 - 3).to(DEVICE)
+    grad_s = torch.randn(ROWS, generator=g).to(DEVICE)
+
+    def run():
+        masker = FastMasker(GRID, 224, seed=21, backend="triton").to(DEVICE)
+        masker.sample_launch = dict(launch)
+        a, b = a_t.clone().requires_grad_(), b_t.clone().requires_grad_()
+        m, s = masker.sample_score(a, b)
+        ga, gb = torch.autograd.grad((s * grad_s).sum(), [a, b])
+        return m, s, ga, gb
+
+    one = run()
+    if op.INTERPRET:  # a GPU walks the blocks already: both runs below do
+        monkeypatch.setattr(op, "INTERPRET", False)
+    assert op._block(GRID * GRID, launch["block"]) == launch["block"] < GRID * GRID
+    walked = run()
+    assert torch.equal(walked[0], one[0])
+    for got, want in zip(walked[1:], one[1:]):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
