@@ -104,6 +104,9 @@ if [ $plan = 1 ]; then  # the time-boxes, nothing run
     exit 0
 fi
 
+for tool in timeout tee mktemp; do  # coreutils: every step runs under timeout
+    command -v "$tool" > /dev/null || { echo "run_gpu.sh: '$tool' is not installed (coreutils)" >&2; exit 2; }
+done
 # the CPU variant, even on a GPU machine; one torch thread unless told (bench/conftest.py)
 [ "$target" = cpu ] && export CUDA_VISIBLE_DEVICES="" PGNM_BENCH_THREADS=${PGNM_BENCH_THREADS:-1}
 # one interpreter start (an import of torch takes seconds) for the device check and its name
