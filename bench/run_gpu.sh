@@ -144,7 +144,7 @@ stems() {  # the raw outputs of a step
 for step in "${steps[@]}"; do  # this run's steps start afresh; the others' outputs stay for the record
     for stem in $(stems "$step"); do rm -f "$raw/$tag-$stem".*; done
 done
-command -v nvidia-smi > /dev/null && nvidia-smi > "$raw/$tag-nvidia-smi.txt" 2>&1
+command -v nvidia-smi > /dev/null && timeout 20 nvidia-smi > "$raw/$tag-nvidia-smi.txt" 2>&1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "device $device, quick $quick, steps ${steps[*]}"
