@@ -12,7 +12,8 @@ graph's static input tensors as the DALI loader hands it), ``bf16_cl_compile`` (
 classifier and policy). Classifiers resnet10t, resnet18, resnet50, policy resnet10t, one grey
 channel. On a GPU: crop 224, grid 64, batch 32 and 256, peak device memory per arm. On the CPU:
 crop 64, grid 16, batch 16, resnet10t, fp32 with and without channels-last; ``PGNM_BENCH_FULL=1``
-adds resnet50 at 224 x 224, grid 64, batch 4.
+adds resnet50 at 224 x 224, grid 64, batch 4. cuDNN's autotuning (``cudnn.benchmark``, which the
+trainer turns on) is left as torch sets it (off): each case's ``extra_info`` records it.
 
 Each timed round runs several steps, then waits for the device. The ratios (fused vs the authors'
 way, heated vs plain, graphs vs eager) go into each benchmark's ``extra_info`` and the JSON's
@@ -234,7 +235,8 @@ def test_step(benchmark, case, request):
     seconds = benchmark.stats.stats.median / per_round
     info = {"op": "train_step", "model": model_name, "policy": POLICY if arm != "plain" else None,
             "crop": crop, "grid": grid, "batch": batch, "arm": arm, "setting": setting,
-            "device": device, "seconds_per_step": seconds, "img_s": batch / seconds,
+            "device": device, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "seconds_per_step": seconds, "img_s": batch / seconds,
             "peak_mem_MiB": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None}
     benchmark.extra_info.update(info)
     MEASURED.append((info, seconds))
