@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -128,10 +129,17 @@ def _stat(path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+_SIZE_TIME = operator.attrgetter("st_size", "st_mtime_ns")
+
+
 def stat_files(paths) -> tuple[np.ndarray, np.ndarray]:
     """Size and modification time (ns) of each path; -1 where it cannot be read."""
     n = len(paths)  # no list of tuples: a numpy array filled from the stream of numbers
-    a = np.fromiter(itertools.chain.from_iterable(map(_stat, paths)), np.int64, 2 * n)
+    try:  # every path there: os.stat and both fields taken in C, no Python call per file
+        a = np.fromiter(itertools.chain.from_iterable(map(_SIZE_TIME, map(os.stat, paths))),
+                        np.int64, 2 * n)
+    except OSError:  # one cannot be read (gone, a loop): each path on its own, -1 for those
+        a = np.fromiter(itertools.chain.from_iterable(map(_stat, paths)), np.int64, 2 * n)
     return a[0::2].copy(), a[1::2].copy()
 
 
@@ -268,6 +276,30 @@ def checked(files: list, root=None, *, rank: int = 0, world_size: int = 1,
     if redone and rank == 0:
         _write_verdict(path, key, result, size, mtime)
     return result
+
+
+def unchanged(files: list, root=None, log: Callable[[str], None] = print) \
+        -> check.ScanResult | None:
+    """The cached verdict on ``files`` when not one of them changed size or time since (else
+    None, and nothing is checked): what ``pack`` plans from after a run checked the data."""
+    key = _list_digest(files)
+    cached = read(cache_folder(root) / f"check-{key[:20]}.npz", "verdict", key, log)
+    if cached is None:
+        return None
+    size, mtime = stat_files(files)
+    if not (np.array_equal(size, cached["size"]) and np.array_equal(mtime, cached["mtime"])):
+        return None
+    result = check.ScanResult(files, **{f: cached[f] for f in VERDICT_FIELDS})
+    result.bad = list(zip(cached["bad_index"].tolist(),
+                          _unblob(cached["bad_reason"], len(cached["bad_index"]))))
+    return result
+
+
+def remember(result: check.ScanResult, root, size, mtime) -> None:
+    """Cache a verdict on ``result.files`` (each file's ``size`` and ``mtime`` as it was read)
+    that was found outside :func:`checked` (``pack`` checks the files as it decodes them)."""
+    key = _list_digest(result.files)
+    _write_verdict(cache_folder(root) / f"check-{key[:20]}.npz", key, result, size, mtime)
 
 
 def _write_verdict(path: Path, key: str, result: check.ScanResult, size, mtime) -> None:
