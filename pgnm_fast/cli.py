@@ -351,7 +351,9 @@ def compare(data, out, preset, model, epochs, finetune_epochs, batch_size, worke
 @click.option("--repeats", type=int, default=5, show_default=True,
               help="Subsets drawn per n (seeded; the same for every checkpoint).")
 @click.option("--out", type=str, default=None,
-              help="Folder for transfer.json and transfer.png (default runs/transfer-<time>).")
+              help="Folder for transfer.json and transfer.png (default runs/transfer-<time>); "
+                   "run again to continue an interrupted transfer or to add shots, repeats or "
+                   "checkpoints.")
 @click.option("--probe", is_flag=True,
               help="Train only the new head, BatchNorm frozen (else the whole network).")
 @click.option("--steps", type=int, default=100, show_default=True, help="SGD steps per run.")

@@ -25,9 +25,18 @@ The protocol (also written into ``transfer.json``):
 All runs share one process: the test images are loaded once (kept in memory when they fit in
 ``TEST_CACHE_BYTES``), the training images of all subsets are decoded once, and each run builds
 only its model, optimiser and an in-process loader (no worker start-up).
+
+``transfer.json`` is rewritten after every run, so an interrupted transfer continues where it
+stopped when run again with the same ``--out``: a finished (checkpoint, n, repeat) run is reused,
+not trained again. Other ``--shots``, ``--repeats`` or more ``--from`` checkpoints add to the
+folder; a folder made under another protocol (data, classes, ``--probe``, ``--steps``, ``--lr``,
+``--batch-size``, ``--seed``) or from a checkpoint file whose content changed under the same name
+is refused, naming the setting. Runs outside the requested grid stay in ``transfer.json`` and
+are left out of its table and chart.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -40,10 +49,12 @@ from .distributed import init_distributed
 from .engine import N_STATS, PlainStep, TrainingDiverged, predict
 from .errors import ConfigError, DataError
 from .evaluate import write_json_atomic
+from .folders import check_output_dir, lock_folder
 from .metrics import classification_metrics, json_safe, t_interval
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.loader import batch_loader, split_key
+from .pipelines.packed import sha256_file
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform, load_grey
 from .run_state import load_run_state
@@ -211,56 +222,113 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
     shots = feasible_shots(parse_shots(",".join(map(str, shots))), pool_labels, classes, log)
     subsets = {(n, r): draw_subset(pool_labels, n, len(classes), seed, r)
                for n in shots for r in range(repeats)}
-    needed = sorted(set(np.concatenate(list(subsets.values())).tolist()))
-    decoded = {i: load_grey(pool_files[i]) for i in needed}  # each image decoded once
+    decoded: dict = {}  # pool index -> image, each decoded once, when a run first needs it
     info = init_distributed(device)
     out = Path(out) if out else Path("runs") / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}"
-    settings = {"data": str(data), "classes": classes, "shots": shots, "repeats": repeats,
-                "probe": probe, "steps": steps, "lr": lr, "batch_size": batch_size,
-                "seed": seed, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine",
+    check_output_dir(out, "--out")
+    settings = {"data": str(Path(data).resolve()), "classes": classes, "shots": shots,
+                "repeats": repeats, "probe": probe, "steps": steps, "lr": lr,
+                "batch_size": batch_size, "seed": seed, "momentum": 0.9, "weight_decay": 1e-4,
+                "schedule": "cosine",
                 "shots_are": "training images in all, class-stratified, from the train split",
                 "interval": "95% t-interval over repeats",
-                "checkpoints": {n: str(f) for n, f in zip(names, froms)}}
+                "checkpoints": {n: str(f) for n, f in zip(names, froms)},
+                "checkpoint_sha256": {n: sha256_file(f) for n, f in zip(names, froms)}}
     log(f"transfer: {len(froms)} checkpoint(s) x n in {shots} x {repeats} repeats onto "
         f"{len(classes)} classes of {data} ({len(test)} test images); "
         f"{'--probe: new head only, BatchNorm frozen' if probe else 'whole network fine-tuned'}"
         f", {steps} steps of lr {lr} (cosine) -> {out}")
-    runs, tests, t0 = [], {}, time.perf_counter()
-    for name, state in zip(names, states):
-        cfg = config_from_dict(state.config)
-        key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
-        if key not in tests:  # one test loader per preprocessing, built once
-            tests[key] = _test_batches(test, cfg, info.device, workers, loader, log)
-        for n in shots:
-            for r in range(repeats):
-                idx = subsets[(n, r)]
-                t_run = time.perf_counter()
-                model, loss = fine_tune(state, classes, [decoded[i] for i in idx],
-                                        pool_labels[idx], cfg, steps=steps, lr=lr,
-                                        batch_size=batch_size, probe=probe,
-                                        seed=seed * 1_000_003 + n * 1009 + r,
-                                        device=info.device, amp=amp)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"transfer from {name}, n={n}, repeat {r}: the loss "
-                                           f"became non-finite (try a lower --lr)")
-                logits, y = predict(model, tests[key], info.device, amp)
-                metrics = json_safe(classification_metrics(logits, y, classes)[0])
-                runs.append({"checkpoint": name, "n": n, "repeat": r, "train_loss": loss,
-                             "seconds": time.perf_counter() - t_run,
-                             **{k: metrics[k] for k in SCORE_KEYS}})
-                log(f"transfer: {name} n={n} repeat {r}: f1_macro {metrics['f1_macro']:.4f} "
-                    f"balanced_accuracy {metrics['balanced_accuracy']:.4f} "
-                    f"({time.perf_counter() - t_run:.1f} s)")
-                write_json_atomic({"settings": settings, "runs": runs}, out / "transfer.json")
-    report = {"settings": settings, "runs": runs, "summary": summarise(runs),
-              "seconds": time.perf_counter() - t0}
-    write_json_atomic(report, out / "transfer.json")
-    for line in format_table(report):
-        log(line)
-    chart = write_transfer_chart(report, out / "transfer.png")
+    with lock_folder(out, "transfer folder"):
+        stored = _stored_runs(out / "transfer.json", settings)
+        grid = [(name, n, r) for name in names for n in shots for r in range(repeats)]
+        in_grid = set(grid)
+        kept = [run for key, run in stored.items() if key not in in_grid]
+        runs, tests, t0 = [], {}, time.perf_counter()
+        for name, state in zip(names, states):
+            cfg = config_from_dict(state.config)
+            key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
+            for n in shots:
+                for r in range(repeats):
+                    if (name, n, r) in stored:
+                        runs.append(stored[(name, n, r)])
+                        continue
+                    if key not in tests:  # one test loader per preprocessing, built once
+                        tests[key] = _test_batches(test, cfg, info.device, workers, loader, log)
+                    idx = subsets[(n, r)]
+                    decoded.update({i: load_grey(pool_files[i]) for i in idx if i not in decoded})
+                    runs.append(_run(name, state, cfg, classes, [decoded[i] for i in idx],
+                                     pool_labels[idx], tests[key], n, r, steps=steps, lr=lr,
+                                     batch_size=batch_size, probe=probe, seed=seed,
+                                     device=info.device, amp=amp, log=log))
+                    write_json_atomic({"settings": settings, "runs": runs + kept},
+                                      out / "transfer.json")
+        report = {"settings": settings, "runs": runs + kept, "summary": summarise(runs),
+                  "seconds": time.perf_counter() - t0}
+        if stored:
+            log(f"transfer: {sum(k in stored for k in grid)} of {len(grid)} runs reused from "
+                f"{out / 'transfer.json'}" + (f"; {len(kept)} runs outside this grid kept in it"
+                                              if kept else ""))
+        write_json_atomic(report, out / "transfer.json")
+        for line in format_table(report):
+            log(line)
+        chart = write_transfer_chart(report, out / "transfer.png")
     log(f"transfer: {len(runs)} runs in {report['seconds']:.0f} s; written to "
         f"{out / 'transfer.json'}" + (f" and {chart}" if chart else ""))
     return report
+
+
+def _run(name, state, cfg, classes, images, labels, test, n, r, *, steps, lr, batch_size, probe,
+         seed, device, amp, log) -> dict:
+    """One (checkpoint, n, repeat) run: fine-tune, then score the test split."""
+    t_run = time.perf_counter()
+    model, loss = fine_tune(state, classes, images, labels, cfg, steps=steps, lr=lr,
+                            batch_size=batch_size, probe=probe,
+                            seed=seed * 1_000_003 + n * 1009 + r, device=device, amp=amp)
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"transfer from {name}, n={n}, repeat {r}: the loss became "
+                               f"non-finite (try a lower --lr)")
+    logits, y = predict(model, test, device, amp)
+    metrics = json_safe(classification_metrics(logits, y, classes)[0])
+    seconds = time.perf_counter() - t_run
+    log(f"transfer: {name} n={n} repeat {r}: f1_macro {metrics['f1_macro']:.4f} "
+        f"balanced_accuracy {metrics['balanced_accuracy']:.4f} ({seconds:.1f} s)")
+    return {"checkpoint": name, "n": n, "repeat": r, "train_loss": loss, "seconds": seconds,
+            **{k: metrics[k] for k in SCORE_KEYS}}
+
+
+# the settings a reused run must share, and the flag that sets each
+PROTOCOL = {"data": "--data", "classes": "--data", "probe": "--probe", "steps": "--steps",
+            "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed",
+            "momentum": "the version", "weight_decay": "the version", "schedule": "the version"}
+
+
+def _stored_runs(path: Path, settings: dict) -> dict:
+    """``{(checkpoint, n, repeat): run}`` of an earlier transfer into the same folder, after
+    checking it was made under the same protocol and checkpoints (module docstring)."""
+    if not path.is_file():
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+        old, runs = stored["settings"], stored["runs"]
+        done = {(x["checkpoint"], int(x["n"]), int(x["repeat"])): x for x in runs}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a transfer.json this version can continue "
+                        f"({type(e).__name__}); choose another --out") from None
+    for key, flag in PROTOCOL.items():
+        if old.get(key) != settings[key]:
+            raise ConfigError(f"{path.parent} was made with {key} = {old.get(key)!r}, not "
+                              f"{settings[key]!r} ({flag}): run with the same settings to "
+                              f"continue it, or choose another --out")
+    sums = old.get("checkpoint_sha256", {})
+    for name, digest in settings["checkpoint_sha256"].items():
+        if name in sums and sums[name] != digest:
+            raise ConfigError(f"{path.parent} holds runs from another checkpoint named {name!r} "
+                              f"(--from {settings['checkpoints'][name]} has other content; "
+                              f"--label names it): choose another --out or --label")
+    # the runs of a checkpoint not asked for this time stay, and so does its record
+    settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
+    settings["checkpoint_sha256"] = {**sums, **settings["checkpoint_sha256"]}
+    return done
 
 
 def summarise(runs: list[dict]) -> dict:

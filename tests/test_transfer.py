@@ -117,3 +117,40 @@ def test_transfer_bad_input_is_one_line(unseen, tmp_path):
     r = CliRunner().invoke(main, ["transfer", "--from", str(tmp_path / "none.pt"), "--data",
                                   str(unseen)])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_interrupted_transfer_continues_and_other_protocols_are_refused(unseen, tmp_path):
+    """A run lost to an interrupt is trained again (and equals the uninterrupted one); finished
+    runs are reused; a folder made under another protocol or checkpoint is refused by name."""
+    a, b = _checkpoint(tmp_path / "a" / "best.pt", 1), _checkpoint(tmp_path / "b" / "best.pt", 2)
+    out = tmp_path / "tr"
+    args = ["transfer", "--from", str(a), "--from", str(b), "--data", str(unseen), "--shots",
+            "10", "--repeats", "2", "--steps", "2", "-b", "8", "-j", "0", "--out", str(out),
+            "--probe"]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    whole = json.loads((out / "transfer.json").read_text())
+    cut = dict(whole, runs=whole["runs"][:3])  # as the file stands after the third run
+    cut.pop("summary")
+    (out / "transfer.json").write_text(json.dumps(cut))
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "3 of 4 runs reused" in r.output and r.output.count("n=10 repeat") == 1
+    again = json.loads((out / "transfer.json").read_text())
+    strip = [{k: v for k, v in x.items() if k != "seconds"} for x in whole["runs"]]
+    assert [{k: v for k, v in x.items() if k != "seconds"} for x in again["runs"]] == strip
+    assert again["summary"] == whole["summary"]
+    # more repeats add to the folder: the four runs reused, two new ones
+    def setting(flag, value):
+        return [value if i and args[i - 1] == flag else x for i, x in enumerate(args)]
+
+    r = CliRunner().invoke(main, setting("--repeats", "3"), catch_exceptions=False)
+    assert r.exit_code == 0 and "4 of 6 runs reused" in r.output, r.output
+    # another protocol, another checkpoint under the same name: one line each, nothing lost
+    before = (out / "transfer.json").read_bytes()
+    r = CliRunner().invoke(main, setting("--steps", "3"))
+    assert r.exit_code != 0 and "--steps" in r.output and "Traceback" not in r.output, r.output
+    _checkpoint(tmp_path / "a" / "best.pt", 7)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "'a'" in r.output and "--label" in r.output, r.output
+    assert (out / "transfer.json").read_bytes() == before
