@@ -33,10 +33,10 @@ from PIL import Image
 
 from pgnm_fast.errors import DataError
 
-try:  # ISA-L's inflate: the same streams and errors as zlib's, about twice as fast
-    from isal import isal_zlib as _zlib
+try:  # ISA-L's zlib: the same streams, checksums and errors; inflate about 2x, CRC-32 8x faster
+    from isal import isal_zlib as ZLIB
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-    _zlib = zlib
+    ZLIB = zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GREY8, CONVERT, BAD = 0, 1, 2
@@ -71,7 +71,7 @@ def png_check(data: memoryview, nbytes: int) -> tuple[Probe, bytes | None]:
             return Probe(BAD, nbytes=nbytes, reason=f"truncated PNG ({ctype.decode('latin-1')} "
                                                     f"chunk cut at byte {len(data)})"), None
         crc, = struct.unpack(">I", data[end - 4:end])
-        if zlib.crc32(data[pos + 8:end - 4], zlib.crc32(ctype)) != crc:
+        if ZLIB.crc32(data[pos + 8:end - 4], ZLIB.crc32(ctype)) != crc:
             name = ctype.decode("latin-1")
             return Probe(BAD, nbytes=nbytes,
                          reason=f"corrupt PNG (CRC mismatch in the {name} chunk at byte {pos})"), None
@@ -117,12 +117,12 @@ def _inflate(idats, width, height, depth, ctype_code, interlaced) -> tuple[str, 
         (-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in ADAM7]
     rows = [(w, h) for w, h in passes if w > 0 and h > 0]
     expected = sum(h * (1 + -(-w * bits // 8)) for w, h in rows)
-    inflater = _zlib.decompressobj()
+    inflater = ZLIB.decompressobj()
     try:
         raw = inflater.decompress(idats[0] if len(idats) == 1 else b"".join(idats), expected + 1)
         if len(raw) == expected and inflater.unconsumed_tail:
             raw += inflater.decompress(inflater.unconsumed_tail, 1)  # more than expected?
-    except _zlib.error as e:
+    except ZLIB.error as e:
         return f"broken compressed image data: {e}", b""
     if len(raw) != expected:
         return (f"compressed image data inflates to {'more than ' if len(raw) > expected else ''}"

@@ -30,8 +30,8 @@ import io
 import json
 import os
 import shutil
+import struct
 import time
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +102,42 @@ def decode_checked(data: bytes, path, channels: int) -> tuple[check.Probe, memor
     if found.kind == check.BAD:
         return found, None
     if raw is not None and found.kind == check.GREY8 and channels == 1:
-        size = (found.width, found.height)
-        return found, memoryview(Image.frombytes("L", size, zlib.compress(raw, 0), "zip",
-                                                 "L").tobytes())
+        pixels = bytearray(found.width * found.height)  # PIL writes the rows into it
+        im = Image.frombuffer("L", (found.width, found.height), pixels, "raw", "L", 0, 1)
+        core = im.im
+        im.frombytes(_stored(raw), "zip", "L")
+        if im.im is not core:  # PIL copied the image before writing: take its pixels
+            return found, memoryview(im.tobytes())
+        return found, memoryview(pixels)
     a = decode(io.BytesIO(data), channels)
     return found, memoryview(np.ascontiguousarray(a)).cast("B")  # no copy
+
+
+def _read(path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)  # one call for the whole file
+        if len(data) != size:  # a short read, or it grew: read on to its end
+            parts = [data]
+            while part := os.read(fd, 1 << 20):
+                parts.append(part)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def _stored(raw: bytes) -> bytes:
+    """``raw`` as a zlib stream of stored (not compressed) blocks: PIL's PNG decoder unfilters
+    its rows without inflating anything."""
+    view, parts = memoryview(raw), [b"\x78\x01"]
+    for start in range(0, len(raw), 65535):
+        block = view[start:start + 65535]
+        parts += [struct.pack("<BHH", start + 65535 >= len(raw), len(block),
+                              len(block) ^ 0xFFFF), block]
+    parts.append(struct.pack(">I", check.ZLIB.adler32(raw)))
+    return b"".join(parts)
 
 
 def _pack_chunk(job):
@@ -126,8 +157,7 @@ def _pack_entries(k, data_path, entries, channels):
     try:
         for pos, (path, offset, height, width) in enumerate(entries):
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = _read(path)
             except OSError as e:
                 found, buf = check.Probe(check.BAD, reason=f"cannot read file "
                                                             f"({e.strerror or e})"), None
@@ -148,8 +178,8 @@ def _pack_entries(k, data_path, entries, channels):
                 continue
             os.pwrite(fd, buf, offset)
             hashes.append(pixel_hash(buf))
-        os.fsync(fd)
-    finally:
+    finally:  # synced by the packer before it marks the chunk done
+
         os.close(fd)
     return k, hashes, bad, kinds
 
@@ -369,6 +399,10 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
     def record(result):
         nonlocal n_done
         k, hashes, bad, kinds = result
+        try:  # the chunk's bytes on disk before its marker (the workers go on meanwhile)
+            os.fsync(sync)
+        except OSError as e:
+            raise write_error(data_path, e) from None
         with atomic_open(chunk_dir / f"{k:06d}.json", "w") as f:
             json.dump({"hashes": [f"{h:016x}" for h in hashes], "bad": bad,
                        "kinds": "".join(map(str, kinds))}, f)
@@ -386,6 +420,7 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
         if after_chunk is not None:
             after_chunk(k)
 
+    sync = os.open(data_path, os.O_RDONLY)
     try:
         if workers <= 0:
             for job in jobs:
@@ -402,6 +437,7 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
                     record(pending.popleft().result())
     finally:
         bar.close()
+        os.close(sync)
     results = {}
     for k in range(n_chunks):
         results[k] = json.loads((chunk_dir / f"{k:06d}.json").read_text())

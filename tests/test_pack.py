@@ -69,15 +69,15 @@ def test_interrupted_pack_resumes_to_the_same_bytes(synth_root, packed, tmp_path
     """Ctrl-C in the middle of the third chunk (its first records already written, no marker):
     the cache is unusable and says why; the same call then decodes only what is left and ends
     byte-identical to an uninterrupted pack, and verifies."""
-    out, real, calls = tmp_path / "cache", packmod.decode, []
+    out, real, calls = tmp_path / "cache", packmod.decode_checked, []
 
-    def interrupted(path, channels):
+    def interrupted(data, path, channels):
         calls.append(path)
         if len(calls) == 150:
             raise KeyboardInterrupt
-        return real(path, channels)
+        return real(data, path, channels)
 
-    monkeypatch.setattr(packmod, "decode", interrupted)
+    monkeypatch.setattr(packmod, "decode_checked", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pack(synth_root, out, workers=0, chunk_size=64, log=quiet)
     assert not (out / MANIFEST).exists()
@@ -115,11 +115,12 @@ def test_interruption_between_the_final_renames(synth_root, packed, tmp_path, mo
 
 
 def test_resume_refuses_a_changed_source(synth_copy, tmp_path, monkeypatch):
-    out, real = tmp_path / "cache", packmod.decode
-    monkeypatch.setattr(packmod, "decode", lambda p, c: (_ for _ in ()).throw(KeyboardInterrupt))
+    out, real = tmp_path / "cache", packmod.decode_checked
+    monkeypatch.setattr(packmod, "decode_checked",
+                        lambda d, p, c: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         pack(synth_copy, out, workers=0, log=quiet)
-    monkeypatch.setattr(packmod, "decode", real)
+    monkeypatch.setattr(packmod, "decode_checked", real)
     victim = open_source(synth_copy).split("train").files[3]
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 50), np.uint8)).save(victim)
     with pytest.raises(DataError, match="source changed"):
@@ -363,7 +364,7 @@ def test_grey_pixels_from_the_checked_rows_equal_pils_decode(tmp_path, monkeypat
     """The check inflates each PNG once; an 8-bit grey image's pixels come from those rows (no
     second decode), bit for bit PIL's, through every row filter, with either inflater."""
     from pgnm_fast.pipelines import check
-    monkeypatch.setattr(check, "_zlib", zlib if inflater == "zlib"
+    monkeypatch.setattr(check, "ZLIB", zlib if inflater == "zlib"
                         else pytest.importorskip("isal.isal_zlib"))
     monkeypatch.setattr(packmod, "decode", None)  # a second decode would fail
     rng = np.random.default_rng()
