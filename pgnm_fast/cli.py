@@ -152,8 +152,8 @@ def training_options(f):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--threads", type=int, default=None, metavar="N",
-                     help="CPU runs: intra-op threads (default: the cores left after the "
-                          "data-loading threads, at least 1)."),
+                     help="CPU runs: intra-op threads (default: the cores less those other "
+                          "processes keep busy, by the load average; at least 1)."),
         click.option("--recheck", is_flag=True,
                      help="Check every image file afresh instead of reusing the verdict cached "
                           "beside the data."),

@@ -296,18 +296,23 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
     return train, val
 
 
-def intra_op_threads(cfg: TrainConfig, device: torch.device) -> int | None:
-    """CPU runs: ``--threads``, else the cores of this process (its share under torchrun) left
-    after the data-loading processes or threads, at least 1. On a 2-core machine with two loading
-    workers the step then runs on one thread instead of competing with the loader for both
-    cores. None on a GPU (torch's default stays)."""
+def intra_op_threads(cfg: TrainConfig, device: torch.device) -> tuple[int, str] | None:
+    """CPU runs: ``(threads, why)``. ``--threads``, else the cores of this process (its share
+    under torchrun) less the whole cores other processes keep busy (the 1-minute load average
+    per local process, truncated), at least 1. Measured on a 2-core machine with the tiny quick
+    start (DALI's CPU loader, 2 workers): idle, 2 threads ran the heated stage in 116 s against
+    186 s with 1 (the loader needs little of the cores); busy with other jobs (load 8-16), 2
+    threads took 365-1,083 s against 126-148 s with 1 (torch's threads spin for cores others
+    hold). None on a GPU (torch's default stays)."""
     if device.type != "cpu":
         return None
     if cfg.threads:
-        return cfg.threads
-    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    loading = 0 if cfg.loader == "device" else max(0, cfg.workers)  # device: no loading workers
-    return max(1, cores - loading)
+        return cfg.threads, "--threads"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(1, len(os.sched_getaffinity(0)) // local)
+    load = os.getloadavg()[0] / local
+    return max(1, share - int(load)), (f"{share} core{'s' if share > 1 else ''}, load average "
+                                       f"{load:.1f}; --threads sets it")
 
 
 def _graphs_blocked(info: DistInfo) -> str | None:
@@ -343,7 +348,7 @@ def _train(run: Run, log, show_progress) -> Path:
     train_loader, val_loader = _loaders(run, log)
     threads = intra_op_threads(cfg, dev)
     if threads is not None:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads[0])
     step = _graphed(parts, train_loader, run, log) if cfg.graphs else parts.step
     averager = None
     if cfg.average_last:  # on every process: each validates its shard of the average
@@ -362,7 +367,7 @@ def _train(run: Run, log, show_progress) -> Path:
         + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step" if parts.policy else "")
         + f") on {dev}, {cfg.epochs} epochs of batch {cfg.batch_size}"
         + (f" x {info.world_size}" if info.distributed else "")
-        + (f"\n  {threads} intra-op thread{'s' if threads > 1 else ''} (--threads)"
+        + (f"\n  {threads[0]} intra-op thread{'s' if threads[0] > 1 else ''} ({threads[1]})"
            if threads is not None else "")
         + (f"\n  weights from {run.init_from}" if run.init_from else "")
         + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "

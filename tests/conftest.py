@@ -31,6 +31,12 @@ def synth_folders_root(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("synth") / "folders", layout="folders", **SYNTH)
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """240 images of 40 px (RadImageNet layout) for tests that train through the CLI; read only."""
+    return make_synthetic(tmp_path_factory.mktemp("synth") / "small", images=240, seed=5, size=40)
+
+
 @pytest.fixture
 def synth_copy(synth_root, tmp_path):
     """A private, writable copy of the RadImageNet-layout set, for tests that break it."""

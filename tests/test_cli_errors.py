@@ -16,8 +16,8 @@ SMALL = ["--epochs", "1", "-b", "16", "--train-crop-size", "32", "--val-resize-s
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("synth"), images=240, seed=5, size=40)
+def data(small_data):
+    return small_data
 
 
 @pytest.fixture(scope="module")

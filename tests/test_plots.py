@@ -12,7 +12,6 @@ from PIL import Image
 
 from pgnm_fast import observe, plots
 from pgnm_fast.cli import main
-from pgnm_fast.synth import make_synthetic
 
 SMALL = ["--epochs", "2", "-b", "16", "--train-crop-size", "32", "--val-resize-size", "36",
          "--val-crop-size", "32", "-j", "0", "--print-freq", "2", "--seed", "3", "--grid", "8"]
@@ -30,8 +29,8 @@ def assert_picture(path, min_side=300):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("synth"), images=240, seed=11, size=40)
+def data(small_data):
+    return small_data
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ main()
 """
 
 # (loader, mask step implementation, where the kill lands): every loader, implementation and
-# moment at least once, in four runs
+# moment at least once, in four runs; three of them resume from a checkpoint
 CASES = [("torch", "reference", "step"), ("dali", "fast", "validation"),
          ("torch", "fast", "last.pt"), ("dali", "reference", "best.pt")]
 
@@ -97,12 +97,15 @@ def _epochs(run: Path) -> list:
             if r["kind"] == "epoch"]
 
 
-def _calls(kind: str, data: Path) -> int:
-    """How many driver events an uninterrupted two-epoch run has at least (N is drawn up to it):
-    two optimiser steps (classifier, policy) per batch, one validation, one last.pt per epoch,
-    best.pt at least after the first."""
+def _calls(kind: str, data: Path) -> tuple[int, int]:
+    """The range N is drawn from: events of an uninterrupted two-epoch run after the first
+    ``last.pt`` is in place, so that the kill leaves a checkpoint to resume from (two optimiser
+    steps, classifier and policy, per batch: the second epoch's; its validation; the second
+    ``last.pt`` write). ``best.pt`` is written before ``last.pt``, and only its first write is
+    certain: that kill leaves no checkpoint, and the same command starts again."""
     steps = 2 * (len(open_source(data).split("train")) // 8)  # batch 8, last partial dropped
-    return {"step": 2 * steps, "validation": 2, "last.pt": 2, "best.pt": 1}[kind]
+    return {"step": (steps + 1, 2 * steps), "validation": (2, 2), "last.pt": (2, 2),
+            "best.pt": (1, 1)}[kind]
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +117,14 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("loader,impl,kind", CASES)
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(data, tmp_path, loader, impl, kind):
     seed = int.from_bytes(os.urandom(4), "little")
-    n = random.Random(seed).randint(1, _calls(kind, data))
+    n = random.Random(seed).randint(*_calls(kind, data))
     why = f"(SIGKILL at {kind} event {n}, seed {seed})"
     args = ["train", "--data", data, *RUN, "--loader", loader, "--impl", impl]
     whole, part = tmp_path / "whole", tmp_path / "part"
     _cli(*args, "--out", whole)
     killed = _cli(*args, "--out", part, driver=[kind, n], check=False)
     assert killed.returncode == -9, killed.stdout + killed.stderr + why
+    assert (part / "last.pt").exists() == (kind != "best.pt"), why
     if (part / "last.pt").exists():
         r = _cli("train", "--resume", part / "last.pt", check=False)
         if "already finished" not in r.stdout + r.stderr:
