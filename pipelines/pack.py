@@ -97,20 +97,35 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def decode_checked(data: bytes, path, channels: int) -> tuple[check.Probe, memoryview | None]:
     """(the check's probe of a file read into ``data``, its pixels as bytes: ``None`` for a bad
     file). An 8-bit grey PNG's pixels come from the rows the check inflated (PIL unfilters them,
-    from a stored, uncompressed zlib stream); others are decoded by :func:`decode`."""
+    from a stored, uncompressed zlib stream, into a buffer reused by the next call of this
+    process: use them before); others are decoded by :func:`decode`."""
     found, raw = check.probe_data(data, path)
     if found.kind == check.BAD:
         return found, None
     if raw is not None and found.kind == check.GREY8 and channels == 1:
-        pixels = bytearray(found.width * found.height)  # PIL writes the rows into it
-        im = Image.frombuffer("L", (found.width, found.height), pixels, "raw", "L", 0, 1)
-        core = im.im
-        im.frombytes(_stored(raw), "zip", "L")
-        if im.im is not core:  # PIL copied the image before writing: take its pixels
+        pixels, im, core = _grey_frame(found.width, found.height)
+        im.frombytes(_stored(raw), "zip", "L")  # PIL writes the rows into ``pixels``
+        if im.im is not core:  # it copied the image before writing: take its pixels
+            _FRAME.clear()
             return found, memoryview(im.tobytes())
         return found, memoryview(pixels)
     a = decode(io.BytesIO(data), channels)
     return found, memoryview(np.ascontiguousarray(a)).cast("B")  # no copy
+
+
+_FRAME: dict = {}  # (width, height) -> (buffer, PIL image over it, its core): the last one
+
+
+def _grey_frame(width: int, height: int):
+    """A grey PIL image of this size whose pixels are a buffer of ours, made once for a run of
+    images of one size (the caller uses its pixels before it decodes the next image)."""
+    frame = _FRAME.get((width, height))
+    if frame is None:
+        pixels = bytearray(width * height)
+        im = Image.frombuffer("L", (width, height), pixels, "raw", "L", 0, 1)
+        _FRAME.clear()
+        frame = _FRAME[(width, height)] = (pixels, im, im.im)
+    return frame
 
 
 def _read(path) -> bytes:
