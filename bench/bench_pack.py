@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,8 +38,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pgnm_fast.synth import cache_dir, make_synthetic
 
 IMAGES = int(os.environ.get("PGNM_PACK_IMAGES", "3000"))
 ROUNDS = int(os.environ.get("PGNM_PACK_ROUNDS", "5"))
@@ -68,14 +65,8 @@ print(manifest["records"], seconds, cpu)
 
 
 @pytest.fixture(scope="module")
-def pack_data() -> Path:
-    root = cache_dir() / f"bench-pack-{IMAGES}-224px"
-    if not (root / "train").is_dir():
-        tmp = root.with_name(root.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_synthetic(tmp, images=IMAGES, seed=0, size=224, layout="folders")
-        os.replace(tmp, root)
-    return root
+def pack_data(synthetic_folders) -> Path:
+    return synthetic_folders(f"bench-pack-{IMAGES}-224px", IMAGES, 224)
 
 
 def _arms() -> list[tuple[str, Path, str]]:

@@ -37,7 +37,6 @@ from pathlib import Path
 import pytest
 
 from pgnm_fast.pipelines import open_source, startup
-from pgnm_fast.synth import cache_dir, make_synthetic
 
 FILES = int(os.environ.get("PGNM_SCALE_FILES", "10000"))
 RADIMAGENET = 1_350_000
@@ -46,14 +45,9 @@ RESULTS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def scale_data():
+def scale_data(synthetic_folders):
     """(root, train files): the benchmark set, made once in the synthetic-data cache."""
-    root = cache_dir() / f"bench-scale-{FILES}-16px"
-    if not (root / "train").is_dir():
-        tmp = root.with_name(root.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_synthetic(tmp, images=FILES, seed=0, size=16, layout="folders")
-        os.replace(tmp, root)
+    root = synthetic_folders(f"bench-scale-{FILES}-16px", FILES, 16)
     files = open_source(root).split("train").files
     RESULTS["files"] = len(files)
     return root, files
