@@ -6,12 +6,19 @@
 Paths:
 
 - ``device``: :class:`~pgnm_fast.pipelines.device.DeviceLoader` over the packed train split
-  (on a GPU: the Triton kernel, the cache in GPU memory; on the CPU: the torch version, the
-  cache in host memory), float32 NCHW;
+  (on a GPU: the Triton kernel, the cache in GPU memory; on the CPU: torch's uint8
+  antialiased resize, one image per task over a pool of one thread per CPU, the cache in host
+  memory), float32 NCHW;
 - ``device-bf16-cl`` (GPU only): bf16 channels-last into static buffers, the step's form under
-  ``--graphs --amp``;
-- ``torch-cache``: the plain PyTorch loader on the same cache (one worker process per CPU),
-  the CPU reference.
+  ``--graphs --amp``; ``test_captured_fill_images_per_second`` (GPU only): the same batches
+  filled by replays of a CUDA graph holding the loader's fill, as ``--graphs`` runs it;
+- ``torch-cache``: the plain PyTorch loader on the same cache (one worker process per CPU,
+  each with one torch thread, PIL's resize), the CPU reference.
+
+Both CPU paths use every CPU: the device path's resize threads are one per CPU whatever
+``PGNM_BENCH_THREADS`` says (that setting only sets the torch threads of this process, which
+the device path uses for its batched normalisation), and the plain loader has one worker
+process per CPU.
 
 A round is one epoch after a warm-up epoch (its crop plan drawn on the host included; the
 steady rate of the batches alone, what a long epoch approaches, is in ``extra_info``). On a
@@ -21,9 +28,10 @@ alternation and ``test_device_vs_plain_loader`` reports the ratio device / plain
 path spends per image (this process and the plain loader's worker processes, from ``/proc``):
 under load a path with more processes gets more of the machine, CPU time per image does not
 depend on that. On a GPU, ``test_data_path_share_of_a_resnet50_step`` times one batch's
-augmentation against a resnet50 forward + backward + SGD step at batch 256 (bf16
-autocast, channels-last): the heated step does that and more, so the printed share is an upper
-bound of the data path's share of it.
+augmentation (the counter-driven fill that ``--graphs`` captures with the step) against a
+resnet50 forward + backward + SGD step at batch 256 (bf16 autocast, channels-last): the
+heated step does that and more, so the printed share is an upper bound of the data path's
+share of it.
 
 Targets (reported, not asserted): on the CPU the device path at least as fast as the plain
 loader (ratio >= 1); on one H100/H200 at least 50,000 images/s and under 2% of the step.
@@ -74,7 +82,8 @@ def bench_cache():
 
 def _device_loader(cache, **kw):
     return DeviceLoader(open_source(cache).split("train"), train=True, batch_size=BATCH,
-                        crop_size=CROP, device="cuda" if CUDA else None, **kw)
+                        crop_size=CROP, device="cuda" if CUDA else None,
+                        threads=None if CUDA else CPUS, **kw)
 
 
 def _epoch(loader) -> tuple[int, float]:
@@ -114,6 +123,35 @@ def test_images_per_second(benchmark, bench_cache, path):
                                 target="50,000 images/s on one H100/H200" if CUDA else None)
     print(f"\n{path}: {rate:,.0f} images/s per epoch of {n}, {steady:,.0f} images/s in its "
           f"batches (the per-epoch plan left out)")
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_captured_fill_images_per_second(benchmark, bench_cache):
+    """The train data path as ``--graphs`` runs it: the loader's counter-driven fill (bf16
+    channels-last) captured once in a CUDA graph, replayed once per batch of an epoch."""
+    loader = _device_loader(bench_cache, dtype=torch.bfloat16, channels_last=True, static=True)
+    loader.defer_fill()
+    next(iter(loader))
+    for _ in range(3):  # Triton compiles, the allocator warms
+        loader.fill()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loader.fill()
+    steps = len(loader)
+
+    def epoch():
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+
+    epoch()
+    benchmark.pedantic(epoch, rounds=5, iterations=1)
+    rate = steps * BATCH / statistics.median(benchmark.stats.stats.data)
+    RESULTS["device-graphed"] = rate
+    benchmark.extra_info.update(images_per_s=round(rate, 1), device=torch.cuda.get_device_name(),
+                                target="50,000 images/s on one H100/H200")
+    print(f"\ncaptured fill: {rate:,.0f} images/s ({steps} replays of batch {BATCH})")
 
 
 def test_device_vs_plain_loader(benchmark, bench_cache):
@@ -156,11 +194,12 @@ def test_device_vs_plain_loader(benchmark, bench_cache):
 def test_data_path_share_of_a_resnet50_step(benchmark, bench_cache):
     from pgnm_fast.models import create_model
     loader = _device_loader(bench_cache, dtype=torch.bfloat16, channels_last=True, static=True)
-    plan = loader.plan_epoch()
+    loader.defer_fill()  # the data path as --graphs runs it: the counter-driven fill
+    images, labels = next(iter(loader))
     model = create_model("resnet50", num_classes=165, in_chans=1).cuda().to(
         memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    images, labels = loader.batch(plan, 0, BATCH)
+    loader.fill()
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -179,7 +218,7 @@ def test_data_path_share_of_a_resnet50_step(benchmark, bench_cache):
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) / reps
 
-    t_data = timed(lambda: loader.batch(plan, 0, BATCH), 50)
+    t_data = timed(loader.fill, 50)  # past the epoch's last batch the counter wraps
     benchmark.pedantic(lambda: timed(step, 10), rounds=3, iterations=1)
     t_step = timed(step, 10)
     share = t_data / t_step

@@ -1,5 +1,6 @@
 """``--graphs``: the whole training step (forward, backward, both optimiser steps, the policy's
-EMA and the device-side metrics) captured once as a CUDA graph and replayed every step.
+EMA and the device-side metrics) captured once as a CUDA graph and replayed every step (with
+``--loader device``, the batch's augmentation too).
 
 The steps of :mod:`pgnm_fast.engine` are written for this: no host sync, metrics summed into a
 device tensor, the mask kernels' RNG seed and offset in a device tensor advanced by the kernel
@@ -10,7 +11,12 @@ changes, handled here as PyTorch's CUDA-graph notes prescribe:
   (autograd, the optimisers' momentum buffers, Triton's compilation, cuDNN's choices and the
   libraries' per-stream handles all settle before capture);
 - static inputs: the graph reads one images and one labels tensor. Each batch is copied into
-  them, unless it already is them (the DALI loader's ``static`` buffers: no copy);
+  them, unless it already is them (the DALI and device loaders' ``static`` buffers: no copy);
+- a prologue: with ``--loader device`` the loader's batch fill (crop plan rows picked by a
+  device-side counter, the resampling kernel, the labels; see
+  :meth:`~pgnm_fast.pipelines.device.DeviceLoader.fill`) runs before the step, in the warm-up
+  and eager steps and inside the captured function, so a replay is augmentation + step and the
+  loader only hands over the buffers;
 - constants: a captured SGD step keeps the learning rate, momentum and weight decay it was
   captured with, so a change of any of them (the per-epoch schedules) re-captures the step
   before the next replay. A batch of another shape runs eagerly;
@@ -57,13 +63,17 @@ class GraphedStep:
     """A step ``step(images, target, stats)`` (engine.HeatedStep or PlainStep) replayed as a
     CUDA graph (module docstring). ``optimizers``: the step's optimisers, whose hyper-parameters
     decide when to re-capture. ``static_inputs``: the loader yields the same two tensors every
-    step, which then become the graph's inputs. ``capture`` and ``warm`` are injectable so the
-    logic is testable without CUDA."""
+    step, which then become the graph's inputs. ``prologue``: a callable that fills those two
+    tensors (the device loader's :meth:`~pgnm_fast.pipelines.device.DeviceLoader.fill`), run
+    before every step and captured with it; it needs ``static_inputs``. ``capture`` and
+    ``warm`` are injectable so the logic is testable without CUDA."""
 
     def __init__(self, step, optimizers, *, warmup: int = 3, static_inputs: bool = False,
-                 log=print, capture=None, warm=None):
+                 prologue=None, log=print, capture=None, warm=None):
+        if prologue is not None and not static_inputs:
+            raise ValueError("a prologue fills the loader's static buffers: static_inputs=True")
         self.step, self.optimizers, self.warmup = step, list(optimizers), warmup
-        self.static_inputs, self.log = static_inputs, log
+        self.static_inputs, self.prologue, self.log = static_inputs, prologue, log
         cuda = _CudaGraphs() if capture is None or warm is None else None
         self._capture = capture or cuda.capture
         self._warm = warm or cuda.warm
@@ -75,15 +85,25 @@ class GraphedStep:
         return tuple((g["lr"], g.get("momentum"), g.get("weight_decay"), g.get("dampening"),
                       g.get("nesterov")) for o in self.optimizers for g in o.param_groups)
 
+    def _run(self, images, target, stats):
+        """One step as captured: the prologue (if any), then the step."""
+        if self.prologue is not None:
+            self.prologue()
+        self.step(images, target, stats)
+
     def __call__(self, images, target, stats):
         self.steps += 1
+        if self.prologue is not None and self.inputs is not None and (
+                images is not self.inputs[0] or target is not self.inputs[1]):
+            raise RuntimeError("a prologue fills the static buffers, but the step was handed "
+                               "other tensors (a copy made after the loader yielded them?)")
         if self.eager_reason is not None or self.steps <= self.warmup:
             if self.eager_reason is None:
-                return self._warm(lambda: self.step(images, target, stats))
-            return self.step(images, target, stats)
+                return self._warm(lambda: self._run(images, target, stats))
+            return self._run(images, target, stats)
         shape = (images.shape, images.stride(), images.dtype, target.shape, target.dtype)
         if self.replay is not None and shape != self.key[0]:
-            return self.step(images, target, stats)  # an odd batch: eagerly, graph kept
+            return self._run(images, target, stats)  # an odd batch: eagerly, graph kept
         if self.inputs is None:
             self.inputs = (images, target) if self.static_inputs else (
                 torch.empty_like(images), torch.empty_like(target))
@@ -95,7 +115,7 @@ class GraphedStep:
             static_target.copy_(target, non_blocking=True)
         if self.replay is None or self._hyper() != self.key[1]:
             if not self._recapture(shape):
-                return self.step(images, target, stats)
+                return self._run(images, target, stats)
         self.replay()
         stats += self.stats
         self.stats.zero_()
@@ -105,7 +125,7 @@ class GraphedStep:
         for optimizer in self.optimizers:  # backward allocates the grads inside the graph
             optimizer.zero_grad(set_to_none=True)
         try:
-            self.replay = self._capture(lambda: self.step(*self.inputs, self.stats))
+            self.replay = self._capture(lambda: self._run(*self.inputs, self.stats))
         except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self.eager_reason = reason

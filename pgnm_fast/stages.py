@@ -281,8 +281,9 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
                   backend=cfg.loader, on_bad_image=cfg.on_bad_image, recheck=run.recheck,
                   log=log, **cfg.normalisation(),
                   channels_last=use_channels_last(cfg.channels_last, info.device))
-    # static (DALI, for graph replay): every train batch lands in the same two tensors
-    # (loader.buffers); without it DALI's own output buffers are yielded, no copy
+    # static (DALI and device, for graph replay): every train batch lands in the same two
+    # tensors (loader.buffers); without it DALI's own output buffers are yielded, no copy.
+    # _graphed then moves the device loader's fill into the captured step (defer_fill)
     static = cfg.graphs and _graphs_blocked(info) is None
     train = make_loader(run.train_split, train=True, crop_size=cfg.train_crop_size, seed=cfg.seed,
                         rank=info.rank, world_size=info.world_size, static=static,
@@ -332,9 +333,14 @@ def _graphed(parts: Parts, train_loader: BatchLoader, run: Run, log):
         return parts.step
     optimizers = [o for o in (parts.optimizer, parts.policy_optimizer) if o is not None]
     static = train_loader.static  # DALI / device fill the same two tensors
+    # the device loader: its batch fill joins the step (augmentation inside the graph)
+    defer = getattr(train_loader, "defer_fill", None) if static else None
+    prologue = defer() if defer is not None else None
     log("--graphs: the step is captured as a CUDA graph after 3 eager steps"
-        + (", reading the loader's static batch buffers" if static else ""))
-    return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static, log=log)
+        + (", reading the loader's static batch buffers" if static else "")
+        + (", the loader's augmentation captured with it" if prologue is not None else ""))
+    return GraphedStep(parts.step, optimizers, warmup=3, static_inputs=static,
+                       prologue=prologue, log=log)
 
 
 def _train(run: Run, log, show_progress) -> Path:

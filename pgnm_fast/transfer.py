@@ -363,6 +363,13 @@ def format_table(report: dict) -> list[str]:
     return lines
 
 
+def score_limits(lo: float, hi: float) -> tuple[float, float]:
+    """A score axis from matplotlib's automatic limits: inside [0, 1] (a little headroom above
+    for the points), at least 0.1 tall, so that equal scores (all 1.0) still show a line."""
+    hi = min(1.0, hi)
+    return max(0.0, min(lo, hi - 0.1)), hi + 0.02
+
+
 def write_transfer_chart(report: dict, path) -> Path | None:
     """``transfer.png``: macro F1, balanced accuracy and ROC-AUC against n (log axis), one line
     with its 95% band per checkpoint, the repeats as points. None without matplotlib."""
@@ -394,7 +401,7 @@ def write_transfer_chart(report: dict, path) -> Path | None:
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("training images n (class-stratified)")
         ax.set_ylabel(key.replace("_", " "))
-        ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(1.0, ax.get_ylim()[1]) + 0.02)
+        ax.set_ylim(*score_limits(*ax.get_ylim()))
         ax.grid(alpha=0.3)
     s = report["settings"]
     axes[0].legend(fontsize=8)

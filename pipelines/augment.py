@@ -15,20 +15,25 @@ antialiases), taps from ``trunc(c - support + 0.5)`` (clamped at 0) to
 ``trunc(c + support + 0.5)`` (clamped at ``in``), weights normalised in float64 and rounded to
 22-bit fixed point; a horizontal pass into an 8-bit intermediate (round half up, clamped to
 0..255), then a vertical pass over that. :func:`resample_tables` computes the taps (float64,
-vectorised, on the images' device); :func:`resized_crop_torch` and the Triton kernel
+vectorised, on the images' device); :func:`resample_torch` and the Triton kernel
 (:mod:`pgnm_fast.kernels.resized_crop`) run the same integer arithmetic, so both equal PIL
-bit for bit. A horizontal flip reverses the column tables; normalisation is a 256-entry table
+bit for bit. The CPU's fast path, :func:`resample_interpolate`, is torch's own antialiased
+uint8 resize (PIL's rules, 16-bit weights), one image per task over a thread pool: within 1
+grey level of the exact path. A horizontal flip reverses the column tables; normalisation is a 256-entry table
 made by :func:`~pgnm_fast.pipelines.transforms.to_tensor`'s own float32 ops (:func:`value_table`),
 so the output equals the plain loader's tensor exactly (bf16: that value rounded to nearest).
 """
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .transforms import MEAN, STD
 
+IMPLS = ("auto", "triton", "torch", "interpolate")  # resized_crop's implementations
 PRECISION_BITS = 22  # PIL's fixed point for 8-bit images (32 - 8 - 2)
 HALF = 1 << (PRECISION_BITS - 1)
 
@@ -127,16 +132,110 @@ def resample_torch(data, base, stride, rows, row_w, cols, col_w):
     return _clip8(_dot(window, row_w[:, :, None]))
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _one_thread(barrier):
+    torch.get_num_threads()  # torch's per-thread set-up first (it would reset the count later)
+    torch.set_num_threads(1)
+    barrier.wait()  # every worker started and set up before the caller's count is restored
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """``threads`` worker threads, each running torch ops on one intra-op thread (one image per
+    worker; a 2-thread op inside each of 2 workers waits on a descheduled thread whenever the
+    machine is busy), the caller's intra-op thread count left as it was."""
+    if threads not in _POOLS:
+        caller = torch.get_num_threads()
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="resized-crop")
+        barrier = threading.Barrier(threads)
+        for f in [pool.submit(_one_thread, barrier) for _ in range(threads)]:
+            f.result()
+        torch.set_num_threads(caller)  # the process-wide parts of set_num_threads, restored
+        _POOLS[threads] = pool
+    return _POOLS[threads]
+
+
+def resample_interpolate(data, base, stride, box, out_hw, offset, flip, size: int,
+                         threads: int | None = None, sink=None):
+    """Grey levels ``[B, S, S]`` uint8 by torch's own antialiased bilinear resize of uint8
+    images (``F.interpolate(..., mode="bilinear", antialias=True)``, PIL's filter, support
+    and two 8-bit passes with 16-bit fixed-point weights instead of PIL's 22-bit ones): within
+    1 grey level of :func:`resample_torch` and of PIL's ``resize`` (tested, a few percent of
+    pixels differ). One image at a time (each crop its own size), ``threads`` at once in a
+    pool of threads with one torch thread each (default: torch's intra-op thread count; the
+    resize releases the GIL); deterministic. Same arguments as :func:`resample_tables`, on the
+    CPU. ``sink``: called as ``sink(i, grey_i)`` in the worker for each image instead (then
+    returns None)."""
+    B, S = len(box), size
+    grey = torch.empty((B, S, S), dtype=torch.uint8) if sink is None else None
+    rows = zip(*(t.to(torch.int64).tolist() for t in (base, stride, box, out_hw, offset)),
+               flip.to(torch.bool).tolist())
+
+    def one(i, row):
+        first, step, (top, left, h, w), (oh, ow), (oy, ox), flipped = row
+        img = data.as_strided((1, 1, h, w), (h * step, h * step, step, 1),
+                              data.storage_offset() + first + top * step + left)
+        if (h, w) != (oh, ow):
+            img = torch.nn.functional.interpolate(img, size=(oh, ow), mode="bilinear",
+                                                  antialias=True, align_corners=False)
+        y0, y1, x0, x1 = max(oy, 0), min(oy + S, oh), max(ox, 0), min(ox + S, ow)
+        if (y0, y1, x0, x1) == (oy, oy + S, ox, ox + S):  # no padding (train)
+            g = img[0, 0, y0:y1, x0:x1]
+            g = g.flip(-1) if flipped else g
+        else:  # an eval window that leaves the image: level 0 around it
+            g = torch.zeros((S, S), dtype=torch.uint8)
+            if y1 > y0 and x1 > x0:
+                window = img[0, 0, y0:y1, x0:x1]
+                if flipped:  # output column j shows window column S - 1 - j
+                    g[y0 - oy:y1 - oy, S - (x1 - ox):S - (x0 - ox)] = window.flip(-1)
+                else:
+                    g[y0 - oy:y1 - oy, x0 - ox:x1 - ox] = window
+        if sink is None:
+            grey[i].copy_(g)
+        else:
+            sink(i, g)
+
+    threads = threads or torch.get_num_threads()
+    if B == 1 or (threads == 1 and torch.get_num_threads() == 1):
+        for i, row in enumerate(rows):
+            one(i, row)
+    else:
+        inference = torch.is_inference_mode_enabled()  # thread-local: the caller's, in each worker
+
+        def task(i, row):
+            with torch.inference_mode(inference):
+                one(i, row)
+
+        list(_pool(threads).map(task, range(B), rows))
+    return grey
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
+
+
 def resized_crop(out, data, base, stride, box, out_hw, offset, flip, table, k: int,
-                 impl: str = "auto"):
+                 impl: str = "auto", threads: int | None = None):
     """Write the batch's normalised crops into ``out`` (``[B, C, S, S]``, any strides and
     float dtype; ``table``: :func:`value_table` in ``out``'s dtype). ``impl``: ``"triton"``
-    (the kernel, CUDA or the Triton interpreter), ``"torch"``, or ``"auto"`` (Triton on CUDA).
-    No host synchronisation on CUDA."""
+    (the kernel, CUDA or the Triton interpreter), ``"torch"`` (:func:`resample_torch`, PIL's
+    integer math exactly: the kernel's reference), ``"interpolate"``
+    (:func:`resample_interpolate`, CPU, within 1 grey level; ``threads``), or ``"auto"``
+    (Triton on CUDA, interpolate on the CPU). No host synchronisation on CUDA."""
+    check_impl(impl)
     B, C, S = out.shape[0], out.shape[1], out.shape[2]
-    rows, row_w, cols, col_w = resample_tables(box, out_hw, offset, flip, S, k)
     if impl == "auto":
-        impl = "triton" if data.device.type == "cuda" else "torch"
+        impl = "triton" if data.device.type == "cuda" else "interpolate"
+    if impl == "interpolate":  # the lookup in each worker, on its image
+        def sink(i, grey):
+            values = torch.index_select(table, 0, grey.reshape(-1).to(torch.int64))
+            out[i].copy_(values.view(1, S, S).expand(C, S, S))
+
+        resample_interpolate(data, base, stride, box, out_hw, offset, flip, S, threads, sink)
+        return out
+    rows, row_w, cols, col_w = resample_tables(box, out_hw, offset, flip, S, k)
     if impl == "triton":
         from pgnm_fast.kernels.resized_crop import resample_normalise
         return resample_normalise(out, data, base, stride, rows, row_w, cols, col_w, table)

@@ -13,7 +13,9 @@ class BatchLoader(Protocol):
     """Yields ``(images, labels)`` batches; ``len()`` batches per epoch.
 
     ``static``: every batch lands in the same two tensors (``buffers``, set after the first
-    batch), so a captured CUDA graph can read them without a copy. ``name``: how the start line
+    batch), so a captured CUDA graph can read them without a copy. A static loader may also
+    offer ``defer_fill()`` (the device loader): its batches are then filled by the callable it
+    returns, which the graphed step runs and captures with the step. ``name``: how the start line
     of a run names the loader."""
 
     batch_size: int

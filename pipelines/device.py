@@ -4,8 +4,8 @@
 ``device`` (grey: an RGB cache becomes grey by PIL's ITU-R 601-2 luma, as the other loaders
 read it), with each image's native height and width from the cache's records. Every batch is
 then cut, resized, flipped and normalised there by :func:`~pgnm_fast.pipelines.augment.resized_crop`
-(the Triton kernel on CUDA, the same integer math in torch on the CPU): no image crosses PCIe or
-meets a CPU after the first copy.
+(the Triton kernel on CUDA; on the CPU torch's antialiased uint8 resize, one image per task
+over a thread pool): on a GPU no image crosses PCIe or meets a CPU after the first copy.
 
 Plans: the crop boxes and flips of an epoch are drawn on the host when the epoch starts, by
 DALI's vectorised rules (:func:`~pgnm_fast.pipelines.dali.random_resized_crop_params`:
@@ -16,11 +16,14 @@ and go to the device in one copy. An epoch is thus a pure function of ``(seed, r
 host synchronisation. Eval: torchvision's shorter-side resize and centre crop
 (:func:`~pgnm_fast.pipelines.dali.eval_params`), zero padding for a small image.
 
-Pixels: PIL's bilinear resampling (antialiased when shrinking) done as PIL does it, a
-horizontal fixed-point pass into an 8-bit intermediate, then a vertical one; this equals the
-plain loader's Pillow exactly where Pillow runs its passes in that order (every Pillow before
-13; Pillow 13 runs the vertical pass first for some shapes, and the two orders differ by at
-most 1 grey level, on a few percent of pixels).
+Pixels: PIL's bilinear resampling (antialiased when shrinking). On CUDA (and with
+``impl="torch"``) done as PIL does it, a horizontal fixed-point pass into an 8-bit
+intermediate, then a vertical one; this equals the plain loader's Pillow exactly where Pillow
+runs its passes in that order (every Pillow before 13; Pillow 13 runs the vertical pass first
+for some shapes, and the two orders differ by at most 1 grey level, on a few percent of
+pixels). On the CPU (``impl="interpolate"``, the default there) torch's own uint8 resize with
+PIL's rules and 16-bit weights: within 1 grey level of PIL and of the exact path, a few
+percent of pixels apart; deterministic, so a resumed run still replays its batches exactly.
 
 Order: train uses the plain loader's :class:`~pgnm_fast.pipelines.loader.EpochSampler` when
 the process holds the whole split (``resident="full"``, the default for one process); under
@@ -34,6 +37,16 @@ Output: ``(images, labels)``, images ``[N, C, S, S]`` in ``dtype`` (float32 or b
 ``channels_last`` memory if asked, ``C`` 1 or 3 (copies of grey); labels int64. ``static=True``
 writes every batch into the same two tensors (``loader.buffers``), which a captured CUDA graph
 reads without a copy; the consumer must be done with a batch before asking for the next.
+
+Inside the captured step (``--graphs`` on one GPU): the trainer calls :meth:`DeviceLoader.defer_fill`.
+The epoch's plan then lives in static device tensors (``[batches, batch_size, ...]``, the new
+epoch's plan copied into them when the epoch starts, outside the graph) with a device-side step
+counter; :meth:`DeviceLoader.fill` picks the counter's batch by tensor indexing, augments it into
+the static buffers, gathers its labels and advances the counter, with no host synchronisation.
+The graphed step runs it before the step and captures it with the step, so one replay is the
+augmentation and the step, and the iterator only yields the buffers. The batches are the same,
+bit for bit, as the eager ones. Without ``--graphs``, on the CPU or under torchrun every batch
+is filled by the iterator.
 """
 from __future__ import annotations
 
@@ -45,7 +58,7 @@ from torch.utils.data import Sampler
 
 from pgnm_fast.errors import DataError
 
-from .augment import resized_crop, taps, value_table
+from .augment import check_impl, resized_crop, taps, value_table
 from .dali import eval_params, random_resized_crop_params
 from .loader import EpochSampler, EvalShardSampler
 from .transforms import MEAN, STD
@@ -109,14 +122,16 @@ def fits(need: int, device) -> tuple[bool, str]:
 
 class DeviceLoader:
     """An iterable of ``(images, labels)`` batches from a packed split held on ``device``
-    (module docstring). ``impl``: ``"auto"`` (Triton on CUDA, torch on the CPU), ``"triton"``
-    or ``"torch"``."""
+    (module docstring). ``impl``: ``"auto"`` (Triton on CUDA, ``"interpolate"`` on the CPU),
+    ``"triton"``, ``"torch"`` or ``"interpolate"`` (:func:`~pgnm_fast.pipelines.augment.resized_crop`);
+    ``threads``: the CPU resize's thread pool (default: torch's intra-op thread count)."""
 
     def __init__(self, split, *, train: bool, batch_size: int, crop_size: int = 224,
                  resize_size: int = 256, channels: int = 1, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device=None, dtype=torch.float32,
                  channels_last: bool = False, static: bool = False, resident: str | None = None,
-                 mean: float = MEAN, std: float = STD, impl: str = "auto"):
+                 mean: float = MEAN, std: float = STD, impl: str = "auto",
+                 threads: int | None = None):
         if not hasattr(split, "cache"):
             raise DataError(f"--loader device reads a packed cache (pgnm-fast pack); the "
                             f"{split.name} split is image files")
@@ -124,6 +139,7 @@ class DeviceLoader:
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        check_impl(impl)
         resident = resident or ("shard" if world_size > 1 else "full")
         if resident not in RESIDENT:
             raise ValueError(f"resident must be one of {RESIDENT}, not {resident!r}")
@@ -132,6 +148,7 @@ class DeviceLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype, self.channels_last, self.static, self.impl = dtype, channels_last, static, impl
+        self.threads = threads
         self.resident = resident if train else "shard"
         n = len(split)
         if train and self.resident == "full":
@@ -159,6 +176,8 @@ class DeviceLoader:
             self.taps = 2 * math.ceil(max(scale, 1.0)) + 1
         self._load()
         self.buffers = None
+        self.prologue = None  # defer_fill(): the batch fill runs inside the step
+        self._plan = self._step = None
 
     # -- residency
     def _load(self):
@@ -251,20 +270,69 @@ class DeviceLoader:
     def batch(self, plan: dict, start: int, n: int, out=None):
         """Augment samples ``start .. start + n`` of ``plan`` into ``out`` (or new tensors)."""
         images, labels = out if out is not None else self._out_tensors(self.batch_size)
-        images, labels = images[:n], labels[:n]
         sl = slice(start, start + n)
-        slot = plan["slot"][sl]
-        resized_crop(images, self.data, self.base[slot], self.row[slot], plan["box"][sl],
-                     plan["out_hw"][sl], plan["offset"][sl], plan["flip"][sl], self.table,
-                     self.taps, impl=self.impl)
+        return self._augment({k: v[sl] for k, v in plan.items()}, images[:n], labels[:n])
+
+    def _augment(self, rows: dict, images, labels):
+        """The plan ``rows`` of one batch, augmented into ``images``, their labels into
+        ``labels``; tensor ops only (no host synchronisation on CUDA)."""
+        slot = rows["slot"]
+        resized_crop(images, self.data, self.base.index_select(0, slot),
+                     self.row.index_select(0, slot), rows["box"], rows["out_hw"],
+                     rows["offset"], rows["flip"], self.table, self.taps, impl=self.impl,
+                     threads=self.threads)
         torch.index_select(self.labels, 0, slot, out=labels)
         return images, labels
 
     def __iter__(self):
         plan = self.plan_epoch()
         total, B = len(plan["slot"]), self.batch_size
+        if self.prologue is not None:
+            yield from self._unfilled(plan)
+            return
         for start in range(0, total, B):
             yield self.batch(plan, start, min(B, total - start))
+
+    # -- the batch fill inside the captured step (--graphs)
+    def defer_fill(self):
+        """Move the fill of every train batch into the step: from the next epoch on, the
+        iterator yields ``buffers`` unfilled (``len(self)`` times an epoch) and :meth:`fill`,
+        also ``self.prologue``, fills them with the epoch's next batch; the graphed step runs
+        it before the step and captures it with the step (:class:`pgnm_fast.graphs.GraphedStep`
+        ``prologue``). Only for a static train loader (every batch full: train drops the last
+        partial one). Returns :meth:`fill`."""
+        if not (self.train and self.static):
+            raise ValueError("only a static train loader can fill its batches inside the step")
+        self.prologue = self.fill
+        return self.fill
+
+    def _unfilled(self, plan: dict):
+        """Copy the epoch's plan into the static plan tensors (``[batches, batch_size, ...]``,
+        allocated once: a captured graph reads them by address), reset the step counter,
+        then yield the static buffers once per batch."""
+        steps, B = len(plan["slot"]) // self.batch_size, self.batch_size
+        rows = {k: v[:steps * B].view(steps, B, *v.shape[1:]) for k, v in plan.items()}
+        if self._plan is None or len(self._plan["slot"]) != steps:
+            self._plan = {k: v.clone() for k, v in rows.items()}
+            self._step = torch.zeros(1, dtype=torch.int64, device=self.device)
+        else:
+            for k, v in rows.items():
+                self._plan[k].copy_(v)
+            self._step.zero_()
+        batch = self._out_tensors(B)
+        for _ in range(steps):
+            yield batch
+
+    def fill(self):
+        """Fill ``buffers`` with the batch the device-side step counter points at, then advance
+        the counter in place: the batch's plan rows are picked by ``index_select`` with the
+        counter (no Python int from device data, no ``.item()``, fixed shapes), so the fill
+        is capturable in a CUDA graph and each replay fills the next batch. A counter past the
+        epoch's last batch wraps to its first."""
+        at = torch.remainder(self._step, len(self._plan["slot"]))
+        rows = {k: v.index_select(0, at)[0] for k, v in self._plan.items()}
+        self._augment(rows, *self.buffers)
+        self._step.add_(1)
 
 
 def _grey(a: np.ndarray) -> np.ndarray:

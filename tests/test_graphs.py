@@ -209,3 +209,33 @@ def test_emulated_capture_keeps_scalars_and_runs_nothing():
     x.fill_(3.0)
     replay()
     assert torch.equal(acc, torch.full((3,), 6.0))
+
+
+def test_a_prologue_that_fills_the_inputs_is_captured_with_the_step():
+    """A prologue in the form of the device loader's fill (the batch picked from static tensors
+    by a counter tensor, the counter advanced in place) runs in the warm-up steps and is
+    recorded with the step: the replays step over every batch once, as the eager run does."""
+    batches = _batches(6)
+    eager, eager_stats, _ = _train(_plain, False, batches)
+    images = torch.stack([b[0] for b in batches])
+    targets = torch.stack([b[1] for b in batches])
+    held = (torch.empty_like(images[0]), torch.empty_like(targets[0]))
+    counter = torch.zeros(1, dtype=torch.int64)
+
+    def prologue():
+        held[0].copy_(images.index_select(0, counter)[0])
+        held[1].copy_(targets.index_select(0, counter)[0])
+        counter.add_(1)
+
+    modules, optimizers, step = _plain()
+    with pytest.raises(ValueError, match="static_inputs"):
+        GraphedStep(step, optimizers, prologue=prologue)
+    runner = GraphedStep(step, optimizers, warmup=2, static_inputs=True, prologue=prologue,
+                         log=lambda *_: None, capture=emulated_capture, warm=_eager)
+    stats = torch.zeros(N_STATS)
+    torch.manual_seed(123)
+    for _ in batches:
+        runner(*held, stats)
+    assert runner.captures == 1 and runner.eager_reason is None and int(counter) == 6
+    _assert_same({k: v.clone() for k, v in modules.state_dict().items()}, eager)
+    torch.testing.assert_close(stats, eager_stats, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from pgnm_fast.config import make_config
 from pgnm_fast.models import create_model
 from pgnm_fast.pipelines.sources import open_source
 from pgnm_fast.synth import CLASSES, make_synthetic
-from pgnm_fast.transfer import _model, draw_subset, feasible_shots, parse_shots
+from pgnm_fast.transfer import _model, draw_subset, feasible_shots, parse_shots, score_limits
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,10 @@ def test_interrupted_transfer_continues_and_other_protocols_are_refused(unseen, 
     r = CliRunner().invoke(main, args)
     assert r.exit_code != 0 and "'a'" in r.output and "--label" in r.output, r.output
     assert (out / "transfer.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("auto,expected", [((0.999, 1.001), (0.9, 1.02)),  # every score 1.0
+                                           ((0.42, 0.97), (0.42, 0.99)),
+                                           ((-0.05, 0.3), (0.0, 0.32))])
+def test_score_axis_stays_in_the_unit_interval_and_shows_equal_scores(auto, expected):
+    assert score_limits(*auto) == pytest.approx(expected)

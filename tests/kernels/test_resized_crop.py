@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pgnm_fast.pipelines.augment import resample_tables, resample_torch, resized_crop, taps, value_table
+from pgnm_fast.pipelines.augment import (
+    resample_interpolate,
+    resample_tables,
+    resample_torch,
+    resized_crop,
+    taps,
+    value_table,
+)
 from pgnm_fast.pipelines.transforms import to_tensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: compiled, or interpreted
@@ -67,6 +74,67 @@ def test_torch_resample_is_pils_bilinear(size):
         assert np.abs(got[i].astype(int) - direct).max() <= 1
         differing += int((got[i] != direct).sum())
     assert differing <= 0.25 * got.size
+
+
+@pytest.mark.parametrize("size", [7, 24, 61])
+def test_interpolate_is_within_one_level_of_pil_and_the_exact_path(size):
+    """The CPU's fast path (torch's uint8 antialiased resize) on fresh random images and crops,
+    shrunk and enlarged, flipped or not: within 1 grey level of Pillow's ``resize`` (the plain
+    loader) and of the exact path, and at most 10% of the pixels apart from either (a
+    misplaced tap or a half-pixel shift would move most of them)."""
+    rng = np.random.default_rng()
+    imgs, data, base, width = _batch(rng, 24)
+    box = _boxes(rng, imgs)
+    n = len(imgs)
+    flip = torch.from_numpy(rng.random(n) < 0.5)
+    out_hw, offset = torch.full((n, 2), size), torch.zeros(n, 2, dtype=torch.int64)
+    fast = resample_interpolate(data, base, width, box, out_hw, offset, flip, size,
+                                threads=int(rng.integers(1, 4))).numpy().astype(int)
+    k = taps(max(max(a.shape) for a in imgs), size)
+    exact = resample_torch(data, base, width, *resample_tables(box, out_hw, offset, flip, size,
+                                                               k)).numpy()
+    direct = np.stack([_pil_two_pass(a, box[i].tolist(), size, bool(flip[i]))[1]
+                       for i, a in enumerate(imgs)]).astype(int)
+    for ref in (exact, direct):
+        assert np.abs(fast - ref).max() <= 1
+        assert (fast != ref).mean() <= 0.10
+
+
+def test_interpolate_eval_windows_pad_like_the_exact_path():
+    """Eval-like windows of a whole image resized to a random size (padding where the window
+    leaves it), flipped or not: padding is level 0 exactly, the rest within 1 level of the
+    exact path."""
+    rng = np.random.default_rng()
+    size = 33
+    data, base, width, box, out_hw, offset, flip, k = _kernel_inputs(rng, 12, size, True)
+    fast = resample_interpolate(data, base, width, box, out_hw, offset, flip, size).numpy()
+    exact = resample_torch(data, base, width, *resample_tables(box, out_hw, offset, flip, size,
+                                                               k)).numpy()
+    assert np.abs(fast.astype(int) - exact).max() <= 1
+    for i in range(len(box)):
+        oy, ox = offset[i].tolist()
+        oh, ow = out_hw[i].tolist()
+        ys, xs = np.arange(size) + oy, np.arange(size) + ox
+        pad = ~((ys >= 0) & (ys < oh))[:, None] | ~((xs >= 0) & (xs < ow))[None, :]
+        pad = pad[:, ::-1] if flip[i] else pad
+        assert (fast[i][pad] == 0).all() and (exact[i][pad] == 0).all()
+
+
+def test_interpolate_is_the_same_on_any_number_of_threads_and_in_inference_mode():
+    """The worker threads write into the caller's tensor under the caller's inference mode
+    (validation runs under ``torch.inference_mode``); thread count does not change a pixel."""
+    rng = np.random.default_rng()
+    args = _kernel_inputs(rng, 9, 20, False)
+    outs = []
+    for threads in (1, 2, 3):
+        with torch.inference_mode():
+            out = torch.empty(9, 3, 20, 20)
+            resized_crop(out, *args[:-1], value_table(), args[-1], impl="interpolate",
+                         threads=threads)
+        outs.append(out)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    grey = resample_interpolate(*args[:-1], 20)
+    assert torch.equal(outs[0], value_table()[grey.long()].unsqueeze(1).expand(9, 3, 20, 20))
 
 
 def test_value_table_is_to_tensors_normalisation():
