@@ -13,8 +13,10 @@ Data: a synthetic class-folder set of ``PGNM_SCALE_FILES`` (default 10,000) grey
   size and at half of it, and extrapolated along the line through the two (the verdict it
   returns, about 40 bytes a file, is part of it);
 - ``second-start``: listing and verdict from the caches (every file's size and time compared),
-  per file, beside the time ``os.stat`` alone takes for every file (the floor of a verdict keyed
-  by sizes and times; under torchrun each rank stats its shard only);
+  per file, beside the time ``os.stat`` alone takes for every file (a bare loop of calls in one
+  thread: the floor of a verdict keyed by sizes and times; under torchrun each rank stats its
+  shard only) and :func:`~pgnm_fast.pipelines.startup.stat_files` in one thread (it spreads
+  the calls over threads from ``STAT_THREADS_FROM`` files);
 - ``shard``: the files one rank of 8 reads in a sharded check.
 
 The table printed at the end extrapolates each to RadImageNet's 1.35 million files, beside the
@@ -24,6 +26,7 @@ vary).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -34,7 +37,6 @@ from pathlib import Path
 import pytest
 
 from pgnm_fast.pipelines import open_source, startup
-from pgnm_fast.synth import cache_dir, make_synthetic
 
 FILES = int(os.environ.get("PGNM_SCALE_FILES", "10000"))
 RADIMAGENET = 1_350_000
@@ -43,14 +45,9 @@ RESULTS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def scale_data():
+def scale_data(synthetic_folders):
     """(root, train files): the benchmark set, made once in the synthetic-data cache."""
-    root = cache_dir() / f"bench-scale-{FILES}-16px"
-    if not (root / "train").is_dir():
-        tmp = root.with_name(root.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_synthetic(tmp, images=FILES, seed=0, size=16, layout="folders")
-        os.replace(tmp, root)
+    root = synthetic_folders(f"bench-scale-{FILES}-16px", FILES, 16)
     files = open_source(root).split("train").files
     RESULTS["files"] = len(files)
     return root, files
@@ -124,13 +121,18 @@ def test_second_start(benchmark, scale_data):
         return startup.checked(split.files, split.root, log=_quiet)
     benchmark.pedantic(second, rounds=5, iterations=1)
     per_file = benchmark.stats.stats.median / len(files)
-    stat = []  # the part no cache can save: the size and time of every file, which key it
-    for _ in range(5):
+    stat, stat_files_1 = [], []  # the part no cache can save: os.stat of every file (the
+    for _ in range(5):          # verdict's key) in a bare loop, and startup's in one thread
         t0 = time.perf_counter()
-        startup.stat_files(files)
+        collections.deque(map(os.stat, files), maxlen=0)
         stat.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        startup.stat_files(files, threads=1)
+        stat_files_1.append(time.perf_counter() - t0)
     RESULTS["second-start"] = dict(us_per_file=per_file * 1e6,
                                    stat_us_per_file=sorted(stat)[2] / len(files) * 1e6,
+                                   stat_files_1_thread_us_per_file=sorted(stat_files_1)[2]
+                                   / len(files) * 1e6,
                                    s_per_million=per_file * 1e6,
                                    at_radimagenet_s=per_file * RADIMAGENET)
     benchmark.extra_info.update(files=len(files), **RESULTS["second-start"])
@@ -169,8 +171,10 @@ def _table(request):
     if "second-start" in RESULTS:
         r = RESULTS["second-start"]
         lines.append(f"second start   {r['us_per_file']:8.2f} us/file  -> {r['at_radimagenet_s']:7.2f} s"
-                     f" ({r['s_per_million']:.2f} s per million; target < 5; os.stat of "
-                     f"every file alone {r['stat_us_per_file']:.2f} us/file)")
+                     f" ({r['s_per_million']:.2f} s per million; target < 5)")
+        lines.append(f"  os.stat of every file alone {r['stat_us_per_file']:.2f} us/file; "
+                     f"startup.stat_files in one thread {r['stat_files_1_thread_us_per_file']:.2f}"
+                     f" us/file (from {startup.STAT_THREADS_FROM:,} files it uses up to 4)")
     if "shard" in RESULTS:
         r = RESULTS["shard"]
         lines.append(f"rank 0 of {WORLD}    reads {r['fraction']:.4f} of the files -> "

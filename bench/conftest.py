@@ -14,6 +14,25 @@ if os.environ.get("PGNM_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["PGNM_BENCH_THREADS"]))
 
 
+@pytest.fixture(scope="session")
+def synthetic_folders():
+    """``make(name, images, size) -> root``: a class-folder synthetic set (seed 0) in the
+    synthetic-data cache, made once (into a sibling folder renamed into place when complete)."""
+    import shutil
+
+    from pgnm_fast.synth import cache_dir, make_synthetic
+
+    def make(name: str, images: int, size: int):
+        root = cache_dir() / name
+        if not (root / "train").is_dir():
+            tmp = root.with_name(root.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_synthetic(tmp, images=images, seed=0, size=size, layout="folders")
+            os.replace(tmp, root)
+        return root
+    return make
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

@@ -6,6 +6,17 @@ Pixels follow the loaders' decoding rules (:func:`pgnm_fast.pipelines.transforms
 (rounded, a constant image becomes 0); colour images in a grey set converted by PIL's ITU-R
 601-2 luma. ``channels="auto"`` stores RGB (3 channels) only when every image is colour, else grey.
 
+Each file is read once, by the process that decodes it: it is checked there as the pre-epoch
+check does (:func:`.check.probe_data`: chunk CRCs, the image data inflated to exactly the size
+its header implies), and an 8-bit grey PNG is decoded from those inflated bytes (PIL unfilters
+them; nothing is inflated twice). The plan before any write reads each file's PNG header and
+last chunk only (:func:`.check.probe_header`; other files are checked in full there), or takes
+the verdict a run cached on the same, unchanged files (:mod:`.startup`); what the decoders find
+is cached as that verdict for the runs that follow. With ``--on-bad-image error`` a file whose
+header or end is wrong stops the pack before anything is written; one whose chunks or image
+data are broken inside stops it as it is decoded, naming the file, and a pack that this command
+started is removed again (nothing half-written is left). ``--on-bad-image skip`` lists both.
+
 Writing is resumable and atomic: work goes into ``CACHE/.partial/`` (a plan, the preallocated
 data file, one marker per finished chunk of records written after the chunk's bytes are synced).
 Running the same command again skips the finished chunks; a changed source is refused. The
@@ -15,9 +26,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import shutil
+import struct
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -81,9 +94,71 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def decode_checked(data: bytes, path, channels: int) -> tuple[check.Probe, memoryview | None]:
+    """(the check's probe of a file read into ``data``, its pixels as bytes: ``None`` for a bad
+    file). An 8-bit grey PNG's pixels come from the rows the check inflated (PIL unfilters them,
+    from a stored, uncompressed zlib stream, into a buffer reused by the next call of this
+    process: use them before); others are decoded by :func:`decode`."""
+    found, raw = check.probe_data(data, path)
+    if found.kind == check.BAD:
+        return found, None
+    if raw is not None and found.kind == check.GREY8 and channels == 1:
+        pixels, im, core = _grey_frame(found.width, found.height)
+        im.frombytes(_stored(raw), "zip", "L")  # PIL writes the rows into ``pixels``
+        if im.im is not core:  # it copied the image before writing: take its pixels
+            _FRAME.clear()
+            return found, memoryview(im.tobytes())
+        return found, memoryview(pixels)
+    a = decode(io.BytesIO(data), channels)
+    return found, memoryview(np.ascontiguousarray(a)).cast("B")  # no copy
+
+
+_FRAME: dict = {}  # (width, height) -> (buffer, PIL image over it, its core): the last one
+
+
+def _grey_frame(width: int, height: int):
+    """A grey PIL image of this size whose pixels are a buffer of ours, made once for a run of
+    images of one size (the caller uses its pixels before it decodes the next image)."""
+    frame = _FRAME.get((width, height))
+    if frame is None:
+        pixels = bytearray(width * height)
+        im = Image.frombuffer("L", (width, height), pixels, "raw", "L", 0, 1)
+        _FRAME.clear()
+        frame = _FRAME[(width, height)] = (pixels, im, im.im)
+    return frame
+
+
+def _read(path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)  # one call for the whole file
+        if len(data) != size:  # a short read, or it grew: read on to its end
+            parts = [data]
+            while part := os.read(fd, 1 << 20):
+                parts.append(part)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
+def _stored(raw: bytes) -> bytes:
+    """``raw`` as a zlib stream of stored (not compressed) blocks: PIL's PNG decoder unfilters
+    its rows without inflating anything."""
+    view, parts = memoryview(raw), [b"\x78\x01"]
+    for start in range(0, len(raw), 65535):
+        block = view[start:start + 65535]
+        parts += [struct.pack("<BHH", start + 65535 >= len(raw), len(block),
+                              len(block) ^ 0xFFFF), block]
+    parts.append(struct.pack(">I", check.ZLIB.adler32(raw)))
+    return b"".join(parts)
+
+
 def _pack_chunk(job):
-    """Decode the records of one chunk and write them at their offsets; runs in a worker.
-    Returns (chunk index, content hashes, [(position in chunk, reason)])."""
+    """Check and decode the records of one chunk and write them at their offsets; runs in a
+    worker. Returns (chunk index, content hashes, [(position in chunk, reason)], the check's
+    kind of each record)."""
     k, data_path, entries, channels = job
     try:
         return _pack_entries(k, data_path, entries, channels)
@@ -92,29 +167,36 @@ def _pack_chunk(job):
 
 
 def _pack_entries(k, data_path, entries, channels):
-    hashes, bad = [], []
+    hashes, bad, kinds = [], [], []
     fd = os.open(data_path, os.O_WRONLY)
     try:
         for pos, (path, offset, height, width) in enumerate(entries):
             try:
-                a = decode(path, channels)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                bad.append((pos, "cannot decode image (" + (" ".join(str(e).split())
-                                                              or type(e).__name__) + ")"))
+                data = _read(path)
+            except OSError as e:
+                found, buf = check.Probe(check.BAD, reason=f"cannot read file "
+                                                            f"({e.strerror or e})"), None
+            else:
+                try:
+                    found, buf = decode_checked(data, path, channels)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                    found, buf = check.Probe(check.BAD, reason="cannot decode image (" + (
+                        " ".join(str(e).split()) or type(e).__name__) + ")"), None
+            if buf is not None and (found.height, found.width) != (height, width):
+                found, buf = check.Probe(check.BAD, reason=(
+                    f"image size changed since the scan ({width}x{height} -> "
+                    f"{found.width}x{found.height})")), None
+            kinds.append(found.kind)
+            if buf is None:
+                bad.append((pos, found.reason))
                 hashes.append(0)
                 continue
-            if a.shape[:2] != (height, width):
-                bad.append((pos, f"image size changed since the scan ({width}x{height} -> "
-                                 f"{a.shape[1]}x{a.shape[0]})"))
-                hashes.append(0)
-                continue
-            buf = memoryview(np.ascontiguousarray(a)).cast("B")  # no copy
             os.pwrite(fd, buf, offset)
             hashes.append(pixel_hash(buf))
-        os.fsync(fd)
-    finally:
+    finally:  # synced by the packer before it marks the chunk done
+
         os.close(fd)
-    return k, hashes, bad
+    return k, hashes, bad, kinds
 
 
 def _die_with_parent(parent: int) -> None:
@@ -143,6 +225,10 @@ class _Plan:
     offset: np.ndarray = None
     skipped: list = field(default_factory=list)
     converted: dict = field(default_factory=dict)
+    verdict: check.ScanResult = None  # on every listed file, from the headers or the cache
+    keep: np.ndarray = None           # the index in ``verdict`` of each planned record
+    fresh: list = field(default_factory=list)  # (files, root, first index, size, mtime) of
+    # each split planned from the headers: its verdict is cached once the decoders checked it
 
     @property
     def total(self) -> int:
@@ -152,19 +238,25 @@ class _Plan:
 
 def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log,
           recheck: bool = False) -> _Plan:
-    paths, split_code, labels, scans = [], [], [], []
+    paths, split_code, labels, scans, fresh = [], [], [], [], []
     t0 = time.perf_counter()
     for name in source.splits:
         part = source.split(name)
+        # the verdict a run cached on these unchanged files (.startup), else the headers
+        scan = None if recheck else startup.unchanged(part.files, part.root, log)
+        if scan is None:
+            scan, size, mtime = check.scan_headers(part.files, threads)
+            fresh.append((part.files, part.root, len(paths), size, mtime))
+        scans.append(scan)
         paths += part.files
         split_code += [SPLITS.index(name)] * len(part)
         labels.append(part.labels)
-        # the verdict the loaders cache and reuse (.startup), per split
-        scans.append(startup.checked(part.files, part.root, recheck=recheck, threads=threads,
-                                     log=log))
     check.report_bad(source.problems, on_bad_image, None, log, what="entry")
     scan = _concatenate(paths, scans)
-    log(f"checked {len(paths)} files in {time.perf_counter() - t0:.1f} s")
+    read = sum(len(f[0]) for f in fresh)
+    log(f"planned {len(paths)} files in {time.perf_counter() - t0:.1f} s ("
+        + (f"the headers of {read} read, " if read else "")
+        + f"{len(paths) - read} from the cached check)")
     keep = scan.good
     bad = [(paths[i], reason) for i, reason in scan.bad]
     check.report_bad(bad, on_bad_image, None, log)  # raises under "error", before any write
@@ -176,12 +268,35 @@ def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log,
         raise DataError(f"--channels must be auto, grey or rgb, not {channels!r}")
     plan = _Plan([paths[i] for i in keep], np.asarray(split_code, np.uint8)[keep],
                  np.concatenate(labels)[keep], scan.height[keep], scan.width[keep],
-                 scan.nbytes[keep], nch, skipped=list(source.problems) + bad)
+                 scan.nbytes[keep], nch, skipped=list(source.problems) + bad, verdict=scan,
+                 keep=keep, fresh=fresh)
     sizes = plan.height * plan.width * nch
     plan.offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     plan.converted = {"deeper_than_8_bits": int(deep.sum()),
                       "colour_to_grey": int(colour.sum()) if nch == 1 else 0}
     return plan
+
+
+def _remember(plan: _Plan, kinds: np.ndarray, decode_bad: list) -> None:
+    """Cache the verdict on each split planned from its headers: the decoders' ``kinds`` of the
+    planned records, and ``decode_bad`` [(index, reason)] found bad as they were decoded."""
+    if not plan.fresh:
+        return
+    v = plan.verdict
+    kind = v.kind.copy()
+    kind[plan.keep] = kinds
+    bad = dict(v.bad)
+    bad.update(decode_bad)
+    for files, root, first, size, mtime in plan.fresh:
+        end = first + len(files)
+        part = check.ScanResult(files, kind[first:end], v.height[first:end].astype(np.int32),
+                                v.width[first:end].astype(np.int32), v.colour[first:end].copy(),
+                                v.deep[first:end].copy(), v.nbytes[first:end])
+        gone = np.flatnonzero(part.kind == check.BAD)
+        part.height[gone] = part.width[gone] = 0
+        part.colour[gone] = part.deep[gone] = False
+        part.bad = [(i - first, r) for i, r in sorted(bad.items()) if first <= i < end]
+        startup.remember(part, root, size, mtime)
 
 
 def _concatenate(paths: list, scans: list) -> check.ScanResult:
@@ -249,6 +364,7 @@ def _pack_locked(source, plan, out, on_bad_image, workers, chunk_size, log, afte
         log(f"resuming the interrupted pack in {work}")
     elif out.exists() and any(p.name not in (PARTIAL, LOCK_FILE) for p in out.iterdir()):
         raise DataError(f"{out}: not empty and not an interrupted pack; choose another --out")
+    fresh = not plan_file.is_file()
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     data_path = work / DATA
     if not data_path.exists() and (out / DATA).is_file() \
@@ -268,8 +384,13 @@ def _pack_locked(source, plan, out, on_bad_image, workers, chunk_size, log, afte
         if not data_path.is_file() or data_path.stat().st_size != plan.total:
             raise DataError(f"{data_path}: missing or of the wrong size; delete {work} to start "
                             f"again")
-    results = _run_chunks(plan, data_path, work / "chunks", chunk_size, workers, log, after_chunk,
-                          on_bad_image)
+    try:
+        results = _run_chunks(plan, data_path, work / "chunks", chunk_size, workers, log,
+                              after_chunk, on_bad_image)
+    except DataError:  # a bad file found as it was decoded, under "error"
+        if fresh:
+            shutil.rmtree(work, ignore_errors=True)  # this command's pack: leave nothing
+        raise
     return _finish(source, plan, results, out, work, on_bad_image, log)
 
 
@@ -292,9 +413,14 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
 
     def record(result):
         nonlocal n_done
-        k, hashes, bad = result
+        k, hashes, bad, kinds = result
+        try:  # the chunk's bytes on disk before its marker (the workers go on meanwhile)
+            os.fsync(sync)
+        except OSError as e:
+            raise write_error(data_path, e) from None
         with atomic_open(chunk_dir / f"{k:06d}.json", "w") as f:
-            json.dump({"hashes": [f"{h:016x}" for h in hashes], "bad": bad}, f)
+            json.dump({"hashes": [f"{h:016x}" for h in hashes], "bad": bad,
+                       "kinds": "".join(map(str, kinds))}, f)
         n_done += 1
         bar.update(len(hashes))
         if bad and on_bad_image == "error":  # stop at the first undecodable file
@@ -309,6 +435,7 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
         if after_chunk is not None:
             after_chunk(k)
 
+    sync = os.open(data_path, os.O_RDONLY)
     try:
         if workers <= 0:
             for job in jobs:
@@ -325,6 +452,7 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
                     record(pending.popleft().result())
     finally:
         bar.close()
+        os.close(sync)
     results = {}
     for k in range(n_chunks):
         results[k] = json.loads((chunk_dir / f"{k:06d}.json").read_text())
@@ -335,13 +463,22 @@ def _finish(source, plan, results, out, work, on_bad_image, log) -> dict:
     chunk_size = json.loads((work / "plan.json").read_text())["chunk_size"]
     hashes = np.zeros(len(plan.paths), np.uint64)
     keep = np.ones(len(plan.paths), bool)
-    decode_bad = []
+    kinds = plan.verdict.kind[plan.keep]
+    decode_bad, decode_bad_at, all_kinds = [], [], True
     for k, res in results.items():
         base = k * chunk_size
         hashes[base:base + len(res["hashes"])] = [int(h, 16) for h in res["hashes"]]
+        if "kinds" in res:
+            kinds[base:base + len(res["kinds"])] = np.frombuffer(res["kinds"].encode(),
+                                                                 np.uint8) - ord("0")
+        else:  # a chunk of an older pack: its files were checked before it
+            all_kinds = False
         for pos, reason in res["bad"]:
             keep[base + pos] = False
             decode_bad.append((plan.paths[base + pos], reason))
+            decode_bad_at.append((int(plan.keep[base + pos]), reason))
+    if all_kinds:
+        _remember(plan, kinds, decode_bad_at)
     check.report_bad(decode_bad, on_bad_image, None, log)  # "error": the chunks stay done
     skipped = plan.skipped + decode_bad
     idx = np.flatnonzero(keep)

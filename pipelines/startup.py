@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import operator
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -128,11 +130,37 @@ def _stat(path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def stat_files(paths) -> tuple[np.ndarray, np.ndarray]:
-    """Size and modification time (ns) of each path; -1 where it cannot be read."""
-    n = len(paths)  # no list of tuples: a numpy array filled from the stream of numbers
-    a = np.fromiter(itertools.chain.from_iterable(map(_stat, paths)), np.int64, 2 * n)
-    return a[0::2].copy(), a[1::2].copy()
+_SIZE_TIME = operator.attrgetter("st_size", "st_mtime_ns")
+
+
+STAT_THREADS_FROM = 50_000  # files from which stat_files spreads its calls over threads
+
+
+def stat_files(paths, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Size and modification time (ns) of each path; -1 where it cannot be read. ``threads``:
+    how many threads make the calls (os.stat releases the GIL); default: one per core, up to 4,
+    from ``STAT_THREADS_FROM`` paths."""
+    n = len(paths)
+    out = np.empty(2 * n, np.int64)  # no list of tuples: arrays filled from streams of numbers
+
+    def part(lo: int, hi: int) -> None:
+        chunk = paths[lo:hi]
+        try:  # every path there: os.stat and both fields taken in C, no Python call per file
+            out[2 * lo:2 * hi] = np.fromiter(itertools.chain.from_iterable(
+                map(_SIZE_TIME, map(os.stat, chunk))), np.int64, 2 * len(chunk))
+        except OSError:  # one cannot be read (gone, a loop): each on its own, -1 for those
+            out[2 * lo:2 * hi] = np.fromiter(itertools.chain.from_iterable(map(_stat, chunk)),
+                                             np.int64, 2 * len(chunk))
+    if threads is None:
+        threads = min(4, len(os.sched_getaffinity(0))) if n >= STAT_THREADS_FROM else 1
+    if threads <= 1:
+        part(0, n)
+    else:
+        step = 8192
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(part, range(0, n, step), range(step, n + step, step)):
+                pass
+    return out[0::2].copy(), out[1::2].copy()
 
 
 # ----------------------------------------------------------------------------- the listing
@@ -268,6 +296,30 @@ def checked(files: list, root=None, *, rank: int = 0, world_size: int = 1,
     if redone and rank == 0:
         _write_verdict(path, key, result, size, mtime)
     return result
+
+
+def unchanged(files: list, root=None, log: Callable[[str], None] = print) \
+        -> check.ScanResult | None:
+    """The cached verdict on ``files`` when not one of them changed size or time since (else
+    None, and nothing is checked): what ``pack`` plans from after a run checked the data."""
+    key = _list_digest(files)
+    cached = read(cache_folder(root) / f"check-{key[:20]}.npz", "verdict", key, log)
+    if cached is None:
+        return None
+    size, mtime = stat_files(files)
+    if not (np.array_equal(size, cached["size"]) and np.array_equal(mtime, cached["mtime"])):
+        return None
+    result = check.ScanResult(files, **{f: cached[f] for f in VERDICT_FIELDS})
+    result.bad = list(zip(cached["bad_index"].tolist(),
+                          _unblob(cached["bad_reason"], len(cached["bad_index"]))))
+    return result
+
+
+def remember(result: check.ScanResult, root, size, mtime) -> None:
+    """Cache a verdict on ``result.files`` (each file's ``size`` and ``mtime`` as it was read)
+    that was found outside :func:`checked` (``pack`` checks the files as it decodes them)."""
+    key = _list_digest(result.files)
+    _write_verdict(cache_folder(root) / f"check-{key[:20]}.npz", key, result, size, mtime)
 
 
 def _write_verdict(path: Path, key: str, result: check.ScanResult, size, mtime) -> None:

@@ -69,15 +69,15 @@ def test_interrupted_pack_resumes_to_the_same_bytes(synth_root, packed, tmp_path
     """Ctrl-C in the middle of the third chunk (its first records already written, no marker):
     the cache is unusable and says why; the same call then decodes only what is left and ends
     byte-identical to an uninterrupted pack, and verifies."""
-    out, real, calls = tmp_path / "cache", packmod.decode, []
+    out, real, calls = tmp_path / "cache", packmod.decode_checked, []
 
-    def interrupted(path, channels):
+    def interrupted(data, path, channels):
         calls.append(path)
         if len(calls) == 150:
             raise KeyboardInterrupt
-        return real(path, channels)
+        return real(data, path, channels)
 
-    monkeypatch.setattr(packmod, "decode", interrupted)
+    monkeypatch.setattr(packmod, "decode_checked", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pack(synth_root, out, workers=0, chunk_size=64, log=quiet)
     assert not (out / MANIFEST).exists()
@@ -115,11 +115,12 @@ def test_interruption_between_the_final_renames(synth_root, packed, tmp_path, mo
 
 
 def test_resume_refuses_a_changed_source(synth_copy, tmp_path, monkeypatch):
-    out, real = tmp_path / "cache", packmod.decode
-    monkeypatch.setattr(packmod, "decode", lambda p, c: (_ for _ in ()).throw(KeyboardInterrupt))
+    out, real = tmp_path / "cache", packmod.decode_checked
+    monkeypatch.setattr(packmod, "decode_checked",
+                        lambda d, p, c: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         pack(synth_copy, out, workers=0, log=quiet)
-    monkeypatch.setattr(packmod, "decode", real)
+    monkeypatch.setattr(packmod, "decode_checked", real)
     victim = open_source(synth_copy).split("train").files[3]
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 50), np.uint8)).save(victim)
     with pytest.raises(DataError, match="source changed"):
@@ -333,3 +334,93 @@ def test_make_loader_checks_files_before_the_first_batch(tmp_path):
     assert len(loader.dataset) == 18 and bad not in loader.dataset.files
     assert listed.read_text().startswith(bad + "\t") and "skipped 1 bad file" in logs[-1]
     assert sum(len(y) for _, y in loader) == 16
+
+
+# ----------------------------------------------------------------------------- one read per file
+def _png_filtered(path: Path, img: np.ndarray) -> None:
+    """Write grey 8-bit ``img`` as a PNG whose rows cycle through the five filter types (None,
+    Sub, Up, Average, Paeth), encoded here from their definitions."""
+    x = img.astype(np.int32)
+    prev, rows = np.zeros(x.shape[1], np.int32), []
+    for r, cur in enumerate(x):
+        left, upleft = np.r_[0, cur[:-1]], np.r_[0, prev[:-1]]
+        p = left + prev - upleft
+        pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        pred = [0 * cur, left, prev, (left + prev) // 2, paeth][r % 5]
+        rows.append(bytes([r % 5]) + ((cur - pred) % 256).astype(np.uint8).tobytes())
+        prev = cur
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind))))
+    ihdr = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("inflater", ["zlib", "isal"])
+def test_grey_pixels_from_the_checked_rows_equal_pils_decode(tmp_path, monkeypatch, inflater):
+    """The check inflates each PNG once; an 8-bit grey image's pixels come from those rows (no
+    second decode), bit for bit PIL's, through every row filter, with either inflater."""
+    from pgnm_fast.pipelines import check
+    monkeypatch.setattr(check, "ZLIB", zlib if inflater == "zlib"
+                        else pytest.importorskip("isal.isal_zlib"))
+    monkeypatch.setattr(packmod, "decode", None)  # a second decode would fail
+    rng = np.random.default_rng()
+    for i, (h, w) in enumerate([(1, 1), (5, 1), (1, 9), (7, 13), (40, 33), (64, 70)]):
+        ramp = np.add.outer(np.arange(h), np.arange(w)) * int(rng.integers(1, 9))
+        img = ((ramp + rng.integers(0, 256) + rng.integers(-3, 4, (h, w))) % 256).astype(np.uint8)
+        path = tmp_path / f"f{i}.png"
+        _png_filtered(path, img)
+        _png(tmp_path / f"p{i}.png", img)  # PIL's writer, its adaptive filters
+        for p in (path, tmp_path / f"p{i}.png"):
+            found, pixels = packmod.decode_checked(p.read_bytes(), p, 1)
+            assert found.kind == check.GREY8 and (found.height, found.width) == (h, w)
+            assert np.array_equal(np.asarray(load_grey(p)), img)
+            assert bytes(pixels) == img.tobytes()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(_with_valid_crcs((tmp_path / "p5.png").read_bytes(), 3))
+    found, pixels = packmod.decode_checked(broken.read_bytes(), broken, 1)
+    assert pixels is None and "broken compressed image data" in found.reason
+
+
+def test_pack_and_runs_share_the_verdict(tmp_path, monkeypatch):
+    """A run after a pack reuses what the pack's decoders found (no file read), equal to a fresh
+    check; a pack after that plans from it (no header read) and stops before any write."""
+    from pgnm_fast.pipelines import check, startup
+    root = _tiny_set(tmp_path / "data")
+    bad = make_bad(root, "corrupt-stream")  # found only as the file is decoded
+    pack(root, tmp_path / "c", workers=0, on_bad_image="skip", log=quiet)
+    read, headers = [], []
+    real_probe, real_header = check.probe, check.probe_header
+    monkeypatch.setattr(check, "probe", lambda p: (read.append(p), real_probe(p))[1])
+    monkeypatch.setattr(check, "probe_header", lambda p: (headers.append(p), real_header(p))[1])
+    for name in ("train", "val"):
+        part = open_source(root).split(name)
+        got = startup.checked(part.files, part.root, log=quiet)
+        assert read == []
+        want = check.scan(part.files)
+        for f in startup.VERDICT_FIELDS:
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+        assert got.bad == want.bad and (bool(got.bad) == (name == "train"))
+        read.clear()
+    with pytest.raises(DataError, match="broken compressed image data") as e:
+        pack(root, tmp_path / "c2", workers=0, log=quiet)
+    assert bad in str(e.value) and headers == [] and read == []
+    assert not (tmp_path / "c2").exists()
+
+
+def test_a_file_broken_inside_stops_a_first_pack_leaving_nothing(tmp_path):
+    """Header and end intact, a flipped byte inside: found as it is decoded, under error the pack
+    this command started is removed; under skip it is listed."""
+    root = _tiny_set(tmp_path / "data", per_class=40)
+    bad = make_bad(root, "corrupt-crc")
+    with pytest.raises(DataError, match="CRC mismatch") as e:
+        pack(root, tmp_path / "c", workers=2, chunk_size=8, log=quiet)
+    assert bad in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "c").exists()
+    manifest = pack(root, tmp_path / "c", workers=2, chunk_size=8, on_bad_image="skip",
+                    log=quiet)
+    assert manifest["skipped"] == 1 and manifest["records"] == 2 * 3 * 40
+    verify(tmp_path / "c", log=quiet)

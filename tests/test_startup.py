@@ -263,3 +263,18 @@ def test_checked_over_a_real_process_group(folders, tmp_path, probes):
     probes.clear()
     cached = startup.checked(files, folders, log=print)     # rank 0 wrote the merged verdict
     assert probes == [] and [list(b) for b in cached.bad] == ranks[0]["bad"]
+
+
+def test_stat_files_in_threads_equals_one_pass(folders):
+    """Sizes and times of a list long enough for several chunks, one path missing in the middle:
+    the same from threads as from one pass, -1 for the missing one alone."""
+    files = _files(folders) * (20_000 // len(_files(folders)) + 1)
+    files[12_345] = str(folders / "train" / "gone.png")
+    one = startup.stat_files(files, threads=1)
+    for threads in (None, 3):
+        many = startup.stat_files(files, threads=threads)
+        for a, b in zip(one, many):
+            np.testing.assert_array_equal(a, b)
+    size, mtime = one
+    assert size[12_345] == mtime[12_345] == -1 and (np.delete(size, 12_345) > 0).all()
+    assert size[0] == os.stat(files[0]).st_size and mtime[1] == os.stat(files[1]).st_mtime_ns
