@@ -71,14 +71,14 @@ def test_no_visible_gpu_stops_before_any_step_with_one_line():
 
 NO_DALI = """
 import sys
-for name in ("nvidia.dali", "nvidia.dali.plugin", "nvidia.dali.plugin.pytorch"):
-    sys.modules[name] = None  # importing any of them now fails, as where DALI is not installed
+for name in ("nvidia.dali", "nvidia.dali.plugin", "nvidia.dali.plugin.pytorch", "isal", "isal.isal_zlib"):
+    sys.modules[name] = None  # importing any of them now fails, as where DALI and isal are not installed
 import pytest
 sys.exit(pytest.main(sys.argv[1:]))
 """
 
 
-def test_gpu_test_and_benchmark_modules_collect_without_dali():
+def test_gpu_test_and_benchmark_modules_collect_without_dali_or_isal():
     files = ["tests/kernels/test_kernels_gpu.py", "tests/kernels/test_resized_crop.py",
              "tests/test_graphs_gpu.py", "tests/test_uint8_batches.py", "bench/bench_kernels.py",
              "bench/bench_step.py", "bench/bench_device_loader.py"]
