@@ -36,13 +36,16 @@ def variants():
             {"C": channels, "BH": 32, "BW": 32, "KH": 16, "KW": 16, "CP": triton_next_pow2(channels),
              "IMAGES": mask_apply.IMAGES_PER_PROGRAM}, \
             mask_apply.NUM_WARPS
-    for dt, channels, k in (("fp32", 1, 3), ("bf16", 3, 5)):
-        yield ("resized_crop", dt, channels, k), resized_crop._resized_crop_kernel, {
-            "data_ptr": "*u8", "base_ptr": "*i64", "stride_ptr": "*i64", "rows_ptr": "*i32",
-            "roww_ptr": "*i32", "cols_ptr": "*i32", "colw_ptr": "*i32", "table_ptr": f"*{dt}",
-            "out_ptr": f"*{dt}", "S": "i32", "sob": "i32", "soc": "i32", "soh": "i32",
-            "sow": "i32"}, \
-            {"K": k, "C": channels, "BH": resized_crop.BLOCK, "BW": resized_crop.BLOCK}, \
+    # the device loader's fill under --amp --channels-last (bf16, one grey channel): its output
+    # strides along C and W are 1, which the launcher turns into constants, as here
+    for dt, channels, k, unit_strides in (("fp32", 1, 3, ()), ("bf16", 3, 5, ()), ("bf16", 1, 3, ("soc", "sow"))):
+        sig = {"data_ptr": "*u8", "base_ptr": "*i64", "stride_ptr": "*i64", "rows_ptr": "*i32",
+               "roww_ptr": "*i32", "cols_ptr": "*i32", "colw_ptr": "*i32", "table_ptr": f"*{dt}",
+               "out_ptr": f"*{dt}", "S": "i32", "sob": "i32", "soc": "i32", "soh": "i32", "sow": "i32"}
+        yield ("resized_crop", dt, channels, k, *unit_strides), resized_crop._resized_crop_kernel, \
+            {k_: v for k_, v in sig.items() if k_ not in unit_strides}, \
+            {"K": k, "C": channels, "BH": resized_crop.BLOCK, "BW": resized_crop.BLOCK,
+             **{name: 1 for name in unit_strides}}, \
             resized_crop.NUM_WARPS
 
 
