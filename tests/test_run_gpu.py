@@ -145,3 +145,25 @@ def test_step_benchmark_appends_each_case_as_it_ends(tmp_path):
     assert [g["extra_info"]["arm"] for g in got] == ["plain", "fast"]
     assert all(g["stats"]["rounds"] == 3 and g["stats"]["q1"] <= g["stats"]["median"] <= g["stats"]["q3"]
                for g in got)
+
+
+def test_a_gpu_record_from_the_target_cases_renders_in_the_readme_table(tmp_path):
+    """The record of a GPU run whose step stopped after the targets' cases: every target is
+    measured and judged, and the README table names each figure."""
+    rows = []
+    for i, (model, crop, grid, batch, arm, setting) in enumerate(bench_step.TARGET_CASES):
+        t = 0.05 + i / 100
+        info = {"op": "train_step", "model": model, "crop": crop, "grid": grid, "batch": batch, "arm": arm,
+                "setting": setting, "device": "cuda", "seconds_per_step": t, "img_s": batch / t,
+                "peak_mem_MiB": 1000.0 + i}
+        rows.append(json.dumps({"extra_info": info, "stats": {"median": t, "q1": t, "q3": t, "rounds": 3}}))
+    (tmp_path / "gpu-step-rows.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "gpu-step.rc").write_text("124\n")
+    rec = report.record(str(tmp_path), "gpu")
+    rec["on_gpu"], rec["device_name"] = True, "NVIDIA H200"
+    rec["targets"] = report.targets(rec["step"], on_gpu=True)
+    assert all(t["met"] is not None for t in rec["targets"].values()), rec["targets"]
+    table = report.table([("gpu.json", rec)])
+    for name in report.TARGETS:
+        assert f"target {name}" in table
+    assert "training step img/s: fast, resnet50 224 px, B 256, bf16_cl_graphs, peak 1,000 MiB" in table
