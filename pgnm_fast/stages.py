@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -298,21 +299,28 @@ def _loaders(run: Run, log=print) -> tuple[BatchLoader, BatchLoader | None]:
 
 
 def intra_op_threads(cfg: TrainConfig, device: torch.device) -> tuple[int, str] | None:
-    """CPU runs: ``(threads, why)``. ``--threads``, else the cores of this process (its share
-    under torchrun) less the whole cores other processes keep busy (the 1-minute load average
-    per local process, truncated), at least 1. Measured on a 2-core machine with the tiny quick
-    start (DALI's CPU loader, 2 workers): idle, 2 threads ran the heated stage in 116 s against
-    186 s with 1 (the loader needs little of the cores); busy with other jobs (load 8-16), 2
-    threads took 365-1,083 s against 126-148 s with 1 (torch's threads spin for cores others
-    hold). None on a GPU (torch's default stays)."""
+    """CPU runs: ``(threads, why)``. ``--threads``, else :func:`default_threads`. Measured on a
+    2-core machine with the tiny quick start (DALI's CPU loader, 2 workers): idle, 2 threads ran
+    the heated stage in 116 s against 186 s with 1 (the loader needs little of the cores); busy
+    with other jobs (load 8-16), 2 threads took 365-1,083 s against 126-148 s with 1 (torch's
+    threads wait for cores the other jobs hold). None on a GPU (torch's default stays)."""
     if device.type != "cpu":
         return None
     if cfg.threads:
         return cfg.threads, "--threads"
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    share = max(1, len(os.sched_getaffinity(0)) // local)
-    load = os.getloadavg()[0] / local
-    return max(1, share - int(load)), (f"{share} core{'s' if share > 1 else ''}, load average "
+    return default_threads(len(os.sched_getaffinity(0)), local)
+
+
+@functools.cache
+def default_threads(cores: int, local: int) -> tuple[int, str]:
+    """This process's share of ``cores`` (``local`` processes on the machine) less the cores
+    other processes keep busy: the 1-minute load average as a fraction of the machine's CPUs,
+    times the share, truncated; at least 1. Decided once per process, so that the later stages
+    of ``compare`` do not count the load of the earlier ones."""
+    share, load = max(1, cores // local), os.getloadavg()[0]
+    busy = load / max(1, os.cpu_count() or cores) * share
+    return max(1, share - int(busy)), (f"{share} core{'s' if share > 1 else ''}, load average "
                                        f"{load:.1f}; --threads sets it")
 
 

@@ -6,29 +6,55 @@ import torch
 
 from pgnm_fast.config import make_config
 from pgnm_fast.errors import ConfigError
-from pgnm_fast.stages import intra_op_threads
+from pgnm_fast.stages import default_threads, intra_op_threads
 
 CORES = len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize("load", [0.0, 0.9, 1.0, 1.7, 64.0])
-def test_cores_less_the_load_of_other_processes(load, monkeypatch):
+@pytest.fixture
+def load(monkeypatch):
+    """``load(x, cpus)``: the machine's 1-minute load average is x over ``cpus`` CPUs."""
+    def set_load(x, cpus=CORES):
+        default_threads.cache_clear()
+        monkeypatch.setattr(os, "getloadavg", lambda: (x, 0.0, 0.0))
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    yield set_load
+    default_threads.cache_clear()
+
+
+@pytest.mark.parametrize("x", [0.0, 0.9, 1.0, 1.7, 64.0])
+def test_cores_less_the_load_of_other_processes(x, load, monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    load(x)
     threads, why = intra_op_threads(make_config("heated", "tiny", workers=2), torch.device("cpu"))
-    assert threads == max(1, CORES - int(load))
-    assert f"load average {load:.1f}" in why and "--threads" in why
+    assert threads == max(1, CORES - int(x))
+    assert f"load average {x:.1f}" in why and "--threads" in why
 
 
-def test_share_of_the_cores_under_torchrun(monkeypatch):
+def test_the_load_of_a_larger_machine_counts_in_proportion(load):
+    load(32.0, cpus=64)  # half of a 64-CPU host busy: half of an 8-core share
+    assert default_threads(8, 1)[0] == 4
+    load(0.9, cpus=64)
+    assert default_threads(8, 1)[0] == 8
+
+
+def test_decided_once_per_process(load):
+    """compare's later stages do not count the load its earlier stages made."""
+    load(0.0)
+    first = default_threads(2, 1)
+    os.getloadavg = lambda: (2.0, 0.0, 0.0)  # restored by the fixture's monkeypatch
+    assert default_threads(2, 1) == first == (2, "2 cores, load average 0.0; --threads sets it")
+
+
+def test_share_of_the_cores_under_torchrun(load, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 0.0, 0.0))  # 1 per local process
+    load(0.0)
     threads, _ = intra_op_threads(make_config("heated", "tiny", workers=0), torch.device("cpu"))
-    assert threads == max(1, CORES // 2 - 1)
+    assert threads == max(1, CORES // 2)
 
 
-def test_threads_flag_wins_and_gpu_keeps_the_default(monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+def test_threads_flag_wins_and_gpu_keeps_the_default(load):
+    load(64.0)
     cfg = make_config("heated", "tiny", workers=2, threads=3)
     assert intra_op_threads(cfg, torch.device("cpu")) == (3, "--threads")
     assert intra_op_threads(cfg, torch.device("cuda")) is None
