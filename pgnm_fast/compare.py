@@ -62,8 +62,9 @@ REFERENCE = {
 FINETUNE_FROM = ("last", "best")
 REPORT_KEYS = METRIC_KEYS[:-1]  # every metric but n_images
 POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl")
-# settings that do not change what a stage computes: not compared when a folder is reused
-NOT_COMPARED = ("workers", "print_freq")
+# settings not compared when a folder is reused: they do not change what a stage computes, or
+# (threads) a stage records the count it chose and keeps it when resumed
+NOT_COMPARED = ("workers", "print_freq", "threads")
 FLAGS = {"heated.epochs": "--epochs", "baseline.epochs": "--epochs / --match-budget",
          "finetune.epochs": "--finetune-epochs", "finetune_from": "--finetune-from",
          "data": "--data", "preset": "--preset", "match_budget": "--match-budget"}

@@ -363,6 +363,11 @@ def _train(run: Run, log, show_progress) -> Path:
     threads = intra_op_threads(cfg, dev)
     if threads is not None:
         torch.set_num_threads(threads[0])
+        if run.resume_state is not None and threads[0] == run.resume_state.config.get("threads"):
+            threads = (threads[0], "as the run it resumes; --threads sets it")
+        # the count is recorded with the run: sums run in another order on another count of
+        # threads, so a resumed run must keep it to end bit-identical to an uninterrupted one
+        cfg = run.cfg = cfg.replace(threads=threads[0])
     step = _graphed(parts, train_loader, run, log) if cfg.graphs else parts.step
     averager = None
     if cfg.average_last:  # on every process: each validates its shard of the average

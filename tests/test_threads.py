@@ -60,3 +60,31 @@ def test_threads_flag_wins_and_gpu_keeps_the_default(load):
     assert intra_op_threads(cfg, torch.device("cuda")) is None
     with pytest.raises(ConfigError, match="--threads"):
         make_config("heated", "tiny", threads=-1)
+
+
+def test_the_count_chosen_is_recorded_and_kept_when_the_run_resumes(small_data, tmp_path, load):
+    """A resumed run sums in the order the interrupted one did: it keeps the recorded count
+    whatever the load says now (exact resume)."""
+    from click.testing import CliRunner
+
+    from pgnm_fast.cli import main
+    from pgnm_fast.run_state import load_run_state
+    small = ["-b", "16", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size",
+             "32", "--grid", "8", "-j", "0", "--impl", "reference", "--device", "cpu"]
+    before = torch.get_num_threads()
+    try:
+        load(0.0)
+        out = tmp_path / "run"
+        r = CliRunner().invoke(main, ["train", "--data", str(small_data), "--out", str(out),
+                                      "--epochs", "1", *small], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert load_run_state(out / "last.pt").config["threads"] == CORES
+        load(64.0)  # a busy machine now: the default alone would give 1 thread
+        r = CliRunner().invoke(main, ["train", "--resume", str(out / "last.pt"), "--epochs", "2"],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert f"{CORES} intra-op thread" in r.output and "as the run it resumes" in r.output
+        assert torch.get_num_threads() == CORES
+        assert load_run_state(out / "last.pt").config["threads"] == CORES
+    finally:
+        torch.set_num_threads(before)
