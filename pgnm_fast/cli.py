@@ -153,7 +153,7 @@ def training_options(f):
                      show_default=True),
         click.option("--threads", type=int, default=None, metavar="N",
                      help="CPU runs: intra-op threads (default: the cores less those other "
-                          "processes keep busy, by the load average; at least 1)."),
+                          "processes keep busy; at least 1)."),
         click.option("--recheck", is_flag=True,
                      help="Check every image file afresh instead of reusing the verdict cached "
                           "beside the data."),

@@ -39,7 +39,7 @@ class TrainConfig:
     val_crop_size: int = 224
     channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
     workers: int = 8
-    threads: int = 0                 # CPU intra-op threads; 0: the cores the machine's load leaves (the
+    threads: int = 0                 # CPU intra-op threads; 0: the cores other processes leave (the
                                      # count chosen is recorded with the run and kept on resume)
     loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
     on_bad_image: str = "error"      # a file that cannot be used: stop (error) or leave out (skip)

@@ -315,13 +315,39 @@ def intra_op_threads(cfg: TrainConfig, device: torch.device) -> tuple[int, str] 
 @functools.cache
 def default_threads(cores: int, local: int) -> tuple[int, str]:
     """This process's share of ``cores`` (``local`` processes on the machine) less the cores
-    other processes keep busy: the 1-minute load average as a fraction of the machine's CPUs,
-    times the share, truncated; at least 1. Decided once per process, so that the later stages
-    of ``compare`` do not count the load of the earlier ones."""
-    share, load = max(1, cores // local), os.getloadavg()[0]
-    busy = load / max(1, os.cpu_count() or cores) * share
-    return max(1, share - int(busy)), (f"{share} core{'s' if share > 1 else ''}, load average "
-                                       f"{load:.1f}; --threads sets it")
+    other processes keep busy in it, truncated; at least 1. Busy: the share of the machine's CPU
+    time other processes take now (:func:`busy_elsewhere`; the 1-minute load average over the
+    CPUs where ``/proc`` is missing; the load average alone would still count a job that just
+    ended, such as the install before the quick start's first run). Decided once per process,
+    so that the later stages of ``compare`` do not count the load of the earlier ones."""
+    share = max(1, cores // local)
+    fraction = busy_elsewhere()
+    if fraction is None:
+        fraction = os.getloadavg()[0] / max(1, os.cpu_count() or cores)
+    busy = min(fraction, 1.0) * share
+    return max(1, share - int(busy)), (f"{share} core{'s' if share > 1 else ''}, {busy:.1f} of "
+                                       f"them busy with other processes; --threads sets it")
+
+
+def busy_elsewhere(window: float = 0.5, proc: str = "/proc") -> float | None:
+    """The fraction of the machine's CPU time that other processes used over the next
+    ``window`` seconds (``/proc/stat`` less this process's own time); None without ``/proc``."""
+    def snap():
+        with open(f"{proc}/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal
+        with open(f"{proc}/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(ticks), ticks[3] + ticks[4], int(own[11]) + int(own[12])  # idle + iowait
+    try:
+        total0, idle0, mine0 = snap()
+        time.sleep(window)
+        total1, idle1, mine1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return None
+    return max(0.0, (elapsed - (idle1 - idle0) - (mine1 - mine0)) / elapsed)
 
 
 def _graphs_blocked(info: DistInfo) -> str | None:

@@ -4,19 +4,20 @@ import os
 import pytest
 import torch
 
+from pgnm_fast import stages
 from pgnm_fast.config import make_config
 from pgnm_fast.errors import ConfigError
-from pgnm_fast.stages import default_threads, intra_op_threads
+from pgnm_fast.stages import busy_elsewhere, default_threads, intra_op_threads
 
 CORES = len(os.sched_getaffinity(0))
 
 
 @pytest.fixture
 def load(monkeypatch):
-    """``load(x, cpus)``: the machine's 1-minute load average is x over ``cpus`` CPUs."""
+    """``load(x, cpus)``: other processes keep x of the machine's ``cpus`` CPUs busy now."""
     def set_load(x, cpus=CORES):
         default_threads.cache_clear()
-        monkeypatch.setattr(os, "getloadavg", lambda: (x, 0.0, 0.0))
+        monkeypatch.setattr(stages, "busy_elsewhere", lambda: x / cpus)
         monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     yield set_load
     default_threads.cache_clear()
@@ -27,8 +28,8 @@ def test_cores_less_the_load_of_other_processes(x, load, monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     load(x)
     threads, why = intra_op_threads(make_config("heated", "tiny", workers=2), torch.device("cpu"))
-    assert threads == max(1, CORES - int(x))
-    assert f"load average {x:.1f}" in why and "--threads" in why
+    assert threads == max(1, CORES - int(min(x, CORES)))
+    assert f"{min(x, CORES):.1f} of them busy" in why and "--threads" in why
 
 
 def test_the_load_of_a_larger_machine_counts_in_proportion(load):
@@ -38,12 +39,48 @@ def test_the_load_of_a_larger_machine_counts_in_proportion(load):
     assert default_threads(8, 1)[0] == 8
 
 
-def test_decided_once_per_process(load):
+def test_decided_once_per_process(load, monkeypatch):
     """compare's later stages do not count the load its earlier stages made."""
     load(0.0)
     first = default_threads(2, 1)
-    os.getloadavg = lambda: (2.0, 0.0, 0.0)  # restored by the fixture's monkeypatch
-    assert default_threads(2, 1) == first == (2, "2 cores, load average 0.0; --threads sets it")
+    monkeypatch.setattr(stages, "busy_elsewhere", lambda: 1.0)
+    assert default_threads(2, 1) == first == (2, "2 cores, 0.0 of them busy with other "
+                                                 "processes; --threads sets it")
+
+
+def test_without_proc_the_load_average_decides(monkeypatch):
+    default_threads.cache_clear()
+    monkeypatch.setattr(stages, "busy_elsewhere", lambda: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (32.0, 0.0, 0.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    try:
+        assert default_threads(8, 1)[0] == 4
+    finally:
+        default_threads.cache_clear()
+
+
+def _proc(root, total_ticks, idle, own):
+    """A fake /proc: the machine's CPU line and this process's stat line (utime, stime)."""
+    (root / "self").mkdir(parents=True, exist_ok=True)
+    busy = total_ticks - idle
+    (root / "stat").write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 ...\n")
+    fields = ["S"] + ["0"] * 10 + [str(own), "0"] + ["0"] * 30
+    (root / "self" / "stat").write_text("4242 (pgnm fast) " + " ".join(fields) + "\n")
+
+
+def test_busy_elsewhere_counts_other_processes_only(tmp_path, monkeypatch):
+    """Over the window the machine used 140 of 200 ticks, 100 of them this process's own:
+    others took 40 of 200."""
+    _proc(tmp_path, 1000, 400, 50)
+    monkeypatch.setattr(stages.time, "sleep", lambda s: _proc(tmp_path, 1200, 460, 150))
+    assert busy_elsewhere(0.5, proc=str(tmp_path)) == pytest.approx(0.2)
+    _proc(tmp_path, 1000, 400, 50)  # only this process busy: nobody else
+    monkeypatch.setattr(stages.time, "sleep", lambda s: _proc(tmp_path, 1200, 500, 150))
+    assert busy_elsewhere(0.5, proc=str(tmp_path)) == 0.0
+    assert busy_elsewhere(0.5, proc=str(tmp_path / "none")) is None
+    monkeypatch.undo()
+    real = busy_elsewhere(0.05)  # the real /proc where there is one
+    assert real is None or 0.0 <= real <= 1.0
 
 
 def test_share_of_the_cores_under_torchrun(load, monkeypatch):
