@@ -8,7 +8,7 @@ import torch
 from pgnm_fast.kernels import FastMasker
 from pgnm_fast.kernels.checks import C_APPLY, EPS32, error_summary, ks_float32, rounding_bound, run_validation
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.gpu  # skipped without a CUDA device (tests/kernels/conftest.py)
 
 
 def _inputs(batch=32, grid=64, size=224, channels=3, dtype=torch.bfloat16, seed=0):

@@ -4,8 +4,6 @@ Bounds (pgnm_fast.kernels.checks): against float64 ``x * (A m A^T)``, 32 eps32 |
 dtype's rounding (half an ulp); against the reference's float32 upsample + blur + multiply, twice
 that plus the reference's own float32 rounding.
 """
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -17,11 +15,8 @@ from pgnm_fast.kernels.checks import C_APPLY, EPS32, error_summary, rounding_bou
 from pgnm_fast.kernels.mask_plan import axis_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Triton on CUDA when there is a GPU, else the same Triton code under the interpreter (tests/conftest.py)
-TRITON_RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="no Triton runtime")),
+BACKENDS = [pytest.param("triton", marks=pytest.mark.triton),
             "torch"]
 
 
@@ -92,7 +87,7 @@ def test_apply_accepts_strided_views_and_writes_every_output(backend, monkeypatc
     assert error_summary(y.cpu(), exact, bound)["norm"] <= 1.0
 
 
-@pytest.mark.skipif(not TRITON_RUNNABLE, reason="no Triton runtime")
+@pytest.mark.triton
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_apply_kernel_writes_inside_its_output_only(channels_last):
     from pgnm_fast.kernels import mask_apply

@@ -1,9 +1,7 @@
 """make_masker, the FastMasker module and ``pgnm-fast validate`` (CPU: the torch fast path, and the
 Triton code under the interpreter)."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -15,9 +13,6 @@ from pgnm_fast.kernels import FastMasker, ReferenceMasker, make_masker
 from pgnm_fast.kernels.checks import ks_float32, run_validation
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Triton on CUDA when there is a GPU, else the same Triton code under the interpreter (tests/conftest.py)
-TRITON_RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def test_make_masker_builds_either_implementation():
@@ -116,7 +111,7 @@ def test_validate_fails_when_a_check_fails(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.skipif(not TRITON_RUNNABLE, reason="no Triton runtime")
+@pytest.mark.triton
 def test_validate_passes_on_the_triton_kernels():
     """The whole quick validation with the Triton code (interpreted here, about 11 s)."""
     result = run_validation(DEVICE, seed=11, quick=True, backend="triton")

@@ -189,8 +189,7 @@ def test_eval_window_pads_with_zero_level_and_bf16_rounds_the_float32_value():
     assert torch.equal(bf, f32.to(torch.bfloat16))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernel arithmetic needs a GPU")
+@pytest.mark.gpu  # bf16 kernel arithmetic: the interpreter has none
 def test_compiled_kernel_bf16_channels_last_equals_the_rounded_float32_values():
     rng = np.random.default_rng()
     args = _kernel_inputs(rng, 6, 224, False)

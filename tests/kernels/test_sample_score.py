@@ -5,9 +5,7 @@ level 0.01 / (number of tests) (Bonferroni, family-wise false alarm below 1%), s
 deterministic. At that level and n a one-sample KS test rejects any law whose CDF is 0.023 away
 (0.033 for the two-sample test); the wrong samplers below are shown rejected by the same tests.
 """
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
@@ -19,12 +17,8 @@ from pgnm_fast.kernels import sample_score as op
 from pgnm_fast.kernels.checks import error_summary, ks_float32, ks_two_sample, rounding_bound, score_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Triton on CUDA when there is a GPU, else the same Triton code under the interpreter (tests/conftest.py)
-TRITON_RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-requires_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
-pytestmark = requires_triton
+pytestmark = pytest.mark.triton  # tests/kernels/conftest.py
 
 PAIRS = [(0.05, 0.05), (0.05, 5.0), (0.2, 50.0), (1.0, 1.0), (0.5, 0.2), (5.0, 0.05), (50.0, 50.0),
          (2.0, 30.0), (50.0, 0.2)]

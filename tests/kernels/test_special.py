@@ -1,37 +1,27 @@
 """lgamma, digamma and log1p of the Triton kernels (plain tl arithmetic) against scipy in float64."""
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import torch
 from scipy import special
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Triton on CUDA when there is a GPU, else the same Triton code under the interpreter (tests/conftest.py)
-TRITON_RUNNABLE = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-requires_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="Triton needs CUDA or TRITON_INTERPRET=1")
-
-
-pytestmark = requires_triton
+pytestmark = pytest.mark.triton  # tests/kernels/conftest.py
 EPS = 2.0 ** -23
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+triton = pytest.importorskip("triton")  # the Triton code under test needs triton itself
+tl = pytest.importorskip("triton.language")
+from pgnm_fast.kernels.special import digamma_pos, lgamma_pos, log1p  # noqa: E402  (imports triton)
 
-    from pgnm_fast.kernels.special import digamma_pos, lgamma_pos, log1p
 
-    @triton.jit
-    def _special_kernel(x_ptr, y_ptr, lg_ptr, dg_ptr, l1_ptr, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = i < n
-        x = tl.load(x_ptr + i, mask=inside, other=1.0)
-        y = tl.load(y_ptr + i, mask=inside, other=0.0)
-        tl.store(lg_ptr + i, lgamma_pos(x), mask=inside)
-        tl.store(dg_ptr + i, digamma_pos(x), mask=inside)
-        tl.store(l1_ptr + i, log1p(y), mask=inside)
+@triton.jit
+def _special_kernel(x_ptr, y_ptr, lg_ptr, dg_ptr, l1_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    x = tl.load(x_ptr + i, mask=inside, other=1.0)
+    y = tl.load(y_ptr + i, mask=inside, other=0.0)
+    tl.store(lg_ptr + i, lgamma_pos(x), mask=inside)
+    tl.store(dg_ptr + i, digamma_pos(x), mask=inside)
+    tl.store(l1_ptr + i, log1p(y), mask=inside)
 
 
 def _run(x, y):
