@@ -33,8 +33,8 @@ resnet50 forward + backward + SGD step at batch 256 (bf16 autocast, channels-las
 heated step does that and more, so the printed share is an upper bound of the data path's
 share of it.
 
-Targets (reported, not asserted): on the CPU the device path at least as fast as the plain
-loader (ratio >= 1); on one H100/H200 at least 50,000 images/s and under 2% of the step.
+Targets (bench/targets.py; reported, not asserted): ``device_over_plain_loader`` on the CPU,
+``device_loader_img_s`` and ``data_path_share`` on a GPU.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from pathlib import Path
 import pytest
 import torch
 from bench_pipelines import _tree_cpu
+from targets import info as target_info
 
 from pgnm_fast.pipelines import open_source
 from pgnm_fast.pipelines.device import DeviceLoader
@@ -120,7 +121,7 @@ def test_images_per_second(benchmark, bench_cache, path):
                                 batches_only_images_per_s=round(steady, 1),
                                 device=torch.cuda.get_device_name() if CUDA else
                                 f"CPU, {torch.get_num_threads()} torch threads",
-                                target="50,000 images/s on one H100/H200" if CUDA else None)
+                                **(target_info("device_loader_img_s", rate) if CUDA else {}))
     print(f"\n{path}: {rate:,.0f} images/s per epoch of {n}, {steady:,.0f} images/s in its "
           f"batches (the per-epoch plan left out)")
 
@@ -150,7 +151,7 @@ def test_captured_fill_images_per_second(benchmark, bench_cache):
     rate = steps * BATCH / statistics.median(benchmark.stats.stats.data)
     RESULTS["device-graphed"] = rate
     benchmark.extra_info.update(images_per_s=round(rate, 1), device=torch.cuda.get_device_name(),
-                                target="50,000 images/s on one H100/H200")
+                                **target_info("device_loader_img_s", rate))
     print(f"\ncaptured fill: {rate:,.0f} images/s ({steps} replays of batch {BATCH})")
 
 
@@ -181,7 +182,7 @@ def test_device_vs_plain_loader(benchmark, bench_cache):
         plain_images_per_s=[round(b, 1) for _, b in rates], plain_workers=CPUS,
         device_cpu_ms_per_image=[round(a, 2) for a, _ in cpu],
         plain_cpu_ms_per_image=[round(b, 2) for _, b in cpu],
-        target="ratio >= 1 (the device path at least as fast as the plain loader)")
+        **target_info("device_over_plain_loader", med))
     print(f"\ndevice / plain loader, {len(ratios)} alternating epochs: median {med:.2f}, range "
           f"{min(ratios):.2f}-{max(ratios):.2f} (device "
           f"{statistics.median(a for a, _ in rates):,.0f}, plain "
@@ -223,6 +224,7 @@ def test_data_path_share_of_a_resnet50_step(benchmark, bench_cache):
     t_step = timed(step, 10)
     share = t_data / t_step
     benchmark.extra_info.update(data_ms=round(t_data * 1e3, 3), step_ms=round(t_step * 1e3, 2),
-                                share=round(share, 4), target="share < 0.02")
+                                share=round(share, 4),
+                                **target_info("data_path_share", share))
     print(f"\ndata path {t_data * 1e3:.2f} ms per batch of {BATCH}, resnet50 step "
           f"{t_step * 1e3:.1f} ms: {100 * share:.2f}% (upper bound for the heated step)")

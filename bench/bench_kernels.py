@@ -10,7 +10,8 @@ On a GPU also: the apply's achieved bytes/s against a measured device-to-device 
 bytes (CUDA-event timing, L2 flushed, ``triton.testing.do_bench``), and sweeps of the kernels'
 launch settings. Images are bfloat16 on a GPU, float32 on the CPU. B = 256 runs on the CPU only
 with PGNM_BENCH_FULL=1. ``python bench/bench_kernels.py summarize ...`` turns the JSON into the
-record kept under bench/results/ (speed-ups, bandwidth fractions, the targets met or not).
+record kept under bench/results/ (speed-ups, bandwidth fractions, the targets of bench/targets.py
+met or not).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 
 import pytest
 import torch
+from targets import TARGETS
 
 from pgnm_fast.kernels import FastMasker, make_masker
 
@@ -113,7 +115,7 @@ def _bandwidth(masker, x, m):
 @gpu_only
 @pytest.mark.parametrize("channels,layout", [(1, "nchw"), (3, "nchw"), (3, "nhwc")])
 def test_apply_bandwidth(benchmark, channels, layout):
-    """Target: the apply at >= 85% of the copy bandwidth at B = 256, 224 x 224, bf16."""
+    """The apply's bandwidth against a copy's (target ``apply_fraction_of_copy``, bench/targets.py)."""
     masker, _, _, x, m = _setup("fast", 256, channels, layout)
     info = _bandwidth(masker, x, m)
     _bench(benchmark, lambda: masker.apply(x, m), f"apply bandwidth C={channels} {layout}", op="apply_bandwidth",
@@ -167,15 +169,16 @@ def summarize(bench_json, validate_json=None, tests_xml=None) -> dict:
             speedups.append({"op": op, "batch": batch, "channels": channels, "reference_s": ref, "fast_s": t,
                              "speedup": ref / t})
     on_gpu = data["machine_info"].get("device") == "cuda"
-    need = 20.0 if on_gpu else 1.0
+    need = TARGETS["mask_step_speedup" if on_gpu else "mask_step_speedup_cpu"].needed
     steps = [s for s in speedups if s["op"] == "step"]
     targets = {"step_speedup_min": min((s["speedup"] for s in steps), default=None), "step_speedup_needed": need}
     targets["step_speedup_met"] = bool(steps) and all(s["speedup"] >= need for s in steps)
     bw = [r for r in rows if r["op"] == "apply_bandwidth"]
     if bw:
         targets["apply_fraction_of_copy"] = {f"C={r['channels']} {r['layout']}": r["fraction_of_copy"] for r in bw}
-        targets["apply_fraction_needed"] = 0.85
-        targets["apply_bandwidth_met"] = all(r["fraction_of_copy"] >= 0.85 for r in bw)
+        apply_target = TARGETS["apply_fraction_of_copy"]
+        targets["apply_fraction_needed"] = apply_target.needed
+        targets["apply_bandwidth_met"] = all(apply_target.met(r["fraction_of_copy"]) for r in bw)
     sweeps = {op: sorted((r for r in rows if r["op"] == op), key=lambda r: r["median_s"])
               for op in ("apply_config", "sample_config")}
     record = {"machine_info": data["machine_info"], "datetime": data.get("datetime"), "speedups": speedups,

@@ -30,6 +30,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from targets import STEP_TARGET_CASES
 
 from pgnm_fast.engine import N_STATS, HeatedStep, PlainStep
 from pgnm_fast.graphs import GraphedStep
@@ -44,10 +45,6 @@ GPU_SETTINGS = ("fp32", "bf16", "bf16_cl", "bf16_cl_graphs", "bf16_cl_compile")
 SETTINGS_OF = {  # which settings each arm is timed with on a GPU
     "plain": GPU_SETTINGS, "fast": GPU_SETTINGS, "reference": ("fp32", "bf16_cl"),
     "authors": ("fp32",)}  # the authors' way is fp32 eager by definition
-TARGET_CASES = [  # what bench/report.py's targets read, timed first on a GPU (a time-box keeps them)
-    ("resnet50", 224, 64, 256, "fast", "bf16_cl_graphs"), ("resnet50", 224, 64, 256, "plain", "bf16_cl_graphs"),
-    ("resnet50", 224, 64, 256, "authors", "fp32"), ("resnet50", 224, 64, 32, "fast", "bf16_cl_graphs"),
-    ("resnet50", 224, 64, 32, "fast", "bf16_cl")]
 
 
 def cases(device: str, full: bool = False) -> list[tuple]:
@@ -63,7 +60,7 @@ def cases(device: str, full: bool = False) -> list[tuple]:
                for model in ("resnet10t", "resnet18", "resnet50") for batch in (32, 256)
                for arm, settings in SETTINGS_OF.items() for setting in settings
                if setting != "bf16_cl_compile"]
-        out = TARGET_CASES + [c for c in out if c not in TARGET_CASES]
+        out = STEP_TARGET_CASES + [c for c in out if c not in STEP_TARGET_CASES]
         out += [("resnet50", 224, 64, 256, arm, "bf16_cl_compile") for arm in ("plain", "fast")]
         return out
     if quick:

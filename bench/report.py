@@ -1,18 +1,20 @@
-"""The benchmark records and the README's performance table, generated, never typed.
+"""The benchmark records and the performance table of docs/performance.md, generated, never typed.
 
     python bench/report.py record --raw bench/results/raw --tag DEVICE --out bench/results/DEVICE.json
-    python bench/report.py readme [--check]
+    python bench/report.py table [--check]        # (also accepted as: readme)
 
 ``record`` (called by bench/run_gpu.sh) gathers one run's raw outputs: the kernel and step
 benchmark JSONs, the validate JSON, the tests' JUnit XML, the end-to-end training's metrics.jsonl
 and each step's exit status, and writes one record: device, driver (from nvidia-smi, if present),
-torch and its CUDA, triton, every figure, every target met or not. The step benchmark's figures come from its
-JSON, or where a time-box stopped it before the JSON was written, from the rows it wrote as each
-case ended (``<tag>-step-rows.jsonl``). A record already at ``--out`` for the same tag keeps the
-parts this run has no outputs for (a run of some steps only: ``run_gpu.sh loader``).
-``readme`` rewrites the part of README.md between the performance markers from every
-bench/results/*.json, naming each figure's device; ``--check`` exits 1 if the README is not what
-the records give.
+torch and its CUDA, triton, every figure, every target (bench/targets.py) met or not. The step
+benchmark's figures come from its JSON, or where a time-box stopped it before the JSON was
+written, from the rows it wrote as each case ended (``<tag>-step-rows.jsonl``). A record already
+at ``--out`` for the same tag keeps the parts this run has no outputs for (a later run of some
+steps only, ``run_gpu.sh loader``, adds its figures to the record).
+``table`` rewrites the part of docs/performance.md between the performance markers: the targets,
+then every bench/results/*.json's figures, naming each figure's device (the file is made, with a
+title and the markers, where it does not exist); ``--check`` exits 1 if the page is not what the
+records give.
 """
 from __future__ import annotations
 
@@ -26,15 +28,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from targets import TARGETS  # noqa: E402  (bench/ is not a package)
+from targets import table as targets_table  # noqa: E402
+
+PAGE = ROOT / "docs" / "performance.md"
 START, END = "<!-- performance table: start (python bench/report.py readme) -->", \
     "<!-- performance table: end -->"
 HEADLINE = {"model": "resnet50", "crop": 224, "batch": 256, "setting": "bf16_cl_graphs"}
-TARGETS = {  # (figure, comparison, needed): docs in README "Benchmarks"
-    "heated_img_s": (">=", 4500.0),
-    "heated_over_plain": ("<=", 1.3),
-    "fused_vs_authors": (">=", 4.0),
-    "graphs_vs_eager_b32": (">=", 1.2),
-}
+STEP_TARGETS = ("heated_img_s", "heated_over_plain", "fused_vs_authors", "graphs_vs_eager_b32")
 
 
 def _load(path):
@@ -87,7 +89,6 @@ def step_figures(bench: dict | None) -> dict:
         per = s["median"] / info["seconds_per_step"]  # steps per timed round
         rows.append(dict({k: v for k, v in info.items() if k != "ratios"},
                          q1_s=s["q1"] / per, q3_s=s["q3"] / per, rounds=s["rounds"]))
-    sys.path.insert(0, str(ROOT / "bench"))
     from bench_step import ratios  # noqa: E402  (bench/ is not a package)
     by_key = {(r["model"], r["crop"], r["batch"], r["arm"], r["setting"]): r for r in rows}
     found = ratios([(r, r["seconds_per_step"]) for r in rows])
@@ -183,10 +184,10 @@ def targets(step: dict, on_gpu: bool) -> dict:
         "graphs_vs_eager_b32": rat.get(("graphs_vs_eager", h["model"], h["crop"], 32, "fast", h["setting"])),
     }
     out = {}
-    for name, (op, need) in TARGETS.items():
+    for name in STEP_TARGETS:
         v = value[name]
-        met = None if v is None or not on_gpu else (v >= need if op == ">=" else v <= need)
-        out[name] = {"value": v, "needed": f"{op} {need:g}", "met": met,
+        met = TARGETS[name].met(v) if on_gpu else None
+        out[name] = {"value": v, "needed": TARGETS[name].needed_text, "met": met,
                      "where": f"heated fused step, {h['model']} {h['crop']}px, "
                               f"B={32 if name.endswith('b32') else h['batch']}, {h['setting']}"}
     return out
@@ -194,7 +195,6 @@ def targets(step: dict, on_gpu: bool) -> dict:
 
 def record(raw: str, tag: str) -> dict:
     raw = Path(raw)
-    sys.path.insert(0, str(ROOT / "bench"))
     from bench_kernels import summarize  # noqa: E402
     kernels = raw / f"{tag}-bench.json"
     rec = _versions()
@@ -229,7 +229,7 @@ def record(raw: str, tag: str) -> dict:
     return rec
 
 
-# -------------------------------------------------------------------------------------- README
+# ------------------------------------------------------------------------- docs/performance.md
 def _fmt(v, digits=2):
     return "n/a" if v is None else (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{digits}f}")
 
@@ -258,7 +258,7 @@ def table(records: list[tuple[str, dict]]) -> str:
                 lines.append(f"| {dev} | {r['ratio'].replace('_', ' ')}: {r['arm']}, {r['model']} "
                              f"{r['crop']} px, B {r['batch']}, {r['setting']} | {_fmt(r['value'])}{spread} | |")
         for tname, t in (rec.get("targets") or {}).items():
-            if tname in TARGETS and t["value"] is not None:
+            if tname in STEP_TARGETS and t["value"] is not None:
                 met = {True: "met", False: "NOT met", None: "(not a GPU)"}[t["met"]]
                 lines.append(f"| {dev} | target {tname}: {t['where']} | {_fmt(t['value'])} | "
                              f"{t['needed']} {met} |")
@@ -269,23 +269,25 @@ def table(records: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def readme(check: bool = False) -> int:
+def page(check: bool = False, path: Path = PAGE) -> int:
+    """Rewrite the performance table between the markers of ``path`` (module docstring)."""
     records = [(p.name, _load(p)) for p in sorted((ROOT / "bench" / "results").glob("*.json"))]
-    body = table([(n, r) for n, r in records if r])
-    path = ROOT / "README.md"
-    text = path.read_text()
+    body = "Targets:\n\n" + targets_table() + "\n\nMeasured:\n\n" + table([(n, r) for n, r in records if r])
+    text = path.read_text() if path.exists() else f"# Performance\n\n{START}\n{END}\n"
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     if START not in text or END not in text:
-        print(f"Error: README.md has no performance markers ({START} ... {END})", file=sys.stderr)
+        print(f"Error: {name} has no performance markers ({START} ... {END})", file=sys.stderr)
         return 2
     head, rest = text.split(START, 1)
     new = head + START + "\n" + body + "\n" + END + rest.split(END, 1)[1]
     if check:
-        return 0 if new == text else 1
-    if new != text:
+        return 0 if path.exists() and new == path.read_text() else 1
+    if not path.exists() or new != path.read_text():
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(new)
         os.replace(tmp, path)
-    print(f"README.md: performance table from {len(records)} record(s)")
+    print(f"{name}: performance table from {len(records)} record(s)")
     return 0
 
 
@@ -296,11 +298,11 @@ def main(argv=None) -> int:
     r.add_argument("--raw", required=True)
     r.add_argument("--tag", required=True)
     r.add_argument("--out", required=True)
-    m = sub.add_parser("readme")
+    m = sub.add_parser("table", aliases=["readme"], help="the performance table of docs/performance.md")
     m.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    if args.cmd == "readme":
-        return readme(args.check)
+    if args.cmd in ("table", "readme"):
+        return page(args.check)
     rec = merge(_load(args.out), record(args.raw, args.tag))
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Everything a GPU must show, in one command (under 8 minutes on one H100/H200):
+# Everything a GPU must show, in one command. The default steps finish in under 9 minutes on one
+# H100/H200, the loader step in under 3: each step is time-boxed (--plan lists the boxes), a step
+# stopped at its box keeps what it measured, and every step runs even if an earlier one failed.
 #
 #     bash bench/run_gpu.sh                       # the default steps below, each time-boxed
 #     bash bench/run_gpu.sh step train            # or any of: tests validate bench step train compile loader
@@ -13,7 +15,8 @@
 # 3. bench:    bench/bench_kernels.py (fast vs reference, bandwidth vs copy, launch sweeps)
 # 4. step:     bench/bench_step.py (images/s of the whole training step: plain / heated reference /
 #              heated fused / the authors' way; fp32, bf16, channels-last, graphs), the cases the
-#              targets need first; each case's figures also go to <tag>-step-rows.jsonl as it ends
+#              targets (bench/targets.py) read first; each case's figures also go to
+#              <tag>-step-rows.jsonl as it ends
 # 5. train:    `pgnm-fast train --amp --graphs` end to end, resnet50 at 224 x 224, batch 256, on
 #              a synthetic set made for it (3,200 images of 160 px), 3 epochs of 8 steps; the
 #              img/s the trainer reports, and its steady rate over the last epoch's steps
@@ -21,9 +24,9 @@
 # batch 256: inductor's first compile of a resnet50 training step takes minutes on a fresh
 # machine), and loader.
 # Then bench/report.py writes bench/results/<device>.json: device, driver, torch, triton, every
-# figure and every target met or not; a run of some steps only keeps the other steps' figures
-# already in that record. Every step runs even if an earlier one failed; the exit status is
-# non-zero if any failed. Raw outputs go to bench/results/raw/. With --quick the record goes to
+# figure and every target met or not; a later run of some steps only (say, the steps a stopped
+# run did not finish) adds its figures to that record and keeps the others. The exit status is
+# non-zero if any step failed. Raw outputs go to bench/results/raw/. With --quick the record goes to
 # bench/results/raw/<device>-quick.json (the committed records stay as they are).
 # OUT: a folder that gets the record and the raw outputs (optional); each step's log is written
 # there as it runs and its other outputs as it ends, so a run stopped from outside keeps them.
@@ -76,9 +79,9 @@ else
     synth=(--images 3200 --size 160)
     train=(--model resnet50 -b 256 --train-crop-size 224 --val-resize-size 256 --val-crop-size 224
            --grid 64 --epochs 3 -j 8 --print-freq 2)
-    # One GPU call of at most 560 s holds the default steps: 465 s of time-boxes, the rest for
-    # the start, the record and a step's 10 s kill grace (tests/test_run_gpu.py checks the sums).
-    # loader (a call of its own) fits in 180 s.
+    # The default steps' boxes sum to 465 s: with the start, the record and a step's 10 s kill
+    # grace they finish in under 9 minutes; the loader step's sum to 180 s (tests/test_run_gpu.py
+    # checks both sums).
     limits=(tests=90 validate=45 bench=60 step=170 train=100 compile=240 loader-tests=60 loader-bench=120)
     # the CPU at full size: the step benchmarks alone take minutes (a time-box against hangs only)
     [ "$target" = cpu ] && limits=(tests=900 validate=300 bench=600 step=1200 train=900 compile=600

@@ -1,4 +1,5 @@
-"""The GPU proof's pieces that run anywhere: the step ratios, the targets, the README table, and
+"""The GPU proof's pieces that run anywhere: the step ratios, the targets, the performance table
+(docs/performance.md), and
 the modules bench/run_gpu.sh needs importing without scipy, scikit-learn or DALI."""
 import json
 import subprocess
@@ -59,10 +60,28 @@ def test_step_figures_spread_brackets_the_ratio(tmp_path):
     assert r["low"] == pytest.approx(0.18 / 0.12) and r["high"] == pytest.approx(0.25 / 0.09)
 
 
-def test_readme_table_is_generated_from_the_records():
-    p = subprocess.run([sys.executable, "bench/report.py", "readme", "--check"], cwd=ROOT,
+def test_performance_table_is_generated_from_the_records():
+    p = subprocess.run([sys.executable, "bench/report.py", "table", "--check"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, "README's performance table is stale: python bench/report.py readme"
+    assert p.returncode == 0, "docs/performance.md's table is stale: python bench/report.py table"
+    text = (ROOT / "docs" / "performance.md").read_text()
+    assert report.START in text and report.END in text
+
+
+def test_performance_page_is_made_with_its_markers_and_every_target(tmp_path):
+    page = tmp_path / "docs" / "performance.md"
+    assert report.page(check=True, path=page) == 1  # missing: not what the records give
+    assert report.page(path=page) == 0
+    text = page.read_text()
+    assert text.startswith("# Performance\n") and report.START in text and report.END in text
+    for name, target in report.TARGETS.items():
+        assert f"| `{name}` |" in text and target.needed_text in text
+    assert report.page(check=True, path=page) == 0
+    page.write_text(text.replace(report.END, "stale row\n" + report.END))
+    assert report.page(check=True, path=page) == 1
+    page.write_text("# Performance\n")
+    assert report.page(path=page) == 2  # markers removed: one error line, nothing written
+    assert page.read_text() == "# Performance\n"
 
 
 POISON = """
