@@ -9,8 +9,9 @@
 #     bash bench/run_gpu.sh loader                # --loader device: its kernel tests and benchmark (not in the default)
 #     bash bench/run_gpu.sh --plan [STEP...]      # the steps and their time-boxes, nothing run
 #
-# 1. tests:    the kernel tests compiled on the GPU (tests/kernels/, the GPU-only ones included)
-#              and --graphs: real CUDA-graph capture and replay against the eager step
+# 1. tests:    the kernel tests compiled on the GPU (tests/kernels/, the GPU-only ones included),
+#              --graphs: real CUDA-graph capture and replay against the eager step, and the fast
+#              paths' self-check (pgnm_fast/self_check.py) on the GPU
 # 2. validate: pgnm-fast validate --device cuda --json
 # 3. bench:    bench/bench_kernels.py (fast vs reference, bandwidth vs copy, launch sweeps)
 # 4. step:     bench/bench_step.py (images/s of the whole training step: plain / heated reference /
@@ -58,7 +59,8 @@ esac
 pytest_q=(-q -rs -p no:cacheprovider)
 bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.2 --benchmark-min-rounds=5)
 if [ $quick = 1 ]; then
-    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py tests/test_uint8_batches.py -k "not replayed")
+    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py tests/test_uint8_batches.py
+                tests/test_self_check.py::test_self_check_passes_on_the_gpu -k "not replayed")
     validate_q=(--quick)
     kernel_k=(-k "test_step and 32")
     bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.02 --benchmark-min-rounds=1)
@@ -72,6 +74,7 @@ else
     # when one is present; the CPU-only ones (test_reference.py, test_graphs.py's emulated
     # capture) run in the CPU suite
     test_files=(tests/kernels/test_kernels_gpu.py tests/test_graphs_gpu.py tests/test_uint8_batches.py
+                tests/test_self_check.py::test_self_check_passes_on_the_gpu
                 tests/kernels/test_special.py tests/kernels/test_sample_score.py tests/kernels/test_mask_apply.py
                 tests/kernels/test_masker.py tests/test_models.py::test_policy_step_captures_in_a_cuda_graph)
     validate_q=()

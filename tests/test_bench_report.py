@@ -90,6 +90,7 @@ for name in ("scipy", "sklearn", "nvidia", "nvidia.dali"):
     sys.modules[name] = None  # importing any of them now fails
 sys.path.insert(0, "bench")
 import pgnm_fast.cli, pgnm_fast.stages, pgnm_fast.validate, pgnm_fast.speed, pgnm_fast.graphs
+import pgnm_fast.self_check
 import conftest, bench_step, bench_kernels, report
 from pgnm_fast.pipelines.factory import resolve_backend
 assert resolve_backend("auto", log=lambda s: None) == "torch"
