@@ -337,7 +337,7 @@ def apply_fallbacks(result: SelfCheckResult, cfg) -> tuple[dict, list[str]]:
         if getattr(cfg, name, None) != uses:
             continue
         changes[name] = avoid
-        lines.append(f"self-check: {part} disagrees with its reference on {result.key['device']} ({error}); "
+        lines.append(f"self-check: {part} failed on {result.key['device']} ({error}); "
                      f"running with {words}. The full check: {FULL_CHECK}")
     return changes, lines
 

@@ -129,6 +129,23 @@ def test_a_wrong_resize_falls_back_from_the_device_loader(monkeypatch):
     assert _fails("resized_crop", monkeypatch, "grey levels") == {"loader": "auto"}
 
 
+def test_validate_fails_on_a_wrong_resize_too(monkeypatch, tmp_path):
+    """``pgnm-fast validate``, the full check the fallback lines name, covers the resize too."""
+    from click.testing import CliRunner
+
+    from pgnm_fast.cli import validate
+    real = augment.resized_crop
+    monkeypatch.setattr(augment, "resized_crop", lambda out, *a, impl="auto", **k: real(
+        out, *a, impl=impl, **k) if impl == "torch" else real(out, *a, impl=impl, **k).add_(0.1))
+    path = tmp_path / "v.json"
+    result = CliRunner().invoke(validate, ["--device", "cpu", "--quick", "--seed", "2", "--json", str(path)])
+    assert result.exit_code == 1 and result.output.rstrip().endswith("FAILED"), result.output
+    assert "resized crop (the device loader's resize against its integer reference): FAIL (" in result.output
+    data = json.loads(path.read_text())
+    assert data["passed"] is False and data["apply"]["passed"] is True
+    assert data["other_fast_paths"]["resized_crop"]["ok"] is False
+
+
 def test_a_replay_that_reads_the_wrong_input_turns_graphs_off(monkeypatch):
     real = GraphedStep.__call__
     monkeypatch.setattr(GraphedStep, "__call__",
@@ -176,7 +193,8 @@ def test_the_training_call_returns_the_changes_and_logs_each_line(monkeypatch):
     monkeypatch.setattr(sc, "run_self_check", lambda device, log, parts: asked.append(parts) or failed)
     logs = []
     assert sc.check_and_fall_back(USES_ALL, "cuda", log=logs.append) == {"impl": "reference"}
-    assert asked == [sc.PARTS] and len(logs) == 1 and logs[0].startswith("self-check: apply disagrees")
+    assert asked == [sc.PARTS] and len(logs) == 1
+    assert logs[0].startswith("self-check: apply failed on GPU X (bad); running with --impl reference")
 
 
 def test_an_unknown_part_is_refused():

@@ -95,6 +95,9 @@ def test_validate_passes_on_the_cpu_fast_path_and_writes_json(tmp_path):
     assert data["passed"] is True and data["seed"] == 7 and data["backend"] == "torch"
     assert all(r["passed"] for r in data["sampling"]["power"])  # the swapped sampler was rejected
     assert data["sampling"]["pairs"][0]["n"] == 8192
+    # the loader's resize and a captured step, as the self-check compares them
+    assert {p: r["ok"] for p, r in data["other_fast_paths"].items()} == {"resized_crop": True, "graphed_step": True}
+    assert "resized crop (the device loader's resize against its integer reference): ok" in result.output
 
 
 def test_validate_fails_when_a_check_fails(monkeypatch, tmp_path):
