@@ -23,6 +23,8 @@ STAGES = {
     "finetune": "fine-tuned: a heated (or baseline) classifier trained further without masks",
     "baseline": "baseline: trained without masks",
 }
+SOURCES = {"state dict": "a plain state dict", "timm folder": "a timm model folder",
+           "authors'": "a checkpoint of the authors' code"}
 MAX_CLASSES = 200  # more are counted, not listed
 
 
@@ -46,7 +48,8 @@ def _front_matter(license: str | None) -> list[str]:
 
 def _training(checkpoint: dict | None, kind: str) -> list[str]:
     if not checkpoint:
-        return ["## Training", "", f"Exported from a {kind} file, which does not record how the "
+        source = SOURCES.get(kind, kind)
+        return ["## Training", "", f"Exported from {source}, which does not record how the "
                 "weights were trained.", ""]
     cfg = checkpoint.get("config", {})
     stage = checkpoint.get("stage", "?")
