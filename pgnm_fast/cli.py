@@ -405,11 +405,14 @@ def validate(device, json_path, seed, quick, backend):
               default="safetensors", show_default=True,
               help="safetensors: model.safetensors + timm config.json, loaded by "
                    "timm.create_model('local-dir:OUT', pretrained=True); torchscript: model.pt.")
-def export(checkpoint, out, in_chans, fmt):
-    """Write a checkpoint's classifier as a timm model folder (or TorchScript)."""
+@click.option("--license", "license_id", default=None,
+              help="Licence identifier for config.json and the model card (e.g. apache-2.0); "
+                   "none is written unless given. The data owner's terms apply in any case.")
+def export(checkpoint, out, in_chans, fmt, license_id):
+    """Write a checkpoint's classifier as a timm model folder (or TorchScript) with a model card."""
     from .weights import export as export_weights
     export_weights(checkpoint, out, in_chans=int(in_chans) if in_chans else None, fmt=fmt,
-                   log=click.echo)
+                   license=license_id, log=click.echo)
 
 
 if __name__ == "__main__":

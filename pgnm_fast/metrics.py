@@ -76,6 +76,14 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     return out, absent
 
 
+def mean_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean cross-entropy of ``logits`` (N, C) against ``labels`` (N,): the validation loss
+    that ``metrics.jsonl`` records beside the metrics (``val.loss``)."""
+    from scipy.special import log_softmax
+    logp = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    return float(-logp[np.arange(len(logp)), np.asarray(labels, dtype=np.int64)].mean())
+
+
 def per_class_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray]:
     """Precision, recall, F1 and support of every class (0 where undefined, e.g. a class never
     predicted), and the confusion matrix (rows: true class, columns: predicted), both over all

@@ -1,8 +1,9 @@
 """Pictures of a run, drawn from the files in its folder (``pgnm-fast plot RUN`` and every epoch).
 
-- ``curves.png`` from ``metrics.jsonl``: cross-entropy, the heated objective mean(S) * CE and S,
-  train/val top-1 and val macro F1, learning rates, img/s over the steps (epoch values are marked
-  at the step that ends the epoch), and the mask mean and entropy of the heated stage;
+- ``curves.png`` from ``metrics.jsonl``: train and validation cross-entropy, the heated objective
+  mean(S) * CE and S, train/val top-1 and val macro F1, learning rates, img/s over the steps
+  (epoch values are marked at the step that ends the epoch), and the mask mean and entropy of the
+  heated stage; only the panels the run has data for, every axis labelled;
 - ``masks.png`` from ``masks.npz`` (heated stage): the gallery images, the policy's expected mask,
   one sampled mask, the masked image, and the unconditional mask's mean and spread;
 - ``confusion.png`` from ``confusion.csv`` (the best checkpoint's validation; ``per_class.csv``
@@ -89,68 +90,104 @@ def _line(ax, records, kind, key, label, sub=None, **style):
     return len(x) > 0
 
 
-def draw_curves(records: list[dict], path: Path, title: str = "") -> Path:
-    """``curves.png``: a 2 x 3 grid over the global step; thin lines are the per-window step
-    records, markers the epoch records. Panels without data say so."""
-    fig = _figure(15, 8)
-    axes = fig.subplots(2, 3).ravel()
-    heated = any(r.get("kind") == "step" and r.get("S", 0) > 0 for r in records)
-    ends = [r["step"] for r in records if r.get("kind") == "epoch"]
+def _has(records, kind, key, sub=None) -> bool:
+    return len(_series(records, kind, key, sub)[0]) > 0
 
-    ax = axes[0]
+
+def _twin(ax, records, kind, key, label, ylabel, **style):
+    """``key`` on a right-hand axis of ``ax``; one legend for both axes."""
+    twin = ax.twinx()
+    _line(twin, records, kind, key, label, **style)
+    twin.set_ylabel(ylabel)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8)
+
+
+def _loss_panel(ax, records):
     _line(ax, records, "step", "ce", "train CE (steps)", lw=0.8, alpha=0.6)
     _line(ax, records, "epoch", "train_ce", "train CE (epoch)")
-    ax.set_title("cross-entropy")
-    ax = axes[1]
-    if heated:
-        _line(ax, records, "step", "loss", "objective mean(S) x CE", lw=0.8, color="C3")
-        twin = ax.twinx()
-        _line(twin, records, "step", "S", "S (right axis)", lw=0.8, color="C4")
-        twin.set_ylabel("S")
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, fontsize=8)
-        ax.set_title("heated objective and S")
-    else:
-        ax.text(0.5, 0.5, "no policy: the objective is the CE", ha="center", va="center",
-                transform=ax.transAxes)
-        ax.set_title("heated objective")
-    ax = axes[2]
+    _line(ax, records, "epoch", "loss", "val CE", sub="val")
+    ax.set(title="cross-entropy", ylabel="cross-entropy (nats)")
+    values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.lines] or [[1.0]])
+    if np.all(values > 0) and values.max() / values.min() > 30:
+        ax.set_yscale("log")  # a diverging validation CE beside the train CE
+
+
+def _objective_panel(ax, records):
+    _line(ax, records, "step", "loss", "objective mean(S) x CE", lw=0.8, color="C3")
+    ax.set(title="heated objective and S", ylabel="objective mean(S) x CE")
+    _twin(ax, records, "step", "S", "S (right axis)", "S", lw=0.8, color="C4")
+
+
+def _accuracy_panel(ax, records):
     _line(ax, records, "step", "train_top1", "train top-1 (steps)", lw=0.8, alpha=0.6)
     _line(ax, records, "epoch", "train_top1", "train top-1 (epoch)")
     _line(ax, records, "epoch", "top1", "val top-1", sub="val")
     _line(ax, records, "epoch", "f1_macro", "val macro F1", sub="val")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("accuracy")
-    ax = axes[3]
+    ax.set(title="accuracy", ylabel="top-1 / macro F1", ylim=(-0.02, 1.02))
+
+
+def _lr_panel(ax, records):
     _line(ax, records, "step", "lr", "classifier lr")
     _line(ax, records, "step", "policy_lr", "policy lr")
-    ax.set_title("learning rates")
-    ax = axes[4]
-    _line(ax, records, "step", "img_s", "img/s (per process)", lw=0.8)
-    ax.set_title("throughput")
-    ax = axes[5]
-    drawn = _line(ax, records, "masks", "mask_mean", "mean expected mask", color="C0")
-    if drawn:
-        twin = ax.twinx()
-        _line(twin, records, "masks", "mask_entropy", "mean Beta entropy (nats, right)", color="C1")
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
-    else:
-        ax.text(0.5, 0.5, "no masks in this stage", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("policy masks (gallery images)")
-
-    lrs = [np.asarray(line.get_ydata(), dtype=float) for line in axes[3].lines]
+    ax.set(title="learning rates", ylabel="learning rate")
+    lrs = [np.asarray(line.get_ydata(), dtype=float) for line in ax.lines]
     if lrs and all(np.all(y > 0) for y in lrs) and max(y.max() / y.min() for y in lrs) > 1.01:
-        axes[3].set_yscale("log")  # step decay reads as equal steps
-    for ax in axes:
+        ax.set_yscale("log")  # step decay reads as equal steps
+
+
+def _speed_panel(ax, records):
+    _line(ax, records, "step", "img_s", "img/s (per process)", lw=0.8)
+    ax.set(title="throughput", ylabel="images / s per process")
+
+
+def _mask_panel(ax, records):
+    _line(ax, records, "masks", "mask_mean", "mean expected mask", color="C0")
+    ax.set(title="policy masks (gallery images)", ylabel="mean expected mask", ylim=(-0.02, 1.02))
+    _twin(ax, records, "masks", "mask_entropy", "mean Beta entropy (right)",
+          "mean Beta entropy (nats)", color="C1")
+
+
+def curve_panels(records: list[dict]) -> list:
+    """The panels the records have data for: a fine-tune or baseline run has no objective and no
+    masks; cross-entropy is always drawn (empty only for a log with no record yet)."""
+    heated = any(r.get("kind") == "step" and r.get("S", 0) > 0 for r in records)
+    return [_loss_panel] + [panel for panel, present in (
+        (_objective_panel, heated),
+        (_accuracy_panel, any(_has(records, k, key, sub) for k, key, sub in (
+            ("step", "train_top1", None), ("epoch", "train_top1", None), ("epoch", "top1", "val")))),
+        (_lr_panel, _has(records, "step", "lr")),
+        (_speed_panel, _has(records, "step", "img_s")),
+        (_mask_panel, _has(records, "masks", "mask_mean")),
+    ) if present]
+
+
+def curves_figure(records: list[dict], title: str = ""):
+    """The figure of ``curves.png``: one panel per quantity the run has, over the global step;
+    thin lines are the per-window step records, markers the epoch records, grey lines epoch ends.
+    Every axis is labelled."""
+    panels = curve_panels(records)
+    cols = 3 if len(panels) > 4 else 2
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(5 * cols, 4 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    ends = [r["step"] for r in records if r.get("kind") == "epoch"]
+    for ax, panel in zip(axes, panels):
+        panel(ax, records)
         ax.set_xlabel("step")
         for end in ends:
             ax.axvline(end, color="0.85", lw=0.6, zorder=0)
         if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    for ax in axes[len(panels):]:
+        fig.delaxes(ax)
     fig.suptitle(title + ("  (grey lines: epoch ends)" if ends else ""))
-    return _save(fig, path)
+    return fig
+
+
+def draw_curves(records: list[dict], path: Path, title: str = "") -> Path:
+    """``curves.png`` (:func:`curves_figure`)."""
+    return _save(curves_figure(records, title), path)
 
 
 def _short(name: str) -> str:

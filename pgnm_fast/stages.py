@@ -39,7 +39,7 @@ from .evaluate import write_json_atomic
 from .folders import check_output_dir, lock_folder
 from .graphs import GraphedStep
 from .kernels import make_masker
-from .metrics import classification_metrics, json_safe
+from .metrics import classification_metrics, json_safe, mean_cross_entropy
 from .models import PolicyNet, create_model
 from .observe import RunObserver
 from .pipelines import BatchLoader, make_loader
@@ -499,7 +499,8 @@ def end_epoch(run: Run, parts: Parts, val_loader: BatchLoader | None,
     seconds = time.perf_counter() - t_epoch
     record = dict(kind="epoch", epoch=epoch, step=global_step, seconds=seconds, **lrs,
                   **{k if k.startswith("train_") else f"train_{k}": v
-                     for k, v in train_stats.items()}, val=json_safe(last_val))
+                     for k, v in train_stats.items()},
+                  val=json_safe(dict(last_val, loss=mean_cross_entropy(*val_scores))))
     save_epoch_states(state, run.out, improved, lambda: write(record))
     log(epoch_lines(epoch, cfg.epochs, train_stats, last_val, lrs["lr"], seconds, t_val,
                     heated=parts.policy is not None))

@@ -346,12 +346,16 @@ def reset_hyperparameters(optimizer, lr: float, cfg, device: torch.device) -> No
 # Out
 
 def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors",
-           mean: float | None = None, std: float | None = None, log=print) -> Path:
+           mean: float | None = None, std: float | None = None, license: str | None = None,
+           log=print) -> Path:
     """Write the classifier of ``checkpoint`` (any form :func:`read_weights` reads) to ``out``:
     ``model.safetensors`` + timm ``config.json``, or ``model.pt`` (TorchScript). ``in_chans=3``
     writes a 3-channel stem (the grey stem's weight / 3 per channel: identical logits on a grey
-    image replicated to RGB)."""
+    image replicated to RGB). Beside them, the model card ``README.md``
+    (:mod:`pgnm_fast.model_card`); ``license`` (none by default) goes into both."""
+    from .model_card import check_license, write_model_card
     from .pipelines import MEAN, STD
+    license = check_license(license)
     w = read_weights(checkpoint)
     name = resolve_model(w, None)
     chans = w.in_chans or 1
@@ -373,16 +377,20 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
     mean = mean if mean is not None else cfg.get("mean") or MEAN
     std = std if std is not None else cfg.get("std") or STD
     crop, resize = cfg.get("val_crop_size", 224), cfg.get("val_resize_size", 256)
+    card = dict(architecture=name, classes=classes, in_chans=in_chans, crop=crop, resize=resize,
+                mean=float(mean), std=float(std), format=fmt, license=license)
     out = Path(out)
+    if fmt not in ("safetensors", "torchscript"):
+        raise ConfigError(f"--format must be safetensors or torchscript, not {fmt!r}")
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "torchscript":
         scripted = torch.jit.script(model)
         with atomic_open(out / "model.pt", "wb") as f:
             torch.jit.save(scripted, f)
-        log(f"wrote {out / 'model.pt'} (TorchScript {name}, {in_chans}-channel input)")
+        write_model_card(out, card, w.checkpoint, w.kind)
+        log(f"wrote {out / 'model.pt'} and the model card {out / 'README.md'} (TorchScript "
+            f"{name}, {in_chans}-channel input)")
         return out
-    if fmt != "safetensors":
-        raise ConfigError(f"--format must be safetensors or torchscript, not {fmt!r}")
     from safetensors.torch import save
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     config = {
@@ -393,15 +401,19 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
             "crop_pct": round(crop / resize, 4), "crop_mode": "center",
             "mean": [float(mean)] * in_chans, "std": [float(std)] * in_chans,
             "num_classes": w.num_classes, "first_conv": FIRST_CONV[name], "classifier": "fc",
-            "fixed_input_size": False, "license": "apache-2.0"},
+            "fixed_input_size": False},
         "label_names": list(classes),
     }
+    if license:
+        config["pretrained_cfg"]["license"] = license
     with atomic_open(out / "model.safetensors", "wb") as f:
         f.write(save(tensors, metadata={"format": "pt"}))
     with atomic_open(out / "config.json", "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    log(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} ({name}, "
+    write_model_card(out, card, w.checkpoint, w.kind)
+    log(f"wrote {out / 'model.safetensors'}, {out / 'config.json'} and the model card "
+        f"{out / 'README.md'} ({name}, "
         f"{w.num_classes} classes, {in_chans}-channel input)")
     return out
 

@@ -39,3 +39,23 @@ def test_no_reference_to_an_outside_specification():
     offenders = [path.relative_to(ROOT).as_posix() for path in _text_files()
                  if outside.search(path.read_text(errors="replace"))]
     assert not offenders, f"cite docs/method.md instead in: {offenders}"
+
+
+LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)")
+
+
+def test_relative_links_resolve():
+    """README's and the docs pages' relative links name files that exist (the site build checks the
+    anchors between pages: mkdocs build --strict)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = [f"{page.relative_to(ROOT)}: {target}" for page in pages
+              for target in LINK.findall(page.read_text())
+              if "://" not in target and not (page.parent / target).exists()]
+    assert not broken, broken
+
+
+def test_every_docs_page_is_in_the_site_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text().split("\nnav:\n", 1)[1]
+    listed = set(re.findall(r"^  - [^:]+: (\S+\.md)$", nav, flags=re.MULTILINE))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert listed == pages, (listed - pages, pages - listed)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pgnm_fast import observe, plots
 from pgnm_fast.cli import main
+from pgnm_fast.metrics import mean_cross_entropy
 
 SMALL = ["--epochs", "2", "-b", "16", "--train-crop-size", "32", "--val-resize-size", "36",
          "--val-crop-size", "32", "-j", "0", "--print-freq", "2", "--seed", "3", "--grid", "8"]
@@ -165,6 +166,42 @@ def test_curves_of_a_baseline_log_written_by_hand(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert plots.plot_run(tmp_path) == [tmp_path / "curves.png"]
     assert_picture(tmp_path / "curves.png")
+    # no policy: no objective panel and no mask panel, and no panel left empty
+    assert_panels(plots.curves_figure(records), ["cross-entropy", "accuracy", "learning rates",
+                                                 "throughput"])
+
+
+def assert_panels(fig, titles):
+    """The figure has exactly these panels, each with data, and every axis labelled (a right-hand
+    axis has a label and data of its own)."""
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == titles
+    for ax in fig.axes:
+        drawn = [line for line in ax.lines if not line.get_label().startswith("_")]
+        assert drawn and all(len(line.get_xdata()) for line in drawn), f"empty: {ax.get_title()}"
+        assert ax.get_ylabel(), f"no y label: {ax.get_title() or 'a right-hand axis'}"
+    assert all(ax.get_xlabel() == "step" for ax in panels)
+
+
+def test_curves_of_a_heated_run_have_every_panel_and_the_validation_loss(heated):
+    out, _, _ = heated
+    records, bad = plots.read_records(out / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert bad == 0 and len(epochs) == 2 and all(r["val"]["loss"] > 0 for r in epochs)
+    fig = plots.curves_figure(records)
+    assert_panels(fig, ["cross-entropy", "heated objective and S", "accuracy", "learning rates",
+                        "throughput", "policy masks (gallery images)"])
+    assert len(fig.axes) == 8  # two right-hand axes: S and the mask entropy
+    (val,) = [line for line in fig.axes[0].lines if line.get_label() == "val CE"]
+    assert list(val.get_ydata()) == [r["val"]["loss"] for r in epochs]
+
+
+def test_validation_loss_is_the_mean_cross_entropy():
+    import torch
+    logits = np.random.default_rng(0).normal(size=(50, 7)) * 3
+    labels = np.arange(50) % 7
+    want = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    assert mean_cross_entropy(logits, labels) == pytest.approx(float(want), rel=1e-12)
 
 
 def test_without_matplotlib_or_tensorboard_training_goes_on_with_one_line_each(
