@@ -344,6 +344,9 @@ def compare(data, out, preset, model, epochs, finetune_epochs, batch_size, worke
                    "seed-0/finetune/best.pt and seed-0/baseline/best.pt.")
 @click.option("--label", "labels", type=str, multiple=True,
               help="A name per --from, in order (default: the checkpoint's folder).")
+@click.option("--reference", type=str, default=None, metavar="LABEL",
+              help="Checkpoint the others are compared with, paired by subset (default: the "
+                   "first --from).")
 @click.option("--data", type=str, required=True,
               help="Downstream data set with train and test splits (any layout train reads).")
 @click.option("--shots", type=str, default="16,32,64,128,256", show_default=True,
@@ -369,15 +372,16 @@ def compare(data, out, preset, model, epochs, finetune_epochs, batch_size, worke
 @click.option("--amp/--no-amp", default=False)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
-def transfer(froms, labels, data, shots, repeats, out, probe, steps, lr, batch_size, seed,
-             workers, loader, amp, device):
+def transfer(froms, labels, reference, data, shots, repeats, out, probe, steps, lr, batch_size,
+             seed, workers, loader, amp, device):
     """Few-shot transfer: fine-tune each checkpoint on n images of a downstream set, score the
     test split; F1 against n with 95% intervals over repeats."""
     from .transfer import parse_shots
     from .transfer import transfer as run_transfer
     run_transfer(froms, data, parse_shots(shots), repeats=repeats, out=out, probe=probe,
                  steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels,
-                 workers=workers, loader=loader, amp=amp, device=device, log=click.echo)
+                 workers=workers, loader=loader, amp=amp, device=device, log=click.echo,
+                 reference=reference)
 
 
 @main.command()
