@@ -101,3 +101,32 @@ def test_seed_bootstrap_keys_explain_themselves():
     boot = report["per_seed"]["0"]["bootstrap"]["top1"]
     assert set(boot) == {"difference", "ci95", "fraction_of_resamples_pgnm_ahead"}
     assert 0 <= boot["fraction_of_resamples_pgnm_ahead"] <= 1
+
+
+def _documented():
+    from pathlib import Path
+    return (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+
+
+def test_every_key_of_compare_json_is_documented():
+    doc = _documented()
+    report = json.loads(json.dumps(_report(13, 3, "radimagenet")))
+    seed = report["per_seed"]["0"]
+    keys = (set(report) | set(report["difference"]["top1"]) | set(report["test"]["pgnm"]["top1"])
+            | set(seed) | set(seed["bootstrap"]["top1"]) | set(report["epochs"]["pgnm"]))
+    missing = sorted(k for k in keys if not any(
+        form.format(k) in doc for form in ("`{}`", ".{}`", ".{},", "`{}.", ".{}.")))
+    assert not missing, missing
+    assert "b_ahead" not in json.dumps(report)
+
+
+def test_every_key_of_the_eval_json_is_documented():
+    from pgnm_fast.evaluate import eval_record
+    from pgnm_fast.metrics import METRIC_KEYS
+    record = eval_record({k: 0.5 for k in METRIC_KEYS}, "x.pt", "test",
+                         {"data": "/d", "transforms": {"resize_size": 1, "crop_size": 1,
+                                                       "mean": 0, "std": 1, "channels": 1}},
+                         ["a"], [])
+    doc = _documented()
+    keys = set(record) | set(record["transforms"])
+    assert not sorted(k for k in keys if f"`{k}`" not in doc)

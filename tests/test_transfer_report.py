@@ -70,3 +70,23 @@ def test_chart_with_four_checkpoints_has_a_difference_row(tmp_path):
     with Image.open(path) as im:
         width, height = im.size
     assert height > 0.5 * width  # two rows of panels, not one
+
+
+def test_every_key_of_transfer_json_is_documented():
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+    runs = [_run(name, 8, r, 0.5, train_loss=1.0, seconds=2.0) for name in "ab" for r in range(3)]
+    report = _report(runs, 3, "a")
+    cell = report["differences"]["b"]["8"]["f1_macro"]
+    keys = (set(report) | set(runs[0]) | set(cell) | set(report["summary"]["a"]["8"]["f1_macro"])
+            | {"trained", "reused", "seconds"})
+    missing = sorted(k for k in keys if not any(
+        form.format(k) in doc for form in ("`{}`", ".{}`", "`{}.", ".{}.")))
+    assert not missing, missing
+    import inspect
+
+    from pgnm_fast import transfer
+    settings = inspect.getsource(transfer.transfer).split("settings = {")[1].split("}\n")[0]
+    import re
+    for key in re.findall(r'"(\w+)":', settings):
+        assert f"`settings.{key}`" in doc or f".{key}`" in doc or f".{key}," in doc, key
