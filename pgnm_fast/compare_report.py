@@ -20,6 +20,7 @@ from .metrics import (
     METRIC_KEYS,
     MIN_FOR_INTERVAL,
     SCORE_RANGE,
+    TOP_K,
     seeds_and_images_interval,
     t_interval,
 )
@@ -35,7 +36,6 @@ REFERENCE = {
 }
 RADIMAGENET_CLASSES = 165
 REPORT_KEYS = METRIC_KEYS[:-1]  # every metric but n_images
-TOP_K = 5
 
 
 def report_keys(classes: int) -> tuple[str, ...]:

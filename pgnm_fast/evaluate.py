@@ -12,7 +12,7 @@ from .config import config_from_dict
 from .distributed import init_distributed
 from .engine import predict
 from .errors import DataError
-from .metrics import classification_metrics, json_safe, per_class_metrics
+from .metrics import classification_metrics, json_safe, per_class_metrics, reported_metrics
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
@@ -24,13 +24,15 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
                         show_progress=True, predictions_path=None, model_name=None,
                         all_scores=False) -> dict:
     """Evaluate on clean images (no masks: the heated model is its classifier). Returns the
-    metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`). With ``json_path`` also write,
-    beside it, the per-class table and the confusion matrix (CSV, and PNG with matplotlib); with
-    ``predictions_path`` one CSV row per image (every class's score with ``all_scores``). The
-    JSON holds the metrics and what produced them (:func:`eval_record`; docs/outputs.md)."""
+    metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`; top-5 only with more than 5
+    classes). With ``json_path`` also write, beside it, the per-class table and the confusion
+    matrix (CSV, and PNG with matplotlib); with ``predictions_path`` one CSV row per image (every
+    class's score with ``all_scores``). The JSON holds the metrics and what produced them
+    (:func:`eval_record`; docs/outputs.md)."""
     logits, labels, classes, files, inputs = _score_split(
         checkpoint, data, split, batch_size, workers, device, amp, log, show_progress, model_name)
     metrics, absent = classification_metrics(logits, labels, classes)
+    metrics = reported_metrics(metrics, len(classes))  # top-5 only with more than 5 classes
     if absent:
         warn(f"warning: the {split} split lacks {len(absent)} of {len(classes)} classes "
              f"({', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}): macro metrics and "

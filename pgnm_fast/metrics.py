@@ -102,9 +102,18 @@ def _auc_ovo(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> flo
     return float(skm.roc_auc_score(labels, scores, multi_class="ovo", average="macro", labels=present))
 
 
+TOP_K = 5
+
+
+def reported_metrics(m: dict, classes: int) -> dict:
+    """``m`` without top-5 when there are ``TOP_K`` classes or fewer (every image is then right
+    in its top 5, and the number says nothing)."""
+    return {k: v for k, v in m.items() if k != "top5" or classes > TOP_K}
+
+
 def format_metrics(m: dict) -> str:
-    """One line: ``top1 0.7312  top5 0.9804  ...  n 1200``."""
-    parts = [f"{k} {m[k]:.4f}" for k in METRIC_KEYS if k != "n_images"]
+    """One line: ``top1 0.7312  top5 0.9804  ...  n 1200`` (the metrics ``m`` has)."""
+    parts = [f"{k} {m[k]:.4f}" for k in METRIC_KEYS if k != "n_images" and k in m]
     return "  ".join(parts + [f"n_images {m['n_images']}"])
 
 

@@ -140,3 +140,13 @@ def test_t_interval_of_differences_stays_in_minus_1_1_and_matches_t_in_the_middl
         [small.mean() - half, small.mean() + half], abs=1e-7)
     assert t_interval([1.0, 1.0, 1.0]) == [1.0, 1.0] and t_interval([0.4]) is None
     assert bounded_interval(0.5, 0.0, 3) == [0.5, 0.5]
+
+
+def test_top5_is_reported_only_with_more_than_5_classes():
+    from pgnm_fast.metrics import format_metrics, reported_metrics
+    probs = _random_scores(np.random.default_rng(4), 30, 3)
+    m, _ = classification_metrics(np.log(probs), np.arange(30) % 3)
+    three = reported_metrics(m, 3)
+    assert "top5" not in three and "top5" not in format_metrics(three)
+    assert "top1" in format_metrics(three)
+    assert "top5" in format_metrics(reported_metrics(m, 6))
