@@ -165,11 +165,11 @@ def _table(report: dict) -> list[str]:
             row += f"  {d['seeds_ahead']} of {len(d['per_seed'])}"
         lines.append(row)
     if few:
-        lines.append(f"(mean ± sd over seeds; with {n} seeds an interval over seeds is not "
-                     f"informative (it needs {MIN_FOR_INTERVAL}+): the interval resamples the "
-                     f"{report['n_images']} test images with the seeds fixed, "
-                     f"{report['resamples']} resamples, and each seed's difference follows; "
-                     f"ROC-AUC and top-5 have no image interval)")
+        lines += [f"(mean ± sd over seeds; with {n} seeds an interval over seeds is not "
+                  f"informative: it needs {MIN_FOR_INTERVAL}+ seeds.",
+                  f" The interval shown resamples the {report['n_images']} test images "
+                  f"({report['resamples']} resamples) with the seeds fixed; each seed's "
+                  f"difference follows it; ROC-AUC and top-5 have no image interval)"]
     elif n > 1:
         lines.append("(mean ± sd over seeds; interval over seeds and test images, "
                      "Welch-Satterthwaite df, Fisher's z scale; top-5 and ROC-AUC over seeds "

@@ -98,11 +98,11 @@ def format_table(report: dict) -> list[str]:
                 lines.append(f"{name + ' - ' + ref:24} {n:>5}  " + "  ".join(
                     f"{_cell(cell[k], 'difference', 'per_repeat', True):>32}"
                     for k in TABLE_KEYS))
-    lines.append(
-        f"(mean over {repeats} repeats; n = training images in all, class-stratified; "
-        + (f"with {repeats} repeats an interval over repeats is not informative (it needs "
-           f"{MIN_FOR_INTERVAL}+): each repeat's value in brackets)" if few else
-           "95% t-interval over repeats, logit scale for scores, Fisher's z for differences)"))
+    lines.append(f"(mean over {repeats} repeats; n = training images in all, class-stratified;")
+    lines.append(f" with {repeats} repeats an interval over repeats is not informative (it needs "
+                 f"{MIN_FOR_INTERVAL}+): each repeat's value in brackets)" if few else
+                 " 95% t-interval over repeats, logit scale for scores, Fisher's z for "
+                 "differences)")
     return lines
 
 
