@@ -268,7 +268,7 @@ def write_compare_chart(report: dict, path) -> Path | None:
             else f"no interval over {n} seed(s)")
     ax.set_title(f"{n} seed(s), {report['n_images']} test images: mean, {what}, points = seeds",
                  fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     dx.errorbar(mid, x, xerr=[mid - lo, hi - mid], fmt="o", capsize=3, color="tab:blue")
     for i, k in enumerate(keys):
         pts = report["difference"][k]["per_seed"]
@@ -278,7 +278,7 @@ def write_compare_chart(report: dict, path) -> Path | None:
     dx.set_xlim(max(left, -1.0), min(right, 1.0))
     dx.set_yticks(x, labels)
     dx.invert_yaxis()
-    dx.set_xlabel("PGNM - baseline (95% interval"
+    dx.set_xlabel("PGNM - baseline\n(95% interval"
                   + ("" if n >= MIN_FOR_INTERVAL or n == 1 else ", test images only")
                   + "; points = seeds)")
     fig.tight_layout()
