@@ -240,14 +240,10 @@ def seeds_and_images_interval(logits_a: list, logits_b: list, labels: np.ndarray
     N seeds: (v_seed + v_img - v_int)^2 / (v_seed^2 / (N - 1)): the paired t-interval over seeds
     when the seeds dominate, the normal bootstrap interval when the images do. With one seed this
     is the percentile paired bootstrap of :func:`paired_bootstrap`. Coverage on simulated scores:
-    ``tests/test_compare.py``.
-
-    ``ci95_images`` is the percentile interval of the mean difference over the image resamples
-    alone (seeds held fixed): what the data can say when there are too few seeds
-    (:data:`MIN_FOR_INTERVAL`) for an interval over them.
-
-    Returns ``{key: {"difference", "ci95", "ci95_images", "seeds_ahead", "per_seed", "se_seeds",
-    "se_images", "df"}}``.
+    ``tests/test_compare.py``. ``ci95_images``: the percentile interval over the image resamples
+    alone, seeds fixed (for fewer than :data:`MIN_FOR_INTERVAL` seeds). Returns ``{key:
+    {"difference", "ci95", "ci95_images", "seeds_ahead", "per_seed", "se_seeds", "se_images",
+    "df"}}``.
     """
     labels = np.asarray(labels, dtype=np.int64)
     present, n, seeds = np.unique(labels), len(labels), len(logits_a)

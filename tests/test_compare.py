@@ -128,6 +128,11 @@ def test_compare_end_to_end_two_seeds_resumes_reuses_and_refuses_other_settings(
     assert ft["config"]["seed"] == 1
     assert "the heated stage's last epoch" in r.output and "epochs in all: PGNM 1 heated + 1" \
         in r.output and "reference, authors" in r.output and "0.5468" in r.output
+    # 2 seeds: no interval over seeds, each seed's difference and the image interval instead
+    assert "not informative" in r.output and "[95% CI, test images]" in r.output
+    assert "wall time, seed 0: heated reused" in r.output and "wall time, seed 1: heated" in r.output
+    assert "summed over the 2 seeds" in r.output
+    assert report["classes"] == 13 and report["interval_over_seeds_informative"] is False
     assert (out / "compare.png").stat().st_size > 10_000
     for seed in (0, 1):
         for stage in ("heated", "finetune", "baseline"):
