@@ -217,21 +217,26 @@ def finetune(init_from, resume, **kwargs):
                    "(precision/recall/F1/support per class) and NAME.confusion.csv/.png.")
 @click.option("--predictions", "predictions_path", type=str, default=None, metavar="FILE.csv",
               help="Write one row per image: path, label, predicted class, top-5 classes and scores.")
+@click.option("--all-scores", is_flag=True,
+              help="With --predictions: also every class's score, one column per class.")
 @click.option("-b", "--batch-size", type=int, default=None)
 @click.option("-j", "--workers", type=int, default=None)
 @click.option("--amp/--no-amp", default=False)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-def evaluate(checkpoint, model, data, split, json_path, predictions_path, batch_size, workers, amp,
-             device):
+def evaluate(checkpoint, model, data, split, json_path, predictions_path, all_scores, batch_size,
+             workers, amp, device):
     """Top-1/5, balanced accuracy, macro precision/recall/F1 and one-vs-one ROC-AUC."""
     from .evaluate import evaluate_checkpoint
     from .metrics import format_metrics
     _at_least(("-b/--batch-size", batch_size, 1), ("-j/--workers", workers, 0))
     if json_path is not None:
         _check_output_file(json_path, "--json")
+    if all_scores and predictions_path is None:
+        raise click.UsageError("--all-scores adds columns to --predictions FILE.csv: pass both")
     metrics = evaluate_checkpoint(checkpoint, data, split, json_path, batch_size, workers, device,
                                   amp, log=click.echo, warn=lambda s: click.echo(s, err=True),
-                                  predictions_path=predictions_path, model_name=model)
+                                  predictions_path=predictions_path, model_name=model,
+                                  all_scores=all_scores)
     click.echo(f"{split}: {format_metrics(metrics)}")
 
 
@@ -344,6 +349,9 @@ def compare(data, out, preset, model, epochs, finetune_epochs, batch_size, worke
                    "seed-0/finetune/best.pt and seed-0/baseline/best.pt.")
 @click.option("--label", "labels", type=str, multiple=True,
               help="A name per --from, in order (default: the checkpoint's folder).")
+@click.option("--reference", type=str, default=None, metavar="LABEL",
+              help="Checkpoint the others are compared with, paired by subset (default: the "
+                   "first --from).")
 @click.option("--data", type=str, required=True,
               help="Downstream data set with train and test splits (any layout train reads).")
 @click.option("--shots", type=str, default="16,32,64,128,256", show_default=True,
@@ -369,15 +377,16 @@ def compare(data, out, preset, model, epochs, finetune_epochs, batch_size, worke
 @click.option("--amp/--no-amp", default=False)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
-def transfer(froms, labels, data, shots, repeats, out, probe, steps, lr, batch_size, seed,
-             workers, loader, amp, device):
+def transfer(froms, labels, reference, data, shots, repeats, out, probe, steps, lr, batch_size,
+             seed, workers, loader, amp, device):
     """Few-shot transfer: fine-tune each checkpoint on n images of a downstream set, score the
     test split; F1 against n with 95% intervals over repeats."""
     from .transfer import parse_shots
     from .transfer import transfer as run_transfer
     run_transfer(froms, data, parse_shots(shots), repeats=repeats, out=out, probe=probe,
                  steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels,
-                 workers=workers, loader=loader, amp=amp, device=device, log=click.echo)
+                 workers=workers, loader=loader, amp=amp, device=device, log=click.echo,
+                 reference=reference)
 
 
 @main.command()

@@ -14,14 +14,18 @@ Running the same command again continues where it stopped: a finished stage (and
 is reused, an interrupted stage resumed from its ``last.pt``; a larger ``--seeds`` adds seeds. A
 folder made with other settings is refused, naming the setting that differs.
 
-The report (printed, ``OUT/compare.json`` and the chart ``OUT/compare.png``) gives for every
-metric of docs/method.md §6 each arm's mean and standard deviation over seeds and the mean
-difference PGNM - baseline with a 95% interval that accounts for the seeds and the test images
+The report (printed, ``OUT/compare.json`` and the chart ``OUT/compare.png``; every key in
+docs/outputs.md) gives for every metric of docs/method.md §6 (top-5 only with more than 5
+classes) each arm's mean and standard deviation over seeds and the mean difference PGNM -
+baseline with a 95% interval that accounts for the seeds and the test images
 (:func:`pgnm_fast.metrics.seeds_and_images_interval`: a t-interval over seeds whose variance adds
-the test-image bootstrap variance, Welch-Satterthwaite degrees of freedom; for ROC-AUC and top-5,
-which a reweighting of images cannot give cheaply, the t-interval over seeds alone), and the
-number of seeds in which PGNM is ahead. Each seed also keeps its one-seed paired bootstrap over
-the test images. The authors' RadImageNet numbers print beside the user's as a reference.
+the test-image bootstrap variance, Welch-Satterthwaite degrees of freedom, formed on Fisher's z
+scale so it stays in [-1, 1]; for ROC-AUC and top-5, which a reweighting of images cannot give
+cheaply, the t-interval over seeds alone), and the number of seeds in which PGNM is ahead. Below
+3 seeds the table shows each seed's difference and the interval over test images instead
+(:mod:`pgnm_fast.compare_report`). Each seed also keeps its one-seed paired bootstrap over the
+test images, and each stage's wall time. The authors' RadImageNet numbers print beside the
+user's as a reference when the data is RadImageNet (its CSV layout or its 165 classes).
 """
 from __future__ import annotations
 
@@ -33,34 +37,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare_report import build_report, format_report, write_compare_chart
 from .config import make_config
 from .distributed import shutdown
 from .errors import ConfigError, DataError
 from .evaluate import predict_checkpoint, write_json_atomic
 from .folders import check_output_dir
-from .metrics import (
-    METRIC_KEYS,
-    classification_metrics,
-    json_safe,
-    paired_bootstrap,
-    seeds_and_images_interval,
-    t_interval,
-)
+from .metrics import classification_metrics, json_safe, paired_bootstrap
 from .pipelines.sources import open_source
 from .run_state import load_run_state
 from .stages import resolve_data, run_stage
 
-# docs/method.md §6: the authors' RadImageNet test numbers (165 classes, ResNet-50 classifier,
-# ResNet-10t policy), printed beside the user's as a reference.
-REFERENCE = {
-    "source": "authors, RadImageNet 165 classes, ResNet-50 (docs/method.md §6)",
-    "baseline": {"precision_macro": 0.5929, "recall_macro": 0.5014, "f1_macro": 0.5226,
-                 "roc_auc_ovo_macro": 0.9884, "balanced_accuracy": 0.5014},
-    "pgnm": {"precision_macro": 0.6034, "recall_macro": 0.5211, "f1_macro": 0.5468,
-             "roc_auc_ovo_macro": 0.9900, "balanced_accuracy": 0.5211},
-}
 FINETUNE_FROM = ("last", "best")
-REPORT_KEYS = METRIC_KEYS[:-1]  # every metric but n_images
 POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl")
 # settings not compared when a folder is reused: they do not change what a stage computes, or
 # (threads) a stage records the count it chose and keeps it when resumed
@@ -224,8 +212,8 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
             "runs": {k: str(v) for k, v in runs.items()}}
     if not main:
         return {}
-    report = _report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
-                     match_budget, seconds)
+    report = build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
+                          match_budget, seconds, layout=open_source(data).layout)
     write_json_atomic(report, out / "compare.json")
     for line in format_report(report):
         log(line)
@@ -233,140 +221,3 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
     log(f"compare: report written to {out / 'compare.json'}"
         + (f", chart to {chart}" if chart else ""))
     return report
-
-
-def _report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from, match_budget,
-            seconds) -> dict:
-    arms = {}
-    for arm in ("baseline", "pgnm"):
-        arms[arm] = {}
-        for key in REPORT_KEYS:
-            values = [per_seed[str(s)]["test"][arm][key] for s in seed_list]
-            finite = [v for v in values if v is not None]
-            arms[arm][key] = {"mean": float(np.mean(finite)) if finite else None,
-                              "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
-                              "ci95": t_interval(finite), "per_seed": values}
-    difference = seeds_and_images_interval(logits["baseline"], logits["pgnm"], labels,
-                                           resamples, seed_list[0])
-    for key in difference:
-        difference[key]["method"] = ("seeds and test images" if len(seed_list) > 1
-                                     else "paired bootstrap over test images")
-    for key in REPORT_KEYS:
-        if key in difference:
-            continue
-        d = [per_seed[str(s)]["test"]["pgnm"][key] - per_seed[str(s)]["test"]["baseline"][key]
-             for s in seed_list if None not in (per_seed[str(s)]["test"]["pgnm"][key],
-                                                 per_seed[str(s)]["test"]["baseline"][key])]
-        difference[key] = {"difference": float(np.mean(d)) if d else None, "ci95": t_interval(d),
-                           "seeds_ahead": int(sum(x > 0 for x in d)), "per_seed": d,
-                           "method": "t-interval over seeds (test images not resampled)"}
-    h, f, b = plan["heated"], plan["finetune"], plan["baseline"]
-    return {
-        "seeds": seed_list, "n_images": len(labels), "test": arms, "difference": difference,
-        "interval": "95%: mean over seeds +- t * sqrt(seed variance / N + test-image bootstrap "
-                    "variance - interaction counted twice), Welch-Satterthwaite df "
-                    "(pgnm_fast.metrics.seeds_and_images_interval)",
-        "finetune_from": finetune_from, "match_budget": match_budget,
-        "epochs": {"pgnm": {"heated": h.epochs, "finetune": f.epochs,
-                            "total": h.epochs + f.epochs},
-                   "baseline": {"total": b.epochs}},
-        "resamples": resamples, "per_seed": per_seed, "reference": REFERENCE,
-        "seconds": seconds}
-
-
-def _fmt(v, sign=False):
-    return "n/a" if v is None else (f"{v:+.4f}" if sign else f"{v:.4f}")
-
-
-def format_report(report: dict) -> list[str]:
-    n, ep = len(report["seeds"]), report["epochs"]
-    start = {"last": "the heated stage's last epoch (the authors' protocol)",
-             "best": "the heated stage's best.pt (masked validation)"}[report["finetune_from"]]
-    lines = [(f"test split, {report['n_images']} images, {n} seed(s) "
-              f"({', '.join(map(str, report['seeds']))}): baseline vs PGNM (heated + fine-tuned)"),
-             f"fine-tuned from {start} (--finetune-from {report['finetune_from']})",
-             f"epochs in all: PGNM {ep['pgnm']['heated']} heated + {ep['pgnm']['finetune']} "
-             f"fine-tune = {ep['pgnm']['total']}, baseline {ep['baseline']['total']}"
-             + (" (--match-budget)" if report["match_budget"] else
-                " (--match-budget trains it as long)" if ep["baseline"]["total"]
-                != ep["pgnm"]["total"] else ""),
-             f"{'metric':18} {'baseline':>16} {'PGNM':>16}   PGNM - baseline [95% CI]"
-             + ("  seeds PGNM ahead" if n > 1 else "")]
-    for key in REPORT_KEYS:
-        a, b, d = report["test"]["baseline"][key], report["test"]["pgnm"][key], \
-            report["difference"][key]
-        cell = (lambda m: _fmt(m["mean"]) + (f" ± {m['sd']:.4f}" if m["sd"] is not None else ""))
-        ci = d["ci95"]
-        row = (f"{key:18} {cell(a):>16} {cell(b):>16}   {_fmt(d['difference'], True)} "
-               + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "[n/a]"))
-        if n > 1:
-            row += f"  {d['seeds_ahead']} of {len(d['per_seed'])}"
-        lines.append(row)
-    lines.append("(mean ± sd over seeds; " + (
-        "interval over seeds and test images, Welch-Satterthwaite df; top-5 and ROC-AUC over "
-        "seeds only)" if n > 1 else "interval: paired bootstrap over the test images, "
-        f"{report['resamples']} resamples; ROC-AUC and top-5 need 2+ seeds)"))
-    ref = report["reference"]
-    for arm, name in (("baseline", "baseline"), ("pgnm", "PGNM")):
-        lines.append(f"reference, {ref['source']}: {name} " + "  ".join(
-            f"{k} {v:.4f}" for k, v in ref[arm].items()))
-    seconds = {}
-    for per in report["seconds"].values():
-        for stage, v in per.items():
-            seconds[stage] = seconds.get(stage, 0.0) + v
-    lines.append("wall time: " + ", ".join(
-        f"{k} reused" if not v else f"{k} {v:.0f} s" if v < 120 else f"{k} {v / 60:.1f} min"
-        for k, v in seconds.items()))
-    return lines
-
-
-def write_compare_chart(report: dict, path) -> Path | None:
-    """``compare.png``: per metric each arm's mean with its 95% t-interval over seeds and the
-    per-seed points (left), the difference PGNM - baseline with its 95% interval (right).
-    None when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    keys = [k for k in REPORT_KEYS if report["test"]["baseline"][k]["mean"] is not None]
-    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    x, width = np.arange(len(keys)), 0.38
-    for j, (arm, label, colour) in enumerate((("baseline", "baseline", "tab:gray"),
-                                              ("pgnm", "PGNM (heated + fine-tuned)",
-                                               "tab:blue"))):
-        pos = x + (j - 0.5) * width
-        stats = [report["test"][arm][k] for k in keys]
-        means = np.array([s["mean"] for s in stats])
-        err = np.array([[s["mean"] - s["ci95"][0], s["ci95"][1] - s["mean"]] if s["ci95"]
-                        else [0, 0] for s in stats]).T
-        ax.bar(pos, means, width, yerr=err, capsize=3, color=colour, alpha=0.7, label=label)
-        for p, s in zip(pos, stats):
-            pts = [v for v in s["per_seed"] if v is not None]
-            ax.scatter(np.full(len(pts), p), pts, s=12, color="black", zorder=3)
-    ax.set_xticks(x, [k.replace("_macro", "").replace("_", " ") for k in keys], rotation=30,
-                  ha="right")
-    ax.set_ylabel("test score")
-    n = len(report["seeds"])
-    ax.set_title(f"{n} seed(s), {report['n_images']} test images: mean, 95% t-interval over "
-                 f"seeds, points = seeds", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
-    diffs = [report["difference"][k] for k in keys]
-    mid = np.array([d["difference"] for d in diffs])
-    lo = np.array([d["ci95"][0] if d["ci95"] else m for d, m in zip(diffs, mid)])
-    hi = np.array([d["ci95"][1] if d["ci95"] else m for d, m in zip(diffs, mid)])
-    dx.errorbar(mid, x, xerr=[mid - lo, hi - mid], fmt="o", capsize=3, color="tab:blue")
-    for i, d in enumerate(diffs):
-        dx.scatter(d["per_seed"], np.full(len(d["per_seed"]), i), s=10, color="black",
-                   zorder=3)
-    dx.axvline(0, color="gray", lw=1)
-    dx.set_yticks(x, [k.replace("_macro", "").replace("_", " ") for k in keys])
-    dx.invert_yaxis()
-    dx.set_xlabel("PGNM - baseline (95% interval; points = seeds)")
-    fig.tight_layout()
-    from .atomic import atomic_open
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)

@@ -12,7 +12,7 @@ from .config import config_from_dict
 from .distributed import init_distributed
 from .engine import predict
 from .errors import DataError
-from .metrics import classification_metrics, json_safe, per_class_metrics
+from .metrics import classification_metrics, json_safe, per_class_metrics, reported_metrics
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.sources import open_source
@@ -21,24 +21,30 @@ from .weights import fit_classifier, read_weights, resolve_model
 
 def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, batch_size=None,
                         workers=None, device=None, amp=False, log=print, warn=print,
-                        show_progress=True, predictions_path=None, model_name=None) -> dict:
+                        show_progress=True, predictions_path=None, model_name=None,
+                        all_scores=False) -> dict:
     """Evaluate on clean images (no masks: the heated model is its classifier). Returns the
-    metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`). With ``json_path`` also write,
-    beside it, the per-class table and the confusion matrix (CSV, and PNG with matplotlib); with
-    ``predictions_path`` one CSV row per image."""
-    logits, labels, classes, files = _score_split(checkpoint, data, split, batch_size, workers,
-                                                  device, amp, log, show_progress, model_name)
+    metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`; top-5 only with more than 5
+    classes). With ``json_path`` also write, beside it, the per-class table and the confusion
+    matrix (CSV, and PNG with matplotlib); with ``predictions_path`` one CSV row per image (every
+    class's score with ``all_scores``). The JSON holds the metrics and what produced them
+    (:func:`eval_record`; docs/outputs.md)."""
+    logits, labels, classes, files, inputs = _score_split(
+        checkpoint, data, split, batch_size, workers, device, amp, log, show_progress, model_name)
     metrics, absent = classification_metrics(logits, labels, classes)
+    metrics = reported_metrics(metrics, len(classes))  # top-5 only with more than 5 classes
     if absent:
         warn(f"warning: the {split} split lacks {len(absent)} of {len(classes)} classes "
              f"({', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}): macro metrics and "
              f"ROC-AUC are over the {len(classes) - len(absent)} classes present")
     if json_path is not None:
-        write_json_atomic(json_safe(metrics), json_path)
+        write_json_atomic(eval_record(metrics, checkpoint, split, inputs, classes, absent),
+                          json_path)
         log(f"metrics written to {json_path}")
         _write_per_class(logits, labels, classes, Path(json_path), split, log)
     if predictions_path is not None:
-        write_predictions(predictions_path, files, logits, labels, classes)
+        write_predictions(predictions_path, files, logits, labels, classes,
+                          all_scores=all_scores)
         log(f"predictions of {len(files)} images written to {predictions_path}")
     return metrics
 
@@ -58,9 +64,26 @@ def _write_per_class(logits, labels, classes, json_path: Path, split: str, log) 
     log("per-class results written to " + ", ".join(str(p) for p in written))
 
 
-def write_predictions(path, files, logits, labels, classes, k: int = 5) -> None:
+def eval_record(metrics: dict, checkpoint, split: str, inputs: dict, classes: list,
+                absent: list) -> dict:
+    """The eval JSON: the metrics (top level, NaN as null), then the checkpoint (path and sha256
+    of its file; null for a folder), the data, split, transforms and the pgnm-fast version."""
+    from . import __version__
+    from .pipelines.packed import sha256_file
+    path = Path(checkpoint)
+    return {**json_safe(metrics),
+            "checkpoint": str(path.resolve()) if path.exists() else str(checkpoint),
+            "checkpoint_sha256": sha256_file(path) if path.is_file() else None,
+            "data": inputs["data"], "split": split, "classes": len(classes),
+            "absent_classes": list(absent), "transforms": inputs["transforms"],
+            "pgnm_fast_version": __version__}
+
+
+def write_predictions(path, files, logits, labels, classes, k: int = 5,
+                      all_scores: bool = False) -> None:
     """One row per image: path, label, predicted class, then the top-k classes and their
-    softmax scores (k = min(5, number of classes))."""
+    softmax scores (k = min(5, number of classes)); with ``all_scores`` then every class's
+    score, in the classes' order, in columns ``score:<class>``."""
     from scipy.special import softmax  # here: the training path imports this module without scipy
     probs = softmax(np.asarray(logits, dtype=np.float64), axis=1)
     k = min(k, probs.shape[1])
@@ -68,10 +91,12 @@ def write_predictions(path, files, logits, labels, classes, k: int = 5) -> None:
     with atomic_open(path, "w") as f:
         out = csv.writer(f)
         out.writerow(["path", "label", "predicted"]
-                     + [name for i in range(1, k + 1) for name in (f"top{i}", f"top{i}_score")])
+                     + [name for i in range(1, k + 1) for name in (f"top{i}", f"top{i}_score")]
+                     + ([f"score:{c}" for c in classes] if all_scores else []))
         for file, label, row, p in zip(files, labels, top, probs):
             out.writerow([file, classes[label], classes[row[0]]]
-                         + [v for c in row for v in (classes[c], f"{p[c]:.6f}")])
+                         + [v for c in row for v in (classes[c], f"{p[c]:.6f}")]
+                         + ([f"{x:.6f}" for x in p] if all_scores else []))
 
 
 def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, workers=None,
@@ -87,7 +112,8 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
 
 def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log, show_progress,
                  model_name=None):
-    """:func:`predict_checkpoint`'s result and the split's file paths."""
+    """:func:`predict_checkpoint`'s result, the split's file paths and the inputs it read
+    (``{"data", "transforms"}``)."""
     w = read_weights(checkpoint)
     name = resolve_model(w, model_name)
     state = w.checkpoint or {}
@@ -128,7 +154,10 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
                          backend="torch" if cfg.loader == "torch" else "auto", **norm)
     logits, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
-    return logits, remap[labels], classes, list(part.files)
+    inputs = {"data": str(root.resolve()),
+              "transforms": {"resize_size": resize, "crop_size": crop, "mean": norm["mean"],
+                             "std": norm["std"], "channels": channels}}
+    return logits, remap[labels], classes, list(part.files), inputs
 
 
 def write_json_atomic(obj, path) -> None:

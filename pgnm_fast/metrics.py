@@ -110,9 +110,18 @@ def _auc_ovo(logits: np.ndarray, labels: np.ndarray, present: np.ndarray) -> flo
     return float(skm.roc_auc_score(labels, scores, multi_class="ovo", average="macro", labels=present))
 
 
+TOP_K = 5
+
+
+def reported_metrics(m: dict, classes: int) -> dict:
+    """``m`` without top-5 when there are ``TOP_K`` classes or fewer (every image is then right
+    in its top 5, and the number says nothing)."""
+    return {k: v for k, v in m.items() if k != "top5" or classes > TOP_K}
+
+
 def format_metrics(m: dict) -> str:
-    """One line: ``top1 0.7312  top5 0.9804  ...  n 1200``."""
-    parts = [f"{k} {m[k]:.4f}" for k in METRIC_KEYS if k != "n_images"]
+    """One line: ``top1 0.7312  top5 0.9804  ...  n 1200`` (the metrics ``m`` has)."""
+    parts = [f"{k} {m[k]:.4f}" for k in METRIC_KEYS if k != "n_images" and k in m]
     return "  ".join(parts + [f"n_images {m['n_images']}"])
 
 
@@ -159,7 +168,8 @@ def paired_bootstrap(logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndar
     """The difference b - a of :data:`BOOTSTRAP_KEYS` between two models scored on the same
     images, with a 95% percentile interval over ``resamples`` paired bootstrap resamples of the
     images (both models see the same resample) and the fraction of resamples in which b is
-    ahead. Returns ``{key: {"difference", "ci95": [lo, hi], "b_ahead"}}``."""
+    ahead. Every resampled difference lies in [-1, 1], so the percentile interval does too.
+    Returns ``{key: {"difference", "ci95": [lo, hi], "fraction_b_ahead"}}``."""
     labels = np.asarray(labels, dtype=np.int64)
     pred_a, pred_b = np.argmax(logits_a, 1), np.argmax(logits_b, 1)
     present, n = np.unique(labels), len(labels)
@@ -173,18 +183,46 @@ def paired_bootstrap(logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndar
     lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0)
     cols = [WEIGHTED_KEYS.index(k) for k in BOOTSTRAP_KEYS]
     return {key: {"difference": float(full[i]), "ci95": [float(lo[i]), float(hi[i])],
-                  "b_ahead": float((diffs[:, i] > 0).mean())}
+                  "fraction_b_ahead": float((diffs[:, i] > 0).mean())}
             for key, i in zip(BOOTSTRAP_KEYS, cols)}
 
 
-def t_interval(values, level: float = 0.95) -> list[float] | None:
-    """Student-t interval of the mean of ``values`` (None for fewer than two)."""
+SCORE_RANGE = (0.0, 1.0)  # every metric of METRIC_KEYS but n_images
+DIFFERENCE_RANGE = (-1.0, 1.0)  # the difference of two such scores
+MIN_FOR_INTERVAL = 3  # below this many seeds (or repeats) an interval over them is not informative
+
+
+def bounded_interval(mean: float, se: float, df: float, bounds=SCORE_RANGE,
+                     level: float = 0.95) -> list[float]:
+    """A t-interval of a mean that can only lie in ``bounds``, formed on the logit scale of the
+    range and mapped back, so it never leaves the range.
+
+    With u = (mean - lo) / (hi - lo), the interval is logit(u) +- t_{df} * se_z, se_z = se /
+    ((hi - lo) u (1 - u)) (the delta method), back through the logistic function. For a score in
+    [0, 1] that is the logit scale; for a difference in [-1, 1] it is 2 atanh(d), Fisher's z
+    scale. Near the middle of the range it equals mean +- t * se; near an end it bends away from
+    it, as the sampling distribution of a mean near a bound does. Coverage on simulated scores
+    near 0, 1 and in between: ``tests/test_metrics.py``. ``se`` 0 gives [mean, mean]."""
     from scipy import stats
+    from scipy.special import expit, logit
+    lo, hi = bounds
+    mean = min(max(float(mean), lo), hi)
+    if se <= 0:
+        return [mean, mean]
+    u = min(max((mean - lo) / (hi - lo), 1e-12), 1 - 1e-12)
+    half = stats.t.ppf(0.5 + level / 2, min(df, 1e9)) * se / ((hi - lo) * u * (1 - u))
+    return [float(lo + (hi - lo) * expit(logit(u) - half)),
+            float(lo + (hi - lo) * expit(logit(u) + half))]
+
+
+def t_interval(values, level: float = 0.95, bounds=SCORE_RANGE) -> list[float] | None:
+    """Student-t interval of the mean of ``values``, which lie in ``bounds`` (scores by default;
+    :data:`DIFFERENCE_RANGE` for differences), on the logit scale of the range
+    (:func:`bounded_interval`), so it stays inside it. None for fewer than two values."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2:
         return None
-    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return [float(v.mean() - half), float(v.mean() + half)]
+    return bounded_interval(v.mean(), v.std(ddof=1) / np.sqrt(len(v)), len(v) - 1, bounds, level)
 
 
 def seeds_and_images_interval(logits_a: list, logits_b: list, labels: np.ndarray,
@@ -205,16 +243,16 @@ def seeds_and_images_interval(logits_a: list, logits_b: list, labels: np.ndarray
 
         mean(d) +- t_{0.975, df} * sqrt(v_seed + v_img - v_int)
 
+    formed on Fisher's z scale atanh(d) (:func:`bounded_interval`), so it stays in [-1, 1]
     (the sum floored at max(v_seed, v_img)), df Welch-Satterthwaite's for the one estimated from
     N seeds: (v_seed + v_img - v_int)^2 / (v_seed^2 / (N - 1)): the paired t-interval over seeds
     when the seeds dominate, the normal bootstrap interval when the images do. With one seed this
     is the percentile paired bootstrap of :func:`paired_bootstrap`. Coverage on simulated scores:
-    ``tests/test_compare.py``.
-
-    Returns ``{key: {"difference", "ci95", "seeds_ahead", "per_seed", "se_seeds", "se_images",
+    ``tests/test_compare.py``. ``ci95_images``: the percentile interval over the image resamples
+    alone, seeds fixed (for fewer than :data:`MIN_FOR_INTERVAL` seeds). Returns ``{key:
+    {"difference", "ci95", "ci95_images", "seeds_ahead", "per_seed", "se_seeds", "se_images",
     "df"}}``.
     """
-    from scipy import stats
     labels = np.asarray(labels, dtype=np.int64)
     present, n, seeds = np.unique(labels), len(labels), len(logits_a)
     preds = [(np.argmax(a, 1), np.argmax(b, 1)) for a, b in zip(logits_a, logits_b)]
@@ -228,6 +266,7 @@ def seeds_and_images_interval(logits_a: list, logits_b: list, labels: np.ndarray
                                                             resamples))), axis=1)
     mean = per_seed.mean(0)
     v_img = boot.mean(0).var(0, ddof=1)
+    images_only = np.percentile(boot.mean(0), [2.5, 97.5], axis=0)  # (2, K)
     out = {}
     for i, key in enumerate(WEIGHTED_KEYS):
         if seeds == 1:
@@ -238,9 +277,9 @@ def seeds_and_images_interval(logits_a: list, logits_b: list, labels: np.ndarray
             v_int = (boot[:, :, i].var(1, ddof=1).mean() - v_img[i]) / (seeds - 1)
             se2 = max(v_seed + v_img[i] - v_int, v_seed, v_img[i])
             df = math.inf if v_seed == 0 else se2 ** 2 / (v_seed ** 2 / (seeds - 1))
-            half = stats.t.ppf(0.975, min(df, 1e9)) * math.sqrt(se2)
-            lo, hi = mean[i] - half, mean[i] + half
+            lo, hi = bounded_interval(mean[i], math.sqrt(se2), df, DIFFERENCE_RANGE)
         out[key] = {"difference": float(mean[i]), "ci95": [float(lo), float(hi)],
+                    "ci95_images": [float(x) for x in images_only[:, i]],
                     "seeds_ahead": int((per_seed[:, i] > 0).sum()),
                     "per_seed": [float(x) for x in per_seed[:, i]],
                     "se_seeds": math.sqrt(v_seed), "se_images": float(math.sqrt(v_img[i])),

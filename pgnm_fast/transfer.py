@@ -20,7 +20,9 @@ The protocol (also written into ``transfer.json``):
 - Each run scores macro F1, balanced accuracy and macro one-vs-one ROC-AUC (and top-1) on the
   full test split; the table and ``transfer.png`` give per checkpoint and n the mean over repeats
   and its 95% t-interval (over repeats: the training subset and the run's randomness; the test
-  split is fixed).
+  split is fixed), and each checkpoint's paired difference against the first ``--from`` (or
+  ``--reference LABEL``), repeat by repeat on the same subsets, with its interval over repeats
+  (:mod:`pgnm_fast.transfer_report`; below 3 repeats the repeats' values instead).
 
 All runs share one process: the test images are loaded once (kept in memory when they fit in
 ``TEST_CACHE_BYTES``), the training images of all subsets are decoded once, and each run builds
@@ -50,7 +52,7 @@ from .engine import N_STATS, PlainStep, TrainingDiverged, predict
 from .errors import ConfigError, DataError
 from .evaluate import write_json_atomic
 from .folders import check_output_dir, lock_folder
-from .metrics import classification_metrics, json_safe, t_interval
+from .metrics import classification_metrics, json_safe
 from .models import create_model
 from .pipelines import make_loader
 from .pipelines.loader import batch_loader, split_key
@@ -58,10 +60,16 @@ from .pipelines.packed import sha256_file
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform, load_grey
 from .run_state import load_run_state
+from .transfer_report import (  # noqa: F401  (score_limits: part of this module's interface)
+    SCORE_KEYS,
+    format_table,
+    score_limits,
+    summaries,
+    write_transfer_chart,
+)
 from .weights import Weights, fit_classifier
 
 DEFAULT_SHOTS = (16, 32, 64, 128, 256)
-SCORE_KEYS = ("f1_macro", "balanced_accuracy", "roc_auc_ovo_macro", "top1")
 TEST_CACHE_BYTES = 2 << 30  # keep the preprocessed test split in memory up to this size
 
 
@@ -191,7 +199,7 @@ def _label(path: Path, paths: list[Path]) -> str:
 def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe: bool = False,
              steps: int = 100, lr: float | None = None, batch_size: int = 32, seed: int = 0,
              labels=None, workers: int = 2, loader: str = "auto", amp: bool = False,
-             device=None, log=print) -> dict:
+             device=None, log=print, reference: str | None = None) -> dict:
     """Every (checkpoint, n, repeat) run in this process (module docstring); writes
     ``transfer.json`` and ``transfer.png`` into ``out`` and returns the report."""
     froms = [Path(f) for f in froms]
@@ -207,6 +215,9 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         raise ConfigError(f"--lr must be positive, not {lr}")
     states = [load_run_state(f) for f in froms]  # a bad checkpoint fails before training
     names = list(labels) if labels else [_label(f, froms) for f in froms]
+    if reference is not None and reference not in names:
+        raise ConfigError(f"--reference {reference!r} names no checkpoint: the labels are "
+                          f"{', '.join(names)}")
     source = open_source(data)
     for split in ("train", "test"):
         if split not in source.splits:
@@ -231,7 +242,8 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
                 "batch_size": batch_size, "seed": seed, "momentum": 0.9, "weight_decay": 1e-4,
                 "schedule": "cosine",
                 "shots_are": "training images in all, class-stratified, from the train split",
-                "interval": "95% t-interval over repeats",
+                "interval": "95% t-interval over repeats (logit scale for scores, Fisher's z "
+                            "for paired differences)",
                 "checkpoints": {n: str(f) for n, f in zip(names, froms)},
                 "checkpoint_sha256": {n: sha256_file(f) for n, f in zip(names, froms)}}
     log(f"transfer: {len(froms)} checkpoint(s) x n in {shots} x {repeats} repeats onto "
@@ -262,7 +274,10 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
                                      device=info.device, amp=amp, log=log))
                     write_json_atomic({"settings": settings, "runs": runs + kept},
                                       out / "transfer.json")
-        report = {"settings": settings, "runs": runs + kept, "summary": summarise(runs),
+        trained = sum(key not in stored for key in grid)
+        report = {"settings": settings, "runs": runs + kept,
+                  **summaries(runs, reference or names[0]),
+                  "trained": trained, "reused": len(grid) - trained,
                   "seconds": time.perf_counter() - t0}
         if stored:
             log(f"transfer: {sum(k in stored for k in grid)} of {len(grid)} runs reused from "
@@ -272,7 +287,8 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         for line in format_table(report):
             log(line)
         chart = write_transfer_chart(report, out / "transfer.png")
-    log(f"transfer: {len(runs)} runs in {report['seconds']:.0f} s; written to "
+    log(f"transfer: {trained} of {len(grid)} runs trained, {len(grid) - trained} reused, in "
+        f"{report['seconds']:.0f} s; written to "
         f"{out / 'transfer.json'}" + (f" and {chart}" if chart else ""))
     return report
 
@@ -329,88 +345,3 @@ def _stored_runs(path: Path, settings: dict) -> dict:
     settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
     settings["checkpoint_sha256"] = {**sums, **settings["checkpoint_sha256"]}
     return done
-
-
-def summarise(runs: list[dict]) -> dict:
-    """``{checkpoint: {n: {metric: {"mean", "ci95", "values"}}}}`` over repeats."""
-    out: dict = {}
-    for run in runs:
-        cell = out.setdefault(run["checkpoint"], {}).setdefault(str(run["n"]), {})
-        for key in SCORE_KEYS:
-            cell.setdefault(key, {"values": []})["values"].append(run[key])
-    for cells in out.values():
-        for cell in cells.values():
-            for stat in cell.values():
-                v = [x for x in stat["values"] if x is not None]
-                stat["mean"] = float(np.mean(v)) if v else None
-                stat["ci95"] = t_interval(v)
-    return out
-
-
-def format_table(report: dict) -> list[str]:
-    cols = SCORE_KEYS[:3]
-    lines = [f"{'checkpoint':24} {'n':>5}  " + "  ".join(f"{k + ' [95% CI]':>27}" for k in cols)]
-    for name, cells in report["summary"].items():
-        for n, cell in cells.items():
-            parts = []
-            for k in cols:
-                m, ci = cell[k]["mean"], cell[k]["ci95"]
-                parts.append(f"{'n/a' if m is None else f'{m:.4f}':>7} "
-                             + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{'':19}"))
-            lines.append(f"{name:24} {n:>5}  " + "  ".join(f"{p:>27}" for p in parts))
-    lines.append(f"(mean over {report['settings']['repeats']} repeats; 95% t-interval over "
-                 f"repeats; n = training images in all, class-stratified)")
-    return lines
-
-
-def score_limits(lo: float, hi: float) -> tuple[float, float]:
-    """A score axis from matplotlib's automatic limits: inside [0, 1] (a little headroom above
-    for the points), at least 0.1 tall, so that equal scores (all 1.0) still show a line."""
-    hi = min(1.0, hi)
-    return max(0.0, min(lo, hi - 0.1)), hi + 0.02
-
-
-def write_transfer_chart(report: dict, path) -> Path | None:
-    """``transfer.png``: macro F1, balanced accuracy and ROC-AUC against n (log axis), one line
-    with its 95% band per checkpoint, the repeats as points. None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    keys = SCORE_KEYS[:3]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for ax, key in zip(axes, keys):
-        for j, (name, cells) in enumerate(report["summary"].items()):
-            colour = f"C{j}"
-            ns = np.array([int(n) for n in cells])
-            mean = np.array([np.nan if cells[n][key]["mean"] is None else cells[n][key]["mean"]
-                             for n in cells])
-            ax.plot(ns, mean, "o-", color=colour, label=name)
-            ci = [cells[n][key]["ci95"] for n in cells]
-            if all(c is not None for c in ci):
-                # scores live in [0, 1]: a t-interval of few repeats can reach past them
-                ax.fill_between(ns, np.clip([c[0] for c in ci], 0, 1),
-                                np.clip([c[1] for c in ci], 0, 1), color=colour, alpha=0.2)
-            for n, x in zip(ns, cells.values()):
-                pts = [v for v in x[key]["values"] if v is not None]
-                ax.scatter(np.full(len(pts), n) * (1 + 0.03 * (j - 0.5)), pts, s=8,
-                           color=colour, alpha=0.5)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.set_xlabel("training images n (class-stratified)")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.set_ylim(*score_limits(*ax.get_ylim()))
-        ax.grid(alpha=0.3)
-    s = report["settings"]
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"few-shot transfer to {len(s['classes'])} classes: mean and 95% interval over "
-                 f"{s['repeats']} repeats ({'probe' if s['probe'] else 'fine-tune'}, "
-                 f"{s['steps']} steps)", fontsize=10)
-    fig.tight_layout()
-    from .atomic import atomic_open
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)

@@ -105,6 +105,11 @@ def test_transfer_grid_end_to_end(unseen, tmp_path):
     assert cell["mean"] == pytest.approx(np.mean(cell["values"])) and len(cell["values"]) == 2
     assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
     assert (out / "transfer.png").stat().st_size > 10_000
+    assert "8 of 8 runs trained, 0 reused" in r.output
+    diff = report["differences"]["b"]["10"]["f1_macro"]
+    assert report["reference"] == "a" and set(report["differences"]) == {"b"}
+    assert "paired difference against a" in r.output and "b - a" in r.output
+    assert -1 <= diff["ci95"][0] <= diff["difference"] <= diff["ci95"][1] <= 1
     assert "a" in r.output and f"({len(test)} test images)" in r.output
 
 
@@ -113,6 +118,10 @@ def test_transfer_bad_input_is_one_line(unseen, tmp_path):
     r = CliRunner().invoke(main, ["transfer", "--from", str(a), "--data", str(unseen),
                                   "--shots", "400", "--out", str(tmp_path / "tr")])
     assert r.exit_code != 0 and "Error:" in r.output and "training images" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "tr").exists()
+    r = CliRunner().invoke(main, ["transfer", "--from", str(a), "--data", str(unseen),
+                                  "--reference", "zz", "--out", str(tmp_path / "tr")])
+    assert r.exit_code != 0 and "Error:" in r.output and "--reference 'zz'" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "tr").exists()
     r = CliRunner().invoke(main, ["transfer", "--from", str(tmp_path / "none.pt"), "--data",
                                   str(unseen)])
@@ -136,6 +145,7 @@ def test_interrupted_transfer_continues_and_other_protocols_are_refused(unseen, 
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "3 of 4 runs reused" in r.output and r.output.count("n=10 repeat") == 1
+    assert "1 of 4 runs trained, 3 reused" in r.output
     again = json.loads((out / "transfer.json").read_text())
     strip = [{k: v for k, v in x.items() if k != "seconds"} for x in whole["runs"]]
     assert [{k: v for k, v in x.items() if k != "seconds"} for x in again["runs"]] == strip
