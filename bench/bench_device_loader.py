@@ -51,7 +51,7 @@ from bench_pipelines import _tree_cpu
 
 from pgnm_fast.pipelines import open_source
 from pgnm_fast.pipelines.device import DeviceLoader
-from pgnm_fast.pipelines.factory import build_cached_loader
+from pgnm_fast.pipelines.loader import build_cached_loader
 from pgnm_fast.pipelines.pack import MANIFEST, pack
 from pgnm_fast.synth import cache_dir, make_synthetic
 

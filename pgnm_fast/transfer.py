@@ -53,8 +53,9 @@ from .folders import check_output_dir, lock_folder
 from .metrics import classification_metrics, json_safe, t_interval
 from .models import create_model
 from .pipelines import make_loader
-from .pipelines.loader import batch_loader, split_key
+from .pipelines.loader import batch_loader
 from .pipelines.packed import sha256_file
+from .pipelines.samplers import split_key
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform, load_grey
 from .run_state import load_run_state

@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pgnm_fast.pipelines.device as devmod
 from pgnm_fast.errors import ConfigError, DataError
 from pgnm_fast.pipelines import open_source
-from pgnm_fast.pipelines.factory import _device_or, build_cached_loader, make_loader
+from pgnm_fast.pipelines.factory import _device_or, make_loader
+from pgnm_fast.pipelines.loader import build_cached_loader
 from pgnm_fast.pipelines.pack import PARTIAL, pack
 from pgnm_fast.pipelines.transforms import STD, RandomResizedCrop, to_tensor
 
