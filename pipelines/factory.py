@@ -27,7 +27,7 @@ from pgnm_fast.errors import ConfigError
 from . import check, startup
 from .badfiles import check_on_bad, drop_bad, report_bad
 from .contract import BatchLoader
-from .loader import build_cached_loader, build_loader
+from .loader import build_cached_loader, build_loader, keeps_colour
 from .packed import PackedSplit
 from .sources import Split, open_source
 from .transforms import MEAN, STD
@@ -155,7 +155,8 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
         report_bad(source.problems, on_bad_image, None, log, what="entry")
     rank, world_size = _torchrun_rank(rank, world_size)
     packed = isinstance(data, PackedSplit)
-    kind = _device_or(backend, data, packed, train, device, rank, world_size, log)
+    kind = _colour_rule(_device_or(backend, data, packed, train, device, rank, world_size, log),
+                        backend, data, channels, log)
     scan = None
     if not packed:
         data, scan = _checked(data, kind, rank, world_size, recheck, on_bad_image, bad_list, log)
@@ -165,6 +166,22 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
     return LOADERS[kind](data, common=common, train=train, class_balanced=class_balanced,
                          device=device, dtype=dtype, channels_last=channels_last, static=static,
                          workers=workers, scan=scan)
+
+
+def _colour_rule(kind: str, backend: str, data, channels: int, log) -> str:
+    """The plain loader for a 3-channel run over colour images it keeps in colour (a MedMNIST
+    RGB file, :func:`~.loader.keeps_colour`): ``auto`` picks it, saying so once; another
+    ``--loader`` stops with one line."""
+    if kind == "torch" or channels != 3 or not keeps_colour(data):
+        return kind
+    if backend != "auto":
+        raise ConfigError(f"--loader {backend} reads {data.name} images grey only; a 3-channel "
+                          f"run on RGB MedMNIST images needs --loader torch (or auto)")
+    if ("colour", data.name) not in _told:
+        _told.add(("colour", data.name))
+        log(f"the {data.name} split's RGB images in 3 channels: data loading uses the plain "
+            f"PyTorch loader")
+    return "torch"
 
 
 def _checked(data: Split, kind: str, rank: int, world_size: int, recheck: bool,

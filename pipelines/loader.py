@@ -74,11 +74,12 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
 
 class CachedDataset(Dataset):
     """``(transform(grey image), label)`` for each record of a packed split, read from the
-    memory map (an RGB cache becomes grey by PIL's luma, as ``load_grey`` does)."""
+    memory map (an RGB cache becomes grey by PIL's luma, as ``load_grey`` does; with ``colour``
+    RGB records stay RGB)."""
 
-    def __init__(self, split, transform):
+    def __init__(self, split, transform, colour: bool = False):
         self.cache, self.records, self.labels = split.cache, split.records, split.labels
-        self.transform = transform
+        self.transform, self.colour = transform, colour
 
     def __len__(self):
         return len(self.records)
@@ -86,7 +87,10 @@ class CachedDataset(Dataset):
     def __getitem__(self, key):
         i, generator = split_key(key)
         a = self.cache.image(self.records[i])
-        img = Image.fromarray(a[:, :, 0]) if a.shape[2] == 1 else Image.fromarray(a).convert("L")
+        if a.shape[2] == 1:
+            img = Image.fromarray(a[:, :, 0])
+        else:
+            img = Image.fromarray(a) if self.colour else Image.fromarray(a).convert("L")
         return self.transform(img, generator), int(self.labels[i])
 
 
@@ -101,13 +105,21 @@ def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, cro
     sampling, seeding and batching (and its ``uint8`` rule), pixels from the cache instead of
     PNG files (so the same seed gives the same batches as from the files)."""
     uint8 = on_cuda(device) if uint8 is None else uint8
-    dataset = CachedDataset(split, build_transform(train, crop_size=crop_size,
-                                                   resize_size=resize_size, channels=channels,
-                                                   mean=mean, std=std, uint8=uint8))
+    colour = channels == 3 and keeps_colour(split)
+    transform = build_transform(train, crop_size=crop_size, resize_size=resize_size,
+                                channels=channels, mean=mean, std=std, uint8=uint8)
+    dataset = CachedDataset(split, transform, colour=colour)
     return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
                         seed=seed, rank=rank, world_size=world_size, device=device,
                         class_balanced=class_balanced, channels_last=channels_last,
                         normalise_on=(device or "cpu", mean, std) if uint8 else None)
+
+
+def keeps_colour(split) -> bool:
+    """Whether a 3-channel run reads ``split``'s RGB pixels as they are (a MedMNIST file's
+    colour images, :mod:`.medmnist`); else colour becomes grey."""
+    cache = getattr(split, "cache", None)
+    return cache is not None and cache.channels == 3 and getattr(cache, "colour_input", False)
 
 
 def on_cuda(device) -> bool:

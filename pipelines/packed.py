@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pgnm_fast.errors import DataError
 
@@ -130,6 +131,12 @@ class PackedSplit(Split):
     ``records[i]``, the cache record holding ``files[i]``'s pixels."""
     cache: PackedCache = None
     records: np.ndarray = None
+
+    def grey(self, i: int):
+        """Image ``i`` as an 8-bit grey PIL image, from the cache (RGB by PIL's luma)."""
+        a = self.cache.image(self.records[i])
+        img = Image.fromarray(a[:, :, 0]) if a.shape[2] == 1 else Image.fromarray(a)
+        return img.convert("L")
 
     @property
     def heights(self) -> np.ndarray:

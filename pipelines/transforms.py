@@ -201,8 +201,12 @@ def eval_params(height, width, crop_size: int, resize_size: int) -> tuple[np.nda
 
 
 def to_uint8(img, channels=1) -> torch.Tensor:
-    """8-bit grey PIL image -> uint8 [channels, H, W], the pixels as they are."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).unsqueeze(0)
+    """8-bit grey PIL image -> uint8 [channels, H, W], the pixels as they are (an RGB image with
+    ``channels=3``: its own three channels)."""
+    a = np.asarray(img, dtype=np.uint8)
+    if a.ndim == 3:
+        return torch.from_numpy(a.transpose(2, 0, 1).copy())
+    x = torch.from_numpy(a.copy()).unsqueeze(0)
     return x.repeat(channels, 1, 1) if channels != 1 else x
 
 

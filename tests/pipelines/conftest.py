@@ -1,9 +1,7 @@
 """Fixtures of the pipelines tests: the conftest data set packed once, and small MedMNIST-layout
 ``.npz`` files (the root conftest makes the synthetic PNG sets)."""
-from pathlib import Path
-
-import numpy as np
 import pytest
+from medmnist_files import write_medmnist
 
 from pgnm_fast.pipelines.pack import pack
 
@@ -19,29 +17,6 @@ def packed(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("pack") / "cache"
     pack(synth_root, out, workers=2, chunk_size=64, log=quiet)
     return out
-
-
-def write_medmnist(path: Path, *, n=(40, 12, 12), size: int = 28, rgb: bool = False,
-                   classes: int = 4, seed: int = 0, **override) -> Path:
-    """A MedMNIST-layout ``.npz`` (``{train,val,test}_{images,labels}``: uint8 images
-    ``(N, H, W)`` or ``(N, H, W, 3)``, int labels ``(N, 1)``); ``override`` replaces or (None)
-    removes keys."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for name, count in zip(("train", "val", "test"), n):
-        shape = (count, size, size, 3) if rgb else (count, size, size)
-        labels = np.arange(count) % classes
-        images = rng.integers(0, 256, shape, dtype=np.uint8)
-        fill = (labels * 60).astype(np.uint8)
-        images[:, : size // 2] = fill.reshape((-1,) + (1,) * (images.ndim - 1))
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = images, labels[:, None].astype(np.uint8)
-    for key, value in override.items():
-        if value is None:
-            arrays.pop(key, None)
-        else:
-            arrays[key] = value
-    np.savez(path, **arrays)
-    return path
 
 
 @pytest.fixture(scope="session")
