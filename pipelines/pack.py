@@ -59,6 +59,7 @@ from .packed import (  # noqa: F401
     PackedSplit,
     open_packed,
     pixel_hash,
+    renew_seal,
     sha256_file,
     verify,
 )
@@ -429,9 +430,7 @@ def _finish(source, plan, results, out, work, on_bad_image, log) -> dict:
         "skipped": len(skipped), "converted": plan.converted, "rules": RULES,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with atomic_open(out / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
+    renew_seal(out, manifest)  # manifest.json last: a folder with one is a finished cache
     shutil.rmtree(work, ignore_errors=True)
     gib = plan.total / 2 ** 30
     sizes = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items())
