@@ -59,7 +59,7 @@ from pgnm_fast.errors import DataError
 
 from .augment import check_impl, resized_crop, taps, value_table
 from .samplers import EpochSampler, EvalShardSampler, ShardSampler
-from .transforms import MEAN, STD, eval_params, random_resized_crop_params
+from .transforms import MEAN, STD, eval_params, grey_of, random_resized_crop_params
 
 MARGIN_FRACTION, MARGIN_MIN = 0.2, 8 << 30  # device memory kept free for the model and step
 RESIDENT = ("full", "shard")
@@ -171,7 +171,7 @@ class DeviceLoader:
             else:
                 at = 0
                 for r in records[start:stop]:
-                    grey = _grey(cache.image(int(r)))
+                    grey = grey_of(cache.image(int(r)))
                     view[at:at + grey.size] = grey.reshape(-1)
                     at += grey.size
             self.data[int(base[start]):int(base[start]) + nbytes].copy_(host)
@@ -303,13 +303,3 @@ class DeviceLoader:
         rows = {k: v.index_select(0, at)[0] for k, v in self._plan.items()}
         self._augment(rows, *self.buffers)
         self._step.add_(1)
-
-
-def _grey(a: np.ndarray) -> np.ndarray:
-    """``h x w x c`` uint8 -> ``h x w`` grey: as is, or PIL's ``convert("L")`` luma (exact
-    integer form: (19595 R + 38470 G + 7471 B + 2^15) >> 16)."""
-    if a.shape[2] == 1:
-        return a[:, :, 0]
-    rgb = a.astype(np.uint32)
-    return ((19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 0x8000)
-            >> 16).astype(np.uint8)

@@ -17,7 +17,8 @@ The images are held in memory (an ``.npz`` is a zip archive: numpy cannot map it
 through the packed cache's interface (:class:`ArrayCache`), so every loader reads them as it
 reads a cache: RGB images become grey by PIL's ITU-R 601-2 luma, as PNG files do, unless a run
 with 3 input channels reads them with the plain PyTorch loader, which then keeps the colour
-(the DALI and device loaders read them grey only). A problem with the file stops with one
+(the DALI and device loaders read them grey only). ``pgnm-fast pack`` writes them into a cache
+(:mod:`.pack_arrays`) for runs that should not load the archive each time. A problem with the file stops with one
 :class:`~pgnm_fast.errors.DataError` line naming the file and the key: a key missing, labels
 neither ``(N,)`` nor ``(N, 1)`` (multi-label tasks such as ChestMNIST are not supported), no
 images, labels negative, outside the class names or not integers, images not uint8 or of

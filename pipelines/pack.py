@@ -21,6 +21,8 @@ Writing is resumable and atomic: work goes into ``CACHE/.partial/`` (a plan, the
 data file, one marker per finished chunk of records written after the chunk's bytes are synced).
 Running the same command again skips the finished chunks; a changed source is refused. The
 finished files are renamed into place and ``manifest.json`` is written last.
+
+A MedMNIST file (images already arrays, :mod:`.medmnist`) is packed by :mod:`.pack_arrays`.
 """
 from __future__ import annotations
 
@@ -252,6 +254,11 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
     source = open_source(data, skip_bad=on_bad_image == "skip")
     if source.layout == "packed":
         raise DataError(f"{data}: is already a packed cache")
+    if source.layout == "medmnist":  # arrays in memory: nothing to check or decode
+        from .pack_arrays import pack_arrays
+        with lock_folder(out, "cache folder"):
+            _check_unfinished(out)
+            return pack_arrays(source, out, channels, log)
     plan = _plan(source, on_bad_image, channels, None, log, recheck)
     if not plan.paths:
         raise DataError(f"{data}: no readable image to pack")

@@ -60,6 +60,16 @@ def to_grey(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
+def grey_of(a: np.ndarray) -> np.ndarray:
+    """``h x w x c`` uint8 -> ``h x w`` grey: as is, or PIL's ``convert("L")`` luma (exact
+    integer form: (19595 R + 38470 G + 7471 B + 2^15) >> 16)."""
+    if a.shape[2] == 1:
+        return a[:, :, 0]
+    rgb = a.astype(np.uint32)
+    return ((19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 0x8000)
+            >> 16).astype(np.uint8)
+
+
 def _uniform(lo, hi, generator):
     return torch.empty(1).uniform_(lo, hi, generator=generator).item()
 

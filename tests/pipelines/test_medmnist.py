@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from medmnist_files import write_medmnist
 from PIL import Image
 
@@ -150,3 +151,34 @@ def test_a_bad_file_stops_the_cli_with_one_error_line(tmp_path):
     lines = (p.stdout + p.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: train_labels"), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_pack_an_npz_and_read_the_same_batches(medmnist_npz, tmp_path):
+    from pgnm_fast.pipelines.pack import pack, verify
+    manifest = pack(medmnist_npz, tmp_path / "cache", log=quiet)
+    assert manifest["channels"] == 1 and manifest["splits"] == {"train": 40, "val": 12, "test": 12}
+    verify(tmp_path / "cache", log=quiet)
+    cache, source = open_source(tmp_path / "cache"), open_source(medmnist_npz)
+    assert cache.classes == source.classes
+    for name in ("train", "val", "test"):
+        a, b = cache.split(name), source.split(name)
+        assert a.files == b.files and np.array_equal(a.labels, b.labels)
+        assert np.array_equal(np.asarray(a.grey(7)), np.asarray(b.grey(7)))
+    kw = dict(train=True, batch_size=8, crop_size=24, backend="torch", workers=0, seed=3,
+              log=quiet)
+    for (x, y), (u, v) in zip(make_loader(cache.split("train"), **kw),
+                              make_loader(source.split("train"), **kw)):
+        assert torch.equal(x, u) and torch.equal(y, v)
+
+
+def test_pack_an_rgb_npz_grey_or_in_colour(tmp_path):
+    from pgnm_fast.pipelines.pack import pack
+    path = write_medmnist(tmp_path / "rgb.npz", rgb=True)
+    assert pack(path, tmp_path / "rgb", log=quiet)["channels"] == 3
+    assert pack(path, tmp_path / "grey", channels="grey", log=quiet)["channels"] == 1
+    with np.load(path) as z:
+        want = np.asarray(Image.fromarray(z["val_images"][2]).convert("L"))
+    split = open_source(tmp_path / "grey").split("val")
+    assert np.array_equal(split.cache.image(split.records[2])[:, :, 0], want)
+    split = open_source(tmp_path / "rgb").split("val")
+    assert np.array_equal(np.asarray(split.grey(2)), want)
