@@ -52,7 +52,7 @@ from targets import info as target_info
 
 from pgnm_fast.pipelines import open_source
 from pgnm_fast.pipelines.device import DeviceLoader
-from pgnm_fast.pipelines.factory import build_cached_loader
+from pgnm_fast.pipelines.loader import build_cached_loader
 from pgnm_fast.pipelines.pack import MANIFEST, pack
 from pgnm_fast.synth import cache_dir, make_synthetic
 

@@ -153,7 +153,7 @@ def _stage_pipeline(files, stage: str):
     from nvidia.dali import fn, pipeline_def, types
 
     from pgnm_fast.pipelines import check
-    from pgnm_fast.pipelines.dali import random_resized_crop_params
+    from pgnm_fast.pipelines.transforms import random_resized_crop_params
     scan = check.scan(files)
     assert (scan.kind == check.GREY8).all()
     encoded = [np.fromfile(f, dtype=np.uint8) for f in files]

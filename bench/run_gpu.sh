@@ -59,7 +59,7 @@ esac
 pytest_q=(-q -rs -p no:cacheprovider)
 bench_q=(--benchmark-only --bench-device "$target" --benchmark-max-time=0.2 --benchmark-min-rounds=5)
 if [ $quick = 1 ]; then
-    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py tests/test_uint8_batches.py
+    test_files=(tests/test_graphs.py tests/test_graphs_gpu.py tests/kernels/test_kernels_gpu.py tests/pipelines/test_uint8_batches.py
                 tests/test_self_check.py::test_self_check_passes_on_the_gpu -k "not replayed")
     validate_q=(--quick)
     kernel_k=(-k "test_step and 32")
@@ -73,7 +73,7 @@ else
     # the GPU-only tests first (a time-box keeps them), then the kernel tests that run on the GPU
     # when one is present; the CPU-only ones (test_reference.py, test_graphs.py's emulated
     # capture) run in the CPU suite
-    test_files=(tests/kernels/test_kernels_gpu.py tests/test_graphs_gpu.py tests/test_uint8_batches.py
+    test_files=(tests/kernels/test_kernels_gpu.py tests/test_graphs_gpu.py tests/pipelines/test_uint8_batches.py
                 tests/test_self_check.py::test_self_check_passes_on_the_gpu
                 tests/kernels/test_special.py tests/kernels/test_sample_score.py tests/kernels/test_mask_apply.py
                 tests/kernels/test_masker.py tests/test_models.py::test_policy_step_captures_in_a_cuda_graph)

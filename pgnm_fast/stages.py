@@ -43,7 +43,7 @@ from .metrics import classification_metrics, json_safe, mean_cross_entropy
 from .models import PolicyNet, create_model
 from .observe import RunObserver
 from .pipelines import BatchLoader, make_loader
-from .pipelines.check import report_bad
+from .pipelines.badfiles import report_bad
 from .pipelines.sources import open_source
 from .provenance import run_record
 from .run_state import RunState, load_run_state

@@ -41,6 +41,7 @@ from PIL import Image
 from pgnm_fast.atomic import temporary_folder_beside, write_error
 from pgnm_fast.errors import DataError
 from pgnm_fast.folders import check_output_dir
+from pgnm_fast.user_cache import cache_dir
 
 GENERATOR_VERSION = 1
 MIN_SIZE, MAX_SIZE = 8, 4096  # image side in pixels
@@ -354,15 +355,6 @@ def _write(out: Path, images: int, seed: int, size: int, layout: str, concepts: 
             "size": size, "layout": layout, "concepts": concepts,
             "classes": sorted(class_name(*c) for c in specs)}
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-
-
-def cache_dir() -> Path:
-    """``$PGNM_FAST_CACHE``, else ``$XDG_CACHE_HOME/pgnm-fast``, else ``~/.cache/pgnm-fast``."""
-    if os.environ.get("PGNM_FAST_CACHE"):
-        return Path(os.environ["PGNM_FAST_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "pgnm-fast"
 
 
 def default_data_root(images: int = 2400, seed: int = 0, size: int = 96) -> Path:

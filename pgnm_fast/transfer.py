@@ -55,10 +55,11 @@ from .folders import check_output_dir, lock_folder
 from .metrics import classification_metrics, json_safe
 from .models import create_model
 from .pipelines import make_loader
-from .pipelines.loader import batch_loader, split_key
+from .pipelines.loader import batch_loader
 from .pipelines.packed import sha256_file
+from .pipelines.samplers import split_key
 from .pipelines.sources import Split, open_source
-from .pipelines.transforms import build_transform, load_grey
+from .pipelines.transforms import build_transform
 from .run_state import load_run_state
 from .transfer_report import (  # noqa: F401  (score_limits: part of this module's interface)
     SCORE_KEYS,
@@ -228,7 +229,7 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
     pool = np.array([f not in in_test for f in train.files])
     if not pool.all():
         log(f"transfer: {int((~pool).sum())} train files are also in the test split: left out")
-    pool_files = [f for f, keep in zip(train.files, pool) if keep]
+    pool_at = np.flatnonzero(pool)  # the train index of each pool image
     pool_labels = train.labels[pool]
     shots = feasible_shots(parse_shots(",".join(map(str, shots))), pool_labels, classes, log)
     subsets = {(n, r): draw_subset(pool_labels, n, len(classes), seed, r)
@@ -267,7 +268,8 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
                     if key not in tests:  # one test loader per preprocessing, built once
                         tests[key] = _test_batches(test, cfg, info.device, workers, loader, log)
                     idx = subsets[(n, r)]
-                    decoded.update({i: load_grey(pool_files[i]) for i in idx if i not in decoded})
+                    decoded.update({i: train.grey(int(pool_at[i])) for i in idx
+                                    if i not in decoded})
                     runs.append(_run(name, state, cfg, classes, [decoded[i] for i in idx],
                                      pool_labels[idx], tests[key], n, r, steps=steps, lr=lr,
                                      batch_size=batch_size, probe=probe, seed=seed,

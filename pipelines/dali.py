@@ -17,8 +17,8 @@ uniform in ``ratio``, 10 tries, torchvision's centre-crop fallback; flip with p 
 to DALI with the data through one external source. DALI only computes, so an epoch is a pure
 function of ``(seed, rank, epoch)``: a resumed run replays the interrupted epoch's batches bit
 for bit on the same device kind and DALI version (GPU and CPU results differ by float rounding).
-The sample order is the plain loader's (:class:`~pgnm_fast.pipelines.loader.EpochSampler` for
-train, :class:`~pgnm_fast.pipelines.loader.EvalShardSampler` for eval), so both loaders visit
+The sample order is the plain loader's (:class:`~pgnm_fast.pipelines.samplers.EpochSampler` for
+train, :class:`~pgnm_fast.pipelines.samplers.EvalShardSampler` for eval), so both loaders visit
 the same images in the same order for a given seed.
 
 Interpolation: the crop is cut out first and then resized, as torchvision does for PIL images.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,10 +51,11 @@ import torch
 from pgnm_fast.errors import DataError
 
 from . import check
-from .loader import EvalShardSampler, train_sampler
+from .badfiles import drop_bad
 from .packed import PackedSplit
+from .samplers import EvalShardSampler, train_sampler
 from .sources import Split
-from .transforms import MEAN, STD, load_grey
+from .transforms import MEAN, STD, eval_params, load_grey, random_resized_crop_params
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,52 +67,6 @@ def dali_available() -> bool:
     except Exception:  # ImportError, or a broken install (missing CUDA libraries, ...)
         return False
     return True
-
-
-# ----------------------------------------------------------------------------- parameters
-def random_resized_crop_params(height: np.ndarray, width: np.ndarray, rng: np.random.Generator,
-                               scale=(0.08, 1.0),
-                               ratio=(3.0 / 4.0, 4.0 / 3.0), attempts: int = 10):
-    """Vectorised ``RandomResizedCrop.get_params``: arrays ``(top, left, h, w)`` for images of
-    the given sizes (the same rule, numpy's generator instead of torch's)."""
-    height = np.asarray(height, np.int64)
-    width = np.asarray(width, np.int64)
-    n = len(height)
-    area = (height * width).astype(np.float64)[:, None]
-    target = area * rng.uniform(scale[0], scale[1], (n, attempts))
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
-    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
-    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
-    first = fits.argmax(1)
-    found = fits.any(1)
-    rows = np.arange(n)
-    # torchvision's fallback: the whole image, its aspect ratio clamped to `ratio`, centred
-    in_ratio = width / height
-    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
-    fw = np.where(wide, np.rint(height * max(ratio)).astype(np.int64), width)
-    fh = np.where(narrow, np.rint(width / min(ratio)).astype(np.int64), height)
-    h = np.where(found, h[rows, first], fh)
-    w = np.where(found, w[rows, first], fw)
-    top = np.where(found, rng.integers(0, height - h + 1), (height - h) // 2)
-    left = np.where(found, rng.integers(0, width - w + 1), (width - w) // 2)
-    return top, left, h, w
-
-
-def eval_params(height, width, crop_size: int, resize_size: int) -> tuple[np.ndarray, ...]:
-    """torchvision's ``Resize(resize_size)`` + ``CenterCrop(crop_size)`` as arrays: the resized
-    ``(rh, rw)`` and the crop's ``(top, left)`` in the resized image (negative: zero padding)."""
-    height = np.asarray(height, np.int64)
-    width = np.asarray(width, np.int64)
-    short, long = np.minimum(height, width), np.maximum(height, width)
-    new_long = (resize_size * long / short).astype(np.int64)  # int() of the float, as torchvision
-    rh = np.where(width <= height, new_long, resize_size)
-    rw = np.where(width <= height, resize_size, new_long)
-    top = np.where(crop_size > rh, -((crop_size - rh) // 2),
-                   np.rint((rh - crop_size) / 2.0).astype(np.int64))
-    left = np.where(crop_size > rw, -((crop_size - rw) // 2),
-                    np.rint((rw - crop_size) / 2.0).astype(np.int64))
-    return rh, rw, top, left
 
 
 # ----------------------------------------------------------------------------- samples
@@ -295,10 +249,7 @@ class DaliLoader:
             self.colour = split.cache.channels == 3
         else:
             scan = scan if scan is not None else check.scan(split.files)
-            if scan.bad:
-                i, reason = scan.bad[0]
-                raise DataError(f"{split.files[i]}: {reason}" + (
-                    f" (and {len(scan.bad) - 1} more bad files)" if len(scan.bad) > 1 else ""))
+            split, scan = drop_bad(split, scan, "error")  # make_loader applies --on-bad-image
             self.samples = _PngSamples(split.files, scan, min(8, 2 * cpus))
             self.colour = False
         n = len(split)

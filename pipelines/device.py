@@ -8,13 +8,13 @@ then cut, resized, flipped and normalised there by :func:`~pgnm_fast.pipelines.a
 over a thread pool): on a GPU no image crosses PCIe or meets a CPU after the first copy.
 
 Plans: the crop boxes and flips of an epoch are drawn on the host when the epoch starts, by
-DALI's vectorised rules (:func:`~pgnm_fast.pipelines.dali.random_resized_crop_params`:
+DALI's vectorised rules (:func:`~pgnm_fast.pipelines.transforms.random_resized_crop_params`:
 torchvision's RandomResizedCrop, area uniform in scale, log-ratio uniform in ratio, 10 tries,
 centre-crop fallback; flip with p = 0.5) from ``numpy.random.default_rng([seed, rank, epoch])``,
 and go to the device in one copy. An epoch is thus a pure function of ``(seed, rank, epoch)``
 (the same crops and flips as the DALI loader's), and a step reads its slice of the plan with no
 host synchronisation. Eval: torchvision's shorter-side resize and centre crop
-(:func:`~pgnm_fast.pipelines.dali.eval_params`), zero padding for a small image.
+(:func:`~pgnm_fast.pipelines.transforms.eval_params`), zero padding for a small image.
 
 Pixels: PIL's bilinear resampling (antialiased when shrinking). On CUDA (and with
 ``impl="torch"``) done as PIL does it, a horizontal fixed-point pass into an 8-bit
@@ -25,13 +25,13 @@ pixels). On the CPU (``impl="interpolate"``, the default there) torch's own uint
 PIL's rules and 16-bit weights: within 1 grey level of PIL and of the exact path, a few
 percent of pixels apart; deterministic, so a resumed run still replays its batches exactly.
 
-Order: train uses the plain loader's :class:`~pgnm_fast.pipelines.loader.EpochSampler` when
+Order: train uses the plain loader's :class:`~pgnm_fast.pipelines.samplers.EpochSampler` when
 the process holds the whole split (``resident="full"``, the default for one process); under
 torchrun with ``resident="shard"`` (the default there) rank ``r`` holds only the images
 ``r, r + world_size, ...`` of the split and shuffles them by ``(seed, epoch)`` (padded by its
 own first images to the longest shard's length, as ``DistributedSampler`` pads): every image is
 seen once per epoch over all ranks, though not in the plain loader's global order. Eval: each
-rank's :class:`~pgnm_fast.pipelines.loader.EvalShardSampler` indices (those are its shard).
+rank's :class:`~pgnm_fast.pipelines.samplers.EvalShardSampler` indices (those are its shard).
 
 Output: ``(images, labels)``, images ``[N, C, S, S]`` in ``dtype`` (float32 or bf16),
 ``channels_last`` memory if asked, ``C`` 1 or 3 (copies of grey); labels int64. ``static=True``
@@ -54,46 +54,16 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
 from pgnm_fast.errors import DataError
 
 from .augment import check_impl, resized_crop, taps, value_table
-from .dali import eval_params, random_resized_crop_params
-from .loader import EpochSampler, EvalShardSampler
-from .transforms import MEAN, STD
+from .samplers import EpochSampler, EvalShardSampler, ShardSampler
+from .transforms import MEAN, STD, eval_params, grey_of, random_resized_crop_params
 
 MARGIN_FRACTION, MARGIN_MIN = 0.2, 8 << 30  # device memory kept free for the model and step
 RESIDENT = ("full", "shard")
 _CHUNK = 256 << 20  # host-to-device copy size while loading
-
-
-class ShardSampler(Sampler):
-    """Train order of a rank that holds the fixed shard ``rank, rank + world_size, ...``: its
-    indices shuffled by ``(seed, epoch)`` and padded by their own first ones to
-    ``ceil(n / world_size)``. One process: the same order as :class:`EpochSampler`."""
-
-    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        self.n, self.num_replicas, self.rank, self.seed = n, num_replicas, rank, seed
-        self.num_samples = math.ceil(n / num_replicas)
-        self.epoch, self._passes, self._epoch_set = 0, 0, False
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._epoch_set = epoch, True
-
-    def __len__(self):
-        return self.num_samples
-
-    def __iter__(self):
-        if self._passes and not self._epoch_set:  # as EpochSampler: the next epoch by itself
-            self.epoch += 1
-        self._passes, self._epoch_set = self._passes + 1, False
-        shard = torch.arange(self.rank, self.n, self.num_replicas)
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = shard[torch.randperm(len(shard), generator=g)].tolist()
-        order += (order * math.ceil(self.num_samples / max(len(order), 1)))[
-            :self.num_samples - len(order)]
-        return iter(order)
 
 
 def grey_bytes(split) -> int:
@@ -201,7 +171,7 @@ class DeviceLoader:
             else:
                 at = 0
                 for r in records[start:stop]:
-                    grey = _grey(cache.image(int(r)))
+                    grey = grey_of(cache.image(int(r)))
                     view[at:at + grey.size] = grey.reshape(-1)
                     at += grey.size
             self.data[int(base[start]):int(base[start]) + nbytes].copy_(host)
@@ -333,13 +303,3 @@ class DeviceLoader:
         rows = {k: v.index_select(0, at)[0] for k, v in self._plan.items()}
         self._augment(rows, *self.buffers)
         self._step.add_(1)
-
-
-def _grey(a: np.ndarray) -> np.ndarray:
-    """``h x w x c`` uint8 -> ``h x w`` grey: as is, or PIL's ``convert("L")`` luma (exact
-    integer form: (19595 R + 38470 G + 7471 B + 2^15) >> 16)."""
-    if a.shape[2] == 1:
-        return a[:, :, 0]
-    rgb = a.astype(np.uint32)
-    return ((19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 0x8000)
-            >> 16).astype(np.uint8)

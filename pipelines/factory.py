@@ -1,10 +1,9 @@
 """The one loader factory the trainer calls: DALI where it is installed, else the plain loader.
 
 :func:`make_loader` takes a split (image files or a packed cache) or a data path, checks image
-files before the first batch (:mod:`pgnm_fast.pipelines.check`; ``on_bad_image="error"`` names
-the first bad file, ``"skip"`` leaves bad files out, logs the count and writes ``bad_list``),
-and returns an iterable of ``(images, labels)`` with ``len()``, ``batch_size``, ``set_epoch``
-and ``sampler.set_epoch`` (the trainer's loader contract, see ``pgnm_fast.engine``).
+files before the first batch (:mod:`pgnm_fast.pipelines.check`; what becomes of a bad file:
+:mod:`pgnm_fast.pipelines.badfiles`), and returns a :class:`~.contract.BatchLoader` built by
+the entry of ``LOADERS`` its name picks (a new loader is one more entry there).
 
 Backends: ``"dali"`` (:class:`~pgnm_fast.pipelines.dali.DaliLoader`, its GPU variant when
 ``device`` is a CUDA device, else its CPU-only variant), ``"torch"`` (the plain PyTorch loader of
@@ -22,28 +21,64 @@ import time
 from collections.abc import Callable
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
 from pgnm_fast.errors import ConfigError
 
 from . import check, startup
+from .badfiles import check_on_bad, drop_bad, report_bad
 from .contract import BatchLoader
-from .loader import PlainLoader, batch_loader, build_loader, on_cuda, split_key
+from .loader import build_cached_loader, build_loader, keeps_colour
 from .packed import PackedSplit
 from .sources import Split, open_source
-from .transforms import MEAN, STD, build_transform
+from .transforms import MEAN, STD
 
-BACKENDS = ("auto", "device", "dali", "torch")
 _told = set()
 
 
+# ----------------------------------------------------------------------------- the loaders
+# name -> build(data, **options) -> BatchLoader. Every build takes the same keyword options
+# (those :func:`make_loader` passes, see ``_options``) and ignores the ones it has no use for;
+# a fourth loader is one more entry here (and, if ``auto`` should pick it, a rule in
+# ``_device_or``).
+def _build_device(data, *, train, class_balanced, device, dtype, channels_last, static, common,
+                  **_):
+    if class_balanced and train:
+        raise ConfigError("--class-balanced is not available with --loader device (its "
+                          "epoch order is drawn on the device): use --loader dali or torch")
+    from .device import DeviceLoader
+    return DeviceLoader(data, **common, device=device, dtype=dtype, channels_last=channels_last,
+                        static=static)
+
+
+def _build_dali(data, *, train, class_balanced, device, dtype, channels_last, static, common,
+                workers, scan, **_):
+    from .dali import DaliLoader
+    dev = torch.device(device) if device is not None else None
+    return DaliLoader(data, **common, class_balanced=class_balanced and train,
+                      device=dev if dev is not None and dev.type == "cuda" else None,
+                      threads=max(1, workers), dtype=dtype, channels_last=channels_last,
+                      static=static, scan=scan)
+
+
+def _build_torch(data, *, train, class_balanced, device, channels_last, common, workers, **_):
+    build = build_cached_loader if isinstance(data, PackedSplit) else build_loader
+    return build(data, **common, class_balanced=class_balanced and train, workers=workers,
+                 device=device, channels_last=channels_last)
+
+
+LOADERS: dict[str, Callable[..., BatchLoader]] = {
+    "device": _build_device, "dali": _build_dali, "torch": _build_torch}
+BACKENDS = ("auto", *LOADERS)  # the names --loader takes
+
+
 def resolve_backend(backend: str = "auto", log: Callable[[str], None] = print) -> str:
-    """``"dali"`` or ``"torch"`` for a requested backend (module docstring)."""
+    """The loader a requested backend names: itself, or for ``auto`` DALI where it imports,
+    else the plain loader (module docstring)."""
     from .dali import dali_available
-    if backend not in BACKENDS:
-        raise ConfigError(f"--loader must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if backend in ("torch", "device"):
+    if backend != "auto" and backend not in LOADERS:
+        names = ", ".join(("auto", *LOADERS))
+        raise ConfigError(f"--loader must be one of {names}, not {backend!r}")
+    if backend in LOADERS and backend != "dali":
         return backend
     if dali_available():
         return "dali"
@@ -54,44 +89,6 @@ def resolve_backend(backend: str = "auto", log: Callable[[str], None] = print) -
         _told.add("fallback")
         log("DALI is not installed: data loading uses the plain PyTorch loader")
     return "torch"
-
-
-class CachedDataset(Dataset):
-    """``(transform(grey image), label)`` for each record of a packed split, read from the
-    memory map (an RGB cache becomes grey by PIL's luma, as ``load_grey`` does)."""
-
-    def __init__(self, split, transform):
-        self.cache, self.records, self.labels = split.cache, split.records, split.labels
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, key):
-        i, generator = split_key(key)
-        a = self.cache.image(self.records[i])
-        img = Image.fromarray(a[:, :, 0]) if a.shape[2] == 1 else Image.fromarray(a).convert("L")
-        return self.transform(img, generator), int(self.labels[i])
-
-
-def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, crop_size: int = 224,
-                        resize_size: int = 256, channels: int = 1, workers: int = 2,
-                        seed: int = 0, rank: int = 0, world_size: int = 1,
-                        device: torch.device | str | None = None,
-                        mean: float = MEAN, std: float = STD,
-                        class_balanced: bool = False,
-                        channels_last: bool = False, uint8: bool | None = None) -> PlainLoader:
-    """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
-    sampling, seeding and batching (and its ``uint8`` rule), pixels from the cache instead of
-    PNG files (so the same seed gives the same batches as from the files)."""
-    uint8 = on_cuda(device) if uint8 is None else uint8
-    dataset = CachedDataset(split, build_transform(train, crop_size=crop_size,
-                                                   resize_size=resize_size, channels=channels,
-                                                   mean=mean, std=std, uint8=uint8))
-    return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
-                        seed=seed, rank=rank, world_size=world_size, device=device,
-                        class_balanced=class_balanced, channels_last=channels_last,
-                        normalise_on=(device or "cpu", mean, std) if uint8 else None)
 
 
 def _torchrun_rank(rank, world_size):
@@ -149,53 +146,56 @@ def make_loader(data: Split | str | os.PathLike, *, train: bool, batch_size: int
     ``channels_last``, ``static``: output form (DALI and device; the plain loader yields
     float32, NHWC memory with ``channels_last``). ``mean``, ``std``: normalisation (RadImageNet's
     by default). ``class_balanced``: train order drawn with weight 1 / class count
-    (:class:`~pgnm_fast.pipelines.loader.ClassBalancedSampler`; not with the device loader).
+    (:class:`~pgnm_fast.pipelines.samplers.ClassBalancedSampler`; not with the device loader).
     """
-    check.check_on_bad(on_bad_image)
+    check_on_bad(on_bad_image)
     if not isinstance(data, Split):
         source = open_source(data, skip_bad=on_bad_image == "skip")
         data = source.split(split or ("train" if train else "val"))
-        check.report_bad(source.problems, on_bad_image, None, log, what="entry")
+        report_bad(source.problems, on_bad_image, None, log, what="entry")
     rank, world_size = _torchrun_rank(rank, world_size)
     packed = isinstance(data, PackedSplit)
-    kind = _device_or(backend, data, packed, train, device, rank, world_size, log)
+    kind = _colour_rule(_device_or(backend, data, packed, train, device, rank, world_size, log),
+                        backend, data, channels, log)
     scan = None
     if not packed:
-        t0 = time.perf_counter()
-        scan = startup.checked(data.files, data.root, rank=rank, world_size=world_size,
-                               recheck=recheck, log=log)
-        if time.perf_counter() - t0 > 5:
-            log(f"checked {len(data.files)} image files in {time.perf_counter() - t0:.0f} s (a "
-                f"cache made by `pgnm-fast pack` needs no check)")
-        converted = int((scan.kind == check.CONVERT).sum())
-        if kind == "dali" and converted:
-            log(f"{converted} of {len(data.files)} {data.name} files are not 8-bit grey PNGs: PIL "
-                f"decodes them for DALI on the fly (`pgnm-fast pack` decodes them once)")
-        if scan.bad:
-            check.report_bad([(data.files[i], r) for i, r in scan.bad], on_bad_image, bad_list,
-                             log)
-            keep = scan.good
-            data = Split(data.name, [data.files[i] for i in keep], data.labels[keep],
-                         data.classes, data.root)
-            scan = check.ScanResult(data.files, scan.kind[keep], scan.height[keep],
-                                    scan.width[keep], scan.colour[keep], scan.deep[keep],
-                                    scan.nbytes[keep])
+        data, scan = _checked(data, kind, rank, world_size, recheck, on_bad_image, bad_list, log)
     common = dict(train=train, batch_size=batch_size, crop_size=crop_size,
                   resize_size=resize_size, channels=channels, seed=seed, rank=rank,
                   world_size=world_size, mean=mean, std=std)
-    if kind == "device":
-        if class_balanced and train:
-            raise ConfigError("--class-balanced is not available with --loader device (its "
-                              "epoch order is drawn on the device): use --loader dali or torch")
-        from .device import DeviceLoader
-        return DeviceLoader(data, **common, device=device, dtype=dtype,
-                            channels_last=channels_last, static=static)
-    common["class_balanced"] = class_balanced and train
-    if kind == "dali":
-        from .dali import DaliLoader
-        dev = torch.device(device) if device is not None else None
-        return DaliLoader(data, **common, device=dev if dev is not None and dev.type == "cuda"
-                          else None, threads=max(1, workers), dtype=dtype,
-                          channels_last=channels_last, static=static, scan=scan)
-    build = build_cached_loader if packed else build_loader
-    return build(data, **common, workers=workers, device=device, channels_last=channels_last)
+    return LOADERS[kind](data, common=common, train=train, class_balanced=class_balanced,
+                         device=device, dtype=dtype, channels_last=channels_last, static=static,
+                         workers=workers, scan=scan)
+
+
+def _colour_rule(kind: str, backend: str, data, channels: int, log) -> str:
+    """The plain loader for a 3-channel run over colour images it keeps in colour (a MedMNIST
+    RGB file, :func:`~.loader.keeps_colour`): ``auto`` picks it, saying so once; another
+    ``--loader`` stops with one line."""
+    if kind == "torch" or channels != 3 or not keeps_colour(data):
+        return kind
+    if backend != "auto":
+        raise ConfigError(f"--loader {backend} reads {data.name} images grey only; a 3-channel "
+                          f"run on RGB MedMNIST images needs --loader torch (or auto)")
+    if ("colour", data.name) not in _told:
+        _told.add(("colour", data.name))
+        log(f"the {data.name} split's RGB images in 3 channels: data loading uses the plain "
+            f"PyTorch loader")
+    return "torch"
+
+
+def _checked(data: Split, kind: str, rank: int, world_size: int, recheck: bool,
+             on_bad_image: str, bad_list, log) -> tuple[Split, check.ScanResult]:
+    """The image files of ``data`` checked before the first batch (:mod:`.startup`), the bad
+    ones handled by the ``--on-bad-image`` rule (:func:`~.badfiles.drop_bad`)."""
+    t0 = time.perf_counter()
+    scan = startup.checked(data.files, data.root, rank=rank, world_size=world_size,
+                           recheck=recheck, log=log)
+    if time.perf_counter() - t0 > 5:
+        log(f"checked {len(data.files)} image files in {time.perf_counter() - t0:.0f} s (a "
+            f"cache made by `pgnm-fast pack` needs no check)")
+    converted = int((scan.kind == check.CONVERT).sum())
+    if kind == "dali" and converted:
+        log(f"{converted} of {len(data.files)} {data.name} files are not 8-bit grey PNGs: PIL "
+            f"decodes them for DALI on the fly (`pgnm-fast pack` decodes them once)")
+    return drop_bad(data, scan, on_bad_image, bad_list, log)

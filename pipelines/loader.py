@@ -4,37 +4,24 @@ DataLoader workers.
 The fallback where DALI is missing and the baseline of the pipeline benchmarks. Yields
 ``(images, labels)``: float32 ``[N, C, H, W]`` normalised, int64 ``[N]``.
 
-Sampling:
-
-- Train: an :class:`EpochSampler` (a ``DistributedSampler`` with ``num_replicas=world_size``,
-  also for one process) shuffles by ``(seed, epoch)``, and the loader drops the last partial
-  batch, so every batch has the same shape. Call ``loader.sampler.set_epoch(epoch)`` at the start
-  of each epoch (resuming at epoch e then replays epoch e's order); if it is not called, each new
-  pass over the loader moves to the next epoch by itself, so no two epochs repeat an order.
-  Across ranks the sampler pads, as ``DistributedSampler`` does: the permutation is extended by
-  its own first ``ceil(N / world_size) * world_size - N`` indices, so those few images are seen
-  twice per epoch.
-- Eval: no shuffle, every image kept (no ``drop_last``). With ``world_size > 1`` an
-  :class:`EvalShardSampler` gives rank r the indices ``r, r + world_size, ...``: each image
-  exactly once over all ranks, no padding, so shard lengths differ by at most one (gather the
-  results with a size-aware collective, or pad them yourself).
-
-Augmentation randomness: every train sample's draws come from a torch generator seeded by
-:func:`sample_seeds` from ``(seed, rank, epoch, sample index)`` alone (the
-train sampler hands each index its seed), so a batch is the same whatever the number
-of workers, whether the workers persist across epochs, and in a run resumed at any epoch.
+Sampling and augmentation seeds: :mod:`.samplers` (train drops the last partial batch, so
+every batch has the same shape; eval keeps every image). The same seed gives the same batches
+from PNG files (:class:`ImageDataset`) and from a packed cache (:class:`CachedDataset`, pixels
+read from the memory map).
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pgnm_fast.errors import DataError
 
-from .sources import Split
+from .packed import PackedSplit
+from .samplers import EvalShardSampler, split_key, train_sampler
+from .split import Split
 from .transforms import MEAN, STD, build_transform, load_grey, normalise
 
 
@@ -60,99 +47,6 @@ class ImageDataset(Dataset):
         return self.transform(img, generator), int(self.labels[i])
 
 
-class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled by seed and epoch) that moves to the next epoch by
-    itself when ``set_epoch`` was not called between two passes."""
-
-    def __init__(self, dataset, num_replicas=1, rank=0, seed=0, keyed=False):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=False)
-        self._passes, self._epoch_set = 0, False
-        self.keyed = keyed  # yield (index, augmentation seed) pairs (:func:`sample_seeds`)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self._epoch_set = True
-
-    def __iter__(self):
-        # A generator: a multi-worker DataLoader calls iter() twice on its first pass and drops
-        # one of them unstarted, so the epoch is decided on the first next(), not on iter().
-        if self._passes and not self._epoch_set:
-            self.epoch += 1
-        self._passes, self._epoch_set = self._passes + 1, False
-        if not self.keyed:
-            yield from self._indices()
-            return
-        indices = list(self._indices())
-        yield from zip(indices, sample_seeds(self.seed, self.rank, self.epoch, indices).tolist())
-
-    def _indices(self):
-        return DistributedSampler.__iter__(self)
-
-
-class ClassBalancedSampler(EpochSampler):
-    """Class-balanced training order (``--class-balanced``): each epoch draws as many indices as
-    :class:`EpochSampler` gives, with replacement, image i with weight ``1 / count(label_i)``,
-    so every class is drawn equally often in expectation. The draw is a function of ``(seed,
-    epoch)``, the same on every rank; rank r takes every ``num_replicas``-th index from r."""
-
-    def __init__(self, labels, num_replicas=1, rank=0, seed=0, keyed=False):
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        super().__init__(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed,
-                         keyed=keyed)
-        self.weights = 1.0 / torch.bincount(labels).double()[labels]
-
-    def _indices(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g)
-        return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
-
-
-def train_sampler(labels, num_replicas: int, rank: int, seed: int, class_balanced: bool = False,
-                  keyed: bool = False):
-    """The training sampler of both backends: shuffled epochs, or class-balanced draws;
-    ``keyed``: with each index its augmentation seed (the plain loader's datasets)."""
-    if class_balanced:
-        return ClassBalancedSampler(labels, num_replicas=num_replicas, rank=rank, seed=seed,
-                                    keyed=keyed)
-    return EpochSampler(range(len(labels)), num_replicas=num_replicas, rank=rank, seed=seed,
-                        keyed=keyed)
-
-
-def sample_seeds(seed: int, rank: int, epoch: int, indices) -> np.ndarray:
-    """One uint64 generator seed per sample index, a pure function of ``(seed, rank, epoch,
-    index)``: SplitMix64's finaliser over a per-epoch base drawn by numpy's SeedSequence."""
-    base = np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0]
-    z = base + (np.asarray(indices, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def split_key(key):
-    """``(index, generator)`` from what a sampler yields: an index (no augmentation draws,
-    evaluation) or ``(index, seed)`` from a keyed :class:`EpochSampler`."""
-    if isinstance(key, tuple):
-        return key[0], torch.Generator().manual_seed(key[1])
-    return key, None
-
-
-class EvalShardSampler(Sampler):
-    """Indices ``rank, rank + world_size, ...`` in order: each index once over all ranks."""
-
-    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
-        self.n, self.num_replicas, self.rank = n, num_replicas, rank
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.num_replicas))
-
-    def __len__(self):
-        return len(range(self.rank, self.n, self.num_replicas))
-
-    def set_epoch(self, epoch: int) -> None:  # same order every epoch; here for a uniform API
-        pass
-
-
 def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int = 224,
                  resize_size: int = 256, channels: int = 1, workers: int = 2, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
@@ -176,6 +70,56 @@ def build_loader(split: Split, *, train: bool, batch_size: int, crop_size: int =
                         world_size=world_size, drop_last=drop_last, device=device,
                         class_balanced=class_balanced, channels_last=channels_last,
                         normalise_on=(device or "cpu", mean, std) if uint8 else None)
+
+
+class CachedDataset(Dataset):
+    """``(transform(grey image), label)`` for each record of a packed split, read from the
+    memory map (an RGB cache becomes grey by PIL's luma, as ``load_grey`` does; with ``colour``
+    RGB records stay RGB)."""
+
+    def __init__(self, split, transform, colour: bool = False):
+        self.cache, self.records, self.labels = split.cache, split.records, split.labels
+        self.transform, self.colour = transform, colour
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        i, generator = split_key(key)
+        a = self.cache.image(self.records[i])
+        if a.shape[2] == 1:
+            img = Image.fromarray(a[:, :, 0])
+        else:
+            img = Image.fromarray(a) if self.colour else Image.fromarray(a).convert("L")
+        return self.transform(img, generator), int(self.labels[i])
+
+
+def build_cached_loader(split: PackedSplit, *, train: bool, batch_size: int, crop_size: int = 224,
+                        resize_size: int = 256, channels: int = 1, workers: int = 2,
+                        seed: int = 0, rank: int = 0, world_size: int = 1,
+                        device: torch.device | str | None = None,
+                        mean: float = MEAN, std: float = STD,
+                        class_balanced: bool = False,
+                        channels_last: bool = False, uint8: bool | None = None) -> PlainLoader:
+    """The plain loader over a packed split: :func:`~pgnm_fast.pipelines.loader.build_loader`'s
+    sampling, seeding and batching (and its ``uint8`` rule), pixels from the cache instead of
+    PNG files (so the same seed gives the same batches as from the files)."""
+    uint8 = on_cuda(device) if uint8 is None else uint8
+    colour = channels == 3 and keeps_colour(split)
+    transform = build_transform(train, crop_size=crop_size, resize_size=resize_size,
+                                channels=channels, mean=mean, std=std, uint8=uint8)
+    dataset = CachedDataset(split, transform, colour=colour)
+    return batch_loader(dataset, split.name, train=train, batch_size=batch_size, workers=workers,
+                        seed=seed, rank=rank, world_size=world_size, device=device,
+                        class_balanced=class_balanced, channels_last=channels_last,
+                        normalise_on=(device or "cpu", mean, std) if uint8 else None)
+
+
+def keeps_colour(split) -> bool:
+    """Whether a 3-channel run reads ``split``'s RGB pixels as they are (a MedMNIST file's
+    colour images, :mod:`.medmnist`); else colour becomes grey."""
+    cache = getattr(split, "cache", None)
+    return cache is not None and cache.channels == 3 and getattr(cache, "colour_input", False)
 
 
 def on_cuda(device) -> bool:

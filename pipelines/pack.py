@@ -21,16 +21,16 @@ Writing is resumable and atomic: work goes into ``CACHE/.partial/`` (a plan, the
 data file, one marker per finished chunk of records written after the chunk's bytes are synced).
 Running the same command again skips the finished chunks; a changed source is refused. The
 finished files are renamed into place and ``manifest.json`` is written last.
+
+A MedMNIST file (images already arrays, :mod:`.medmnist`) is packed by :mod:`.pack_arrays`.
 """
 from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
 import os
 import shutil
-import struct
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -44,7 +44,8 @@ from pgnm_fast.atomic import atomic_open, remove_stale_temporaries, write_error
 from pgnm_fast.errors import DataError
 from pgnm_fast.folders import LOCK_FILE, check_output_dir, lock_folder
 
-from . import check, startup
+from . import badfiles, check, startup
+from .decode import decode_checked, read_file
 from .packed import (  # noqa: F401
     DATA,
     FORMAT,
@@ -60,99 +61,17 @@ from .packed import (  # noqa: F401
     PackedSplit,
     open_packed,
     pixel_hash,
+    renew_seal,
     sha256_file,
     verify,
 )
 from .sources import SPLITS, DataSource, open_source
-from .transforms import to_grey
 
 RULES = {"window": "images deeper than 8 bits: per-image min-max to 0..255, round half to even; "
                    "a constant image becomes 0",
          "colour": "grey caches: colour images become grey by PIL's ITU-R 601-2 luma, alpha "
                    "dropped first",
          "hash": "blake2b, 8-byte digest, of each record's stored pixels (little-endian uint64)"}
-
-
-# ----------------------------------------------------------------------------- decoding
-def decode(path, channels: int) -> np.ndarray:
-    """``height x width x channels`` uint8 pixels of one file (module docstring rules)."""
-    with Image.open(path) as im:
-        im.load()
-        if channels == 1:
-            img = to_grey(im)
-        elif im.mode in ("1", "L", "LA") or im.mode.startswith("I") or im.mode == "F":
-            img = to_grey(im).convert("RGB")  # a grey image in an RGB set: 3 equal channels
-        else:
-            img = _to_rgb(im)
-    a = np.asarray(img, dtype=np.uint8)
-    return a[:, :, None] if a.ndim == 2 else a
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-    return im.convert("RGB")
-
-
-def decode_checked(data: bytes, path, channels: int) -> tuple[check.Probe, memoryview | None]:
-    """(the check's probe of a file read into ``data``, its pixels as bytes: ``None`` for a bad
-    file). An 8-bit grey PNG's pixels come from the rows the check inflated (PIL unfilters them,
-    from a stored, uncompressed zlib stream, into a buffer reused by the next call of this
-    process: use them before); others are decoded by :func:`decode`."""
-    found, raw = check.probe_data(data, path)
-    if found.kind == check.BAD:
-        return found, None
-    if raw is not None and found.kind == check.GREY8 and channels == 1:
-        pixels, im, core = _grey_frame(found.width, found.height)
-        im.frombytes(_stored(raw), "zip", "L")  # PIL writes the rows into ``pixels``
-        if im.im is not core:  # it copied the image before writing: take its pixels
-            _FRAME.clear()
-            return found, memoryview(im.tobytes())
-        return found, memoryview(pixels)
-    a = decode(io.BytesIO(data), channels)
-    return found, memoryview(np.ascontiguousarray(a)).cast("B")  # no copy
-
-
-_FRAME: dict = {}  # (width, height) -> (buffer, PIL image over it, its core): the last one
-
-
-def _grey_frame(width: int, height: int):
-    """A grey PIL image of this size whose pixels are a buffer of ours, made once for a run of
-    images of one size (the caller uses its pixels before it decodes the next image)."""
-    frame = _FRAME.get((width, height))
-    if frame is None:
-        pixels = bytearray(width * height)
-        im = Image.frombuffer("L", (width, height), pixels, "raw", "L", 0, 1)
-        _FRAME.clear()
-        frame = _FRAME[(width, height)] = (pixels, im, im.im)
-    return frame
-
-
-def _read(path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)  # one call for the whole file
-        if len(data) != size:  # a short read, or it grew: read on to its end
-            parts = [data]
-            while part := os.read(fd, 1 << 20):
-                parts.append(part)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
-
-
-def _stored(raw: bytes) -> bytes:
-    """``raw`` as a zlib stream of stored (not compressed) blocks: PIL's PNG decoder unfilters
-    its rows without inflating anything."""
-    view, parts = memoryview(raw), [b"\x78\x01"]
-    for start in range(0, len(raw), 65535):
-        block = view[start:start + 65535]
-        parts += [struct.pack("<BHH", start + 65535 >= len(raw), len(block),
-                              len(block) ^ 0xFFFF), block]
-    parts.append(struct.pack(">I", check.ZLIB.adler32(raw)))
-    return b"".join(parts)
 
 
 def _pack_chunk(job):
@@ -172,7 +91,7 @@ def _pack_entries(k, data_path, entries, channels):
     try:
         for pos, (path, offset, height, width) in enumerate(entries):
             try:
-                data = _read(path)
+                data = read_file(path)
             except OSError as e:
                 found, buf = check.Probe(check.BAD, reason=f"cannot read file "
                                                             f"({e.strerror or e})"), None
@@ -251,7 +170,7 @@ def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log,
         paths += part.files
         split_code += [SPLITS.index(name)] * len(part)
         labels.append(part.labels)
-    check.report_bad(source.problems, on_bad_image, None, log, what="entry")
+    badfiles.report_bad(source.problems, on_bad_image, None, log, what="entry")
     scan = _concatenate(paths, scans)
     read = sum(len(f[0]) for f in fresh)
     log(f"planned {len(paths)} files in {time.perf_counter() - t0:.1f} s ("
@@ -259,7 +178,7 @@ def _plan(source: DataSource, on_bad_image: str, channels: str, threads, log,
         + f"{len(paths) - read} from the cached check)")
     keep = scan.good
     bad = [(paths[i], reason) for i, reason in scan.bad]
-    check.report_bad(bad, on_bad_image, None, log)  # raises under "error", before any write
+    badfiles.report_bad(bad, on_bad_image, None, log)  # raises under "error", before any write
     colour, deep = scan.colour[keep], scan.deep[keep]
     if channels == "auto":
         channels = "rgb" if len(keep) and colour.all() else "grey"
@@ -328,13 +247,18 @@ def pack(data, out, *, on_bad_image: str = "error", channels: str = "auto",
     the manifest. ``workers``: decoding processes (0: in this process; default: the CPU count).
     ``after_chunk(k)`` is called after each finished chunk (progress; tests interrupt there).
     ``recheck``: check the files afresh instead of reusing the cached verdict (.startup)."""
-    check.check_on_bad(on_bad_image)
+    badfiles.check_on_bad(on_bad_image)
     out = Path(out)
     _check_unfinished(out)
     check_output_dir(out, "--out")
     source = open_source(data, skip_bad=on_bad_image == "skip")
     if source.layout == "packed":
         raise DataError(f"{data}: is already a packed cache")
+    if source.layout == "medmnist":  # arrays in memory: nothing to check or decode
+        from .pack_arrays import pack_arrays
+        with lock_folder(out, "cache folder"):
+            _check_unfinished(out)
+            return pack_arrays(source, out, channels, log)
     plan = _plan(source, on_bad_image, channels, None, log, recheck)
     if not plan.paths:
         raise DataError(f"{data}: no readable image to pack")
@@ -394,17 +318,22 @@ def _pack_locked(source, plan, out, on_bad_image, workers, chunk_size, log, afte
     return _finish(source, plan, results, out, work, on_bad_image, log)
 
 
+def _jobs(plan, todo, data_path, chunk_size):
+    """The work of each chunk ``k`` in ``todo``: (k, data file, [(path, offset, height, width)]
+    of its records, channels)."""
+    for k in todo:
+        span = range(k * chunk_size, min((k + 1) * chunk_size, len(plan.paths)))
+        yield (k, str(data_path), [(plan.paths[i], int(plan.offset[i]), int(plan.height[i]),
+                                    int(plan.width[i])) for i in span], plan.channels)
+
+
 def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chunk, on_bad_image):
     n_chunks = -(-len(plan.paths) // chunk_size)
     done = {int(p.stem) for p in chunk_dir.glob("*.json")}
     todo = [k for k in range(n_chunks) if k not in done]
     if done:
         log(f"{len(done)} of {n_chunks} chunks already packed")
-    jobs = ((k, str(data_path), [(plan.paths[i], int(plan.offset[i]), int(plan.height[i]),
-                                  int(plan.width[i]))
-                                 for i in range(k * chunk_size,
-                                                min((k + 1) * chunk_size, len(plan.paths)))],
-             plan.channels) for k in todo)
+    jobs = _jobs(plan, todo, data_path, chunk_size)
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
     t0, n_done = time.perf_counter(), 0
     images = [min(chunk_size, len(plan.paths) - k * chunk_size) for k in todo]
@@ -425,7 +354,7 @@ def _run_chunks(plan, data_path, chunk_dir, chunk_size, workers, log, after_chun
         bar.update(len(hashes))
         if bad and on_bad_image == "error":  # stop at the first undecodable file
             base = k * chunk_size
-            check.report_bad([(plan.paths[base + p], r) for p, r in bad], "error")
+            badfiles.report_bad([(plan.paths[base + p], r) for p, r in bad], "error")
         if bar.disable and (n_done % max(1, len(todo) // 10) == 0 or n_done == len(todo)):
             seconds = time.perf_counter() - t0
             rate = sum(images[:n_done]) / max(seconds, 1e-9)
@@ -479,7 +408,7 @@ def _finish(source, plan, results, out, work, on_bad_image, log) -> dict:
             decode_bad_at.append((int(plan.keep[base + pos]), reason))
     if all_kinds:
         _remember(plan, kinds, decode_bad_at)
-    check.report_bad(decode_bad, on_bad_image, None, log)  # "error": the chunks stay done
+    badfiles.report_bad(decode_bad, on_bad_image, None, log)  # "error": the chunks stay done
     skipped = plan.skipped + decode_bad
     idx = np.flatnonzero(keep)
     rec = np.zeros(len(idx), RECORD_DTYPE)
@@ -508,9 +437,7 @@ def _finish(source, plan, results, out, work, on_bad_image, log) -> dict:
         "skipped": len(skipped), "converted": plan.converted, "rules": RULES,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with atomic_open(out / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
+    renew_seal(out, manifest)  # manifest.json last: a folder with one is a finished cache
     shutil.rmtree(work, ignore_errors=True)
     gib = plan.total / 2 ** 30
     sizes = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items())

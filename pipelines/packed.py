@@ -16,14 +16,25 @@ A cache folder holds
     the source path of each record, one per line, in record order.
 ``manifest.json``
     format and version, class names, channels, split sizes, the data file's size, SHA-256 of
-    ``records.npy`` and ``paths.txt``, the source it was packed from and the conversion rules.
-    Written last: a folder is a cache exactly when it has a manifest.
+    ``records.npy`` and ``paths.txt``, the source it was packed from, the conversion rules and
+    the seal (below). Written last: a folder is a cache exactly when it has a manifest.
 ``skipped.txt``
     with ``--on-bad-image skip``: ``path<TAB>reason`` of every file left out.
+
+Trust: the manifest's ``seal`` holds the size and modification time (ns) of ``images.u8``,
+``records.npy`` and ``paths.txt`` as ``pack`` wrote them, renewed by a ``pack --verify`` that
+found every content hash right. Opening a cache (every loader, and ``pack --verify`` aside)
+compares them with the files (one ``stat`` each) and hashes ``records.npy`` (48 bytes per
+image) against the manifest's SHA-256; any difference stops with one line that says to run
+``pack --verify``. A file written after the seal (a flipped pixel, a zeroed tail, a changed
+label) thus stops a run at start, at no cost per pixel; an edit that also restores the file's
+size and time is found by ``pack --verify`` alone, which reads every record. A copy that keeps
+times (``cp -p``, ``rsync -t``) stays sealed; another copy needs one ``pack --verify``.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -31,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pgnm_fast.errors import DataError
 
@@ -58,18 +70,65 @@ def sha256_file(path) -> str:
 
 
 
+# ----------------------------------------------------------------------------- the seal
+SEALED = (DATA, RECORDS, PATHS)
+
+
+def seal_of(root: Path) -> dict:
+    """``{file: [size, modification time in ns]}`` of the cache's files, as they are now."""
+    out = {}
+    for name in SEALED:
+        st = os.stat(root / name)
+        out[name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def check_seal(root: Path, manifest: dict, records: bytes) -> None:
+    """Trust a cache without reading its pixels (module docstring, "Trust"): every file's size
+    and time as the seal records them, and the SHA-256 of ``records`` (the bytes of
+    ``records.npy``). One DataError line that says to run ``pack --verify`` otherwise."""
+    again = f"run pgnm-fast pack --verify {root}"
+    seal = manifest.get("seal")
+    if not isinstance(seal, dict):
+        raise DataError(f"{root / MANIFEST}: no seal (packed by an earlier version); {again}")
+    for name in SEALED:
+        try:
+            st = os.stat(root / name)
+            now = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            now = None
+        if now != seal.get(name):
+            raise DataError(f"{root / name}: {'missing' if now is None else 'changed'} since the "
+                            f"cache was packed or last verified (size or time differs from the "
+                            f"seal in {MANIFEST}); {again}")
+    if hashlib.sha256(records).hexdigest() != manifest["records_file"]["sha256"]:
+        raise DataError(f"{root / RECORDS}: content differs from the manifest's SHA-256; {again}")
+
+
+def renew_seal(root: Path, manifest: dict) -> dict:
+    """Record the files' sizes and times in the manifest (after ``pack`` or a passed
+    ``--verify``), written atomically."""
+    from pgnm_fast.atomic import atomic_open
+    manifest = dict(manifest, seal=seal_of(root))
+    with atomic_open(root / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    return manifest
+
+
 # ----------------------------------------------------------------------------- reading
 class PackedCache:
     """A finished cache: manifest, records and a lazily opened read-only memory map (one per
     process, so DataLoader workers and forks each map the file themselves)."""
 
-    def __init__(self, root):
+    def __init__(self, root, *, sealed: bool = True):
         self.root = Path(root)
         self.manifest = _read_manifest(self.root)
         self.classes = list(self.manifest["classes"])
         self.channels = int(self.manifest["channels"])
         try:
-            self.records = np.load(self.root / RECORDS, allow_pickle=False)
+            raw = (self.root / RECORDS).read_bytes()
+            self.records = np.load(io.BytesIO(raw), allow_pickle=False)
         except (OSError, ValueError) as e:
             raise DataError(f"{self.root / RECORDS}: unreadable ({e}); run pgnm-fast pack "
                             f"--verify {self.root}") from None
@@ -80,6 +139,8 @@ class PackedCache:
                             f"records, the manifest says {self.manifest['data']['bytes']} and "
                             f"{self.manifest['records']} (truncated?); run pgnm-fast pack "
                             f"--verify {self.root}")
+        if sealed:
+            check_seal(self.root, self.manifest, raw)
 
     @property
     def paths(self) -> list[str]:
@@ -130,6 +191,12 @@ class PackedSplit(Split):
     ``records[i]``, the cache record holding ``files[i]``'s pixels."""
     cache: PackedCache = None
     records: np.ndarray = None
+
+    def grey(self, i: int):
+        """Image ``i`` as an 8-bit grey PIL image, from the cache (RGB by PIL's luma)."""
+        a = self.cache.image(self.records[i])
+        img = Image.fromarray(a[:, :, 0]) if a.shape[2] == 1 else Image.fromarray(a)
+        return img.convert("L")
 
     @property
     def heights(self) -> np.ndarray:
@@ -188,7 +255,7 @@ def verify(path, *, threads: int | None = None, log=print) -> dict:
     if size != manifest["data"]["bytes"]:
         raise DataError(f"{data}: {'missing' if size is None else f'{size} bytes'}, the manifest "
                         f"says {manifest['data']['bytes']} (truncated or overwritten)")
-    cache = PackedCache(root)
+    cache = PackedCache(root, sealed=False)
     rec, mm = cache.records, cache.data
     nbytes = rec["height"].astype(np.int64) * rec["width"] * rec["channels"]
     if len(rec) and (rec["offset"].min() < 0 or (rec["offset"] + nbytes).max() > size):
@@ -212,6 +279,10 @@ def verify(path, *, threads: int | None = None, log=print) -> dict:
                 raise DataError(f"{data}: record {first} (bytes {off}-{off + int(nbytes[first])}, "
                                 f"from {cache.paths[first]}) does not match its content hash: "
                                 f"the cache is corrupted, pack it again")
+    try:
+        manifest, sealed = renew_seal(root, manifest), "sealed"
+    except OSError as e:  # a read-only cache: its seal stays as it was
+        sealed = f"the seal in {MANIFEST} not renewed ({e.strerror or e})"
     log(f"{root}: {len(rec)} records, {size / 2 ** 30:.2f} GiB, all content hashes match "
-        f"({time.perf_counter() - t0:.1f} s)")
+        f"({time.perf_counter() - t0:.1f} s); {sealed}")
     return manifest

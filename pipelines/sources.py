@@ -23,6 +23,10 @@ Layouts, tried in the order of ``LAYOUTS``:
     ``radiology_ai/...`` pattern the class is taken from the path as the authors' conversion to
     flat folders names it (``CT__abdomen__normal``, ``US__liver``), so both layouts of one data
     set give the same classes in the same order; otherwise the ``label`` column is used.
+``medmnist``
+    A MedMNIST ``.npz`` file, or a folder holding one (:mod:`pgnm_fast.pipelines.medmnist`):
+    its splits are :class:`~pgnm_fast.pipelines.packed.PackedSplit` objects over the images in
+    memory.
 ``folders``
     Flat class folders ``<root>/{train,val,test}/<class>/*.<image extension>`` (names starting
     with a dot, such as ``.ipynb_checkpoints`` or ``._x.png``, are skipped).
@@ -44,6 +48,7 @@ import numpy as np
 
 from pgnm_fast.errors import DataError
 
+from .medmnist import detect_medmnist
 from .packed import open_packed
 from .split import MAX_LISTED, SPLITS, DataSource, Split  # noqa: F401 (Split: re-exported)
 
@@ -266,7 +271,8 @@ def _detect_packed(path: Path, **_):
 # for the manifest.
 LAYOUTS: list[tuple[str, Callable]] = [("packed", _detect_packed),
                                        ("radimagenet", _detect_radimagenet),
-                                       ("folders", _detect_folders)]
+                                       ("folders", _detect_folders),
+                                       ("medmnist", detect_medmnist)]
 
 
 def register_layout(name: str, detect: Callable, first: bool = True) -> None:
@@ -293,5 +299,5 @@ def open_source(path, *, image_root=None, class_from: str = "auto",
             source.classes  # noqa: B018 - read and check the train split now
             return source
     raise DataError(f"{path}: not a known data layout (expected RadiologyAI_train.csv, a "
-                    f"radiology_ai/ folder with it, train/<class>/ image folders, or a packed "
-                    f"cache with manifest.json)")
+                    f"radiology_ai/ folder with it, train/<class>/ image folders, a packed "
+                    f"cache with manifest.json, or a MedMNIST .npz file)")

@@ -28,6 +28,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.files)
 
+    def grey(self, i: int):
+        """Image ``i`` as an 8-bit grey PIL image (:func:`~.transforms.load_grey`)."""
+        from .transforms import load_grey
+        return load_grey(self.files[i])
+
 
 @dataclass
 class DataSource:

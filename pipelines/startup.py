@@ -3,7 +3,7 @@ split and the check's verdict on its files (:mod:`.check`).
 
 Both are cached beside the data in ``<root>/.pgnm-fast/`` when that folder is writable, else in
 the user cache folder (``$PGNM_FAST_CACHE``, else ``~/.cache/pgnm-fast``, see
-:func:`pgnm_fast.synth.cache_dir`) under ``start/<hash of the data root>/``.
+:func:`pgnm_fast.user_cache.cache_dir`) under ``start/<hash of the data root>/``.
 
 - The listing of a split (file paths, class names, and what ``--on-bad-image skip`` left out) is
   keyed by the layout, its options and the size and modification time of the split's CSV file or
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pgnm_fast.atomic import atomic_open
+from pgnm_fast.user_cache import cache_dir
 
 from . import check
 
@@ -53,7 +54,6 @@ def cache_folder(root) -> Path:
                 return here
         except OSError:
             pass
-    from pgnm_fast.synth import cache_dir
     tag = hashlib.sha256(str(root).encode()).hexdigest()[:16]
     return cache_dir() / "start" / tag
 

@@ -60,6 +60,16 @@ def to_grey(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
+def grey_of(a: np.ndarray) -> np.ndarray:
+    """``h x w x c`` uint8 -> ``h x w`` grey: as is, or PIL's ``convert("L")`` luma (exact
+    integer form: (19595 R + 38470 G + 7471 B + 2^15) >> 16)."""
+    if a.shape[2] == 1:
+        return a[:, :, 0]
+    rgb = a.astype(np.uint32)
+    return ((19595 * rgb[..., 0] + 38470 * rgb[..., 1] + 7471 * rgb[..., 2] + 0x8000)
+            >> 16).astype(np.uint8)
+
+
 def _uniform(lo, hi, generator):
     return torch.empty(1).uniform_(lo, hi, generator=generator).item()
 
@@ -152,9 +162,61 @@ class CenterCrop:
         return img.crop((left, top, left + cw, top + ch))
 
 
+# ----------------------------------------------------------------------------- crop rules
+# The rules above as arrays over many images at once: the DALI and device loaders plan an
+# epoch's crops with them.
+def random_resized_crop_params(height: np.ndarray, width: np.ndarray, rng: np.random.Generator,
+                               scale=(0.08, 1.0),
+                               ratio=(3.0 / 4.0, 4.0 / 3.0), attempts: int = 10):
+    """Vectorised ``RandomResizedCrop.get_params``: arrays ``(top, left, h, w)`` for images of
+    the given sizes (the same rule, numpy's generator instead of torch's)."""
+    height = np.asarray(height, np.int64)
+    width = np.asarray(width, np.int64)
+    n = len(height)
+    area = (height * width).astype(np.float64)[:, None]
+    target = area * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = fits.argmax(1)
+    found = fits.any(1)
+    rows = np.arange(n)
+    # torchvision's fallback: the whole image, its aspect ratio clamped to `ratio`, centred
+    in_ratio = width / height
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = np.where(wide, np.rint(height * max(ratio)).astype(np.int64), width)
+    fh = np.where(narrow, np.rint(width / min(ratio)).astype(np.int64), height)
+    h = np.where(found, h[rows, first], fh)
+    w = np.where(found, w[rows, first], fw)
+    top = np.where(found, rng.integers(0, height - h + 1), (height - h) // 2)
+    left = np.where(found, rng.integers(0, width - w + 1), (width - w) // 2)
+    return top, left, h, w
+
+
+def eval_params(height, width, crop_size: int, resize_size: int) -> tuple[np.ndarray, ...]:
+    """torchvision's ``Resize(resize_size)`` + ``CenterCrop(crop_size)`` as arrays: the resized
+    ``(rh, rw)`` and the crop's ``(top, left)`` in the resized image (negative: zero padding)."""
+    height = np.asarray(height, np.int64)
+    width = np.asarray(width, np.int64)
+    short, long = np.minimum(height, width), np.maximum(height, width)
+    new_long = (resize_size * long / short).astype(np.int64)  # int() of the float, as torchvision
+    rh = np.where(width <= height, new_long, resize_size)
+    rw = np.where(width <= height, resize_size, new_long)
+    top = np.where(crop_size > rh, -((crop_size - rh) // 2),
+                   np.rint((rh - crop_size) / 2.0).astype(np.int64))
+    left = np.where(crop_size > rw, -((crop_size - rw) // 2),
+                    np.rint((rw - crop_size) / 2.0).astype(np.int64))
+    return rh, rw, top, left
+
+
 def to_uint8(img, channels=1) -> torch.Tensor:
-    """8-bit grey PIL image -> uint8 [channels, H, W], the pixels as they are."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).unsqueeze(0)
+    """8-bit grey PIL image -> uint8 [channels, H, W], the pixels as they are (an RGB image with
+    ``channels=3``: its own three channels)."""
+    a = np.asarray(img, dtype=np.uint8)
+    if a.ndim == 3:
+        return torch.from_numpy(a.transpose(2, 0, 1).copy())
+    x = torch.from_numpy(a.copy()).unsqueeze(0)
     return x.repeat(channels, 1, 1) if channels != 1 else x
 
 

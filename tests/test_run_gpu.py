@@ -55,7 +55,7 @@ def test_every_gpu_test_module_is_in_a_step():
     run_gpu.sh (test_dali.py needs DALI, which a GPU machine may lack: its own command)."""
     script = (ROOT / "bench" / "run_gpu.sh").read_text()
     gpu = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-           if "mark.gpu" in p.read_text()} - {"tests/test_dali.py"}
+           if "mark.gpu" in p.read_text()} - {"tests/pipelines/test_dali.py"}
     assert gpu and not {f for f in gpu if f not in script}
     named = {w.split("::")[0] for w in script.split() if w.startswith(("tests/", "bench/")) and ".py" in w}
     assert all((ROOT / f).is_file() for f in named), named
@@ -81,7 +81,7 @@ sys.exit(pytest.main(sys.argv[1:]))
 
 def test_gpu_test_and_benchmark_modules_collect_without_dali_or_isal():
     files = ["tests/kernels/test_kernels_gpu.py", "tests/kernels/test_resized_crop.py",
-             "tests/test_graphs_gpu.py", "tests/test_uint8_batches.py", "bench/bench_kernels.py",
+             "tests/test_graphs_gpu.py", "tests/pipelines/test_uint8_batches.py", "bench/bench_kernels.py",
              "bench/bench_step.py", "bench/bench_device_loader.py"]
     p = subprocess.run([sys.executable, "-c", NO_DALI, "--collect-only", "-q", "-p", "no:cacheprovider",
                         *files], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -9,7 +9,7 @@ from pgnm_fast.config import make_config
 from pgnm_fast.engine import PlainStep, clip_gradients
 from pgnm_fast.errors import ConfigError
 from pgnm_fast.pipelines import MEAN, STD, make_loader
-from pgnm_fast.pipelines.loader import ClassBalancedSampler, EpochSampler
+from pgnm_fast.pipelines.samplers import ClassBalancedSampler, EpochSampler
 
 LABELS = np.array([0] * 90 + [1] * 10)  # 9:1 imbalance
 

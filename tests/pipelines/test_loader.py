@@ -11,7 +11,7 @@ from scipy.stats import binomtest, kstest
 
 from pgnm_fast.errors import DataError
 from pgnm_fast.pipelines import build_loader, open_source
-from pgnm_fast.pipelines.loader import EpochSampler, EvalShardSampler
+from pgnm_fast.pipelines.samplers import EpochSampler, EvalShardSampler
 from pgnm_fast.pipelines.transforms import (
     MEAN,
     STD,

@@ -12,26 +12,19 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import pgnm_fast.pipelines.decode as decodemod
 import pgnm_fast.pipelines.pack as packmod
 from pgnm_fast.cli import main
 from pgnm_fast.errors import DataError
 from pgnm_fast.pipelines import open_source
-from pgnm_fast.pipelines.factory import build_cached_loader, make_loader
-from pgnm_fast.pipelines.loader import build_loader
+from pgnm_fast.pipelines.factory import make_loader
+from pgnm_fast.pipelines.loader import build_cached_loader, build_loader
 from pgnm_fast.pipelines.pack import MANIFEST, pack, verify
 from pgnm_fast.pipelines.transforms import load_grey
 
 
 def quiet(*_):
     pass
-
-
-@pytest.fixture(scope="module")
-def packed(synth_root, tmp_path_factory):
-    """The conftest data set packed by 2 worker processes in chunks of 64 records; read only."""
-    out = tmp_path_factory.mktemp("pack") / "cache"
-    pack(synth_root, out, workers=2, chunk_size=64, log=quiet)
-    return out
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -363,10 +356,10 @@ def _png_filtered(path: Path, img: np.ndarray) -> None:
 def test_grey_pixels_from_the_checked_rows_equal_pils_decode(tmp_path, monkeypatch, inflater):
     """The check inflates each PNG once; an 8-bit grey image's pixels come from those rows (no
     second decode), bit for bit PIL's, through every row filter, with either inflater."""
-    from pgnm_fast.pipelines import check
-    monkeypatch.setattr(check, "ZLIB", zlib if inflater == "zlib"
+    from pgnm_fast.pipelines import check, png
+    monkeypatch.setattr(png, "ZLIB", zlib if inflater == "zlib"
                         else pytest.importorskip("isal.isal_zlib"))
-    monkeypatch.setattr(packmod, "decode", None)  # a second decode would fail
+    monkeypatch.setattr(decodemod, "decode", None)  # a second decode would fail
     rng = np.random.default_rng()
     for i, (h, w) in enumerate([(1, 1), (5, 1), (1, 9), (7, 13), (40, 33), (64, 70)]):
         ramp = np.add.outer(np.arange(h), np.arange(w)) * int(rng.integers(1, 9))

@@ -17,9 +17,9 @@ from click.testing import CliRunner  # noqa: E402
 from pgnm_fast.cli import main  # noqa: E402
 from pgnm_fast.errors import DataError  # noqa: E402
 from pgnm_fast.pipelines import make_loader, open_source  # noqa: E402
-from pgnm_fast.pipelines.dali import DaliLoader, eval_params, random_resized_crop_params  # noqa: E402
-from pgnm_fast.pipelines.loader import EpochSampler, build_loader  # noqa: E402
-from pgnm_fast.pipelines.pack import pack  # noqa: E402
+from pgnm_fast.pipelines.dali import DaliLoader  # noqa: E402
+from pgnm_fast.pipelines.loader import build_loader  # noqa: E402
+from pgnm_fast.pipelines.samplers import EpochSampler  # noqa: E402
 from pgnm_fast.pipelines.transforms import (  # noqa: E402
     MEAN,
     STD,
@@ -27,7 +27,9 @@ from pgnm_fast.pipelines.transforms import (  # noqa: E402
     ClassificationPresetEval,
     RandomResizedCrop,
     Resize,
+    eval_params,
     load_grey,
+    random_resized_crop_params,
 )
 
 LEVEL = 1e-3           # significance level of every statistical test here
@@ -38,13 +40,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def quiet(*_):
     pass
-
-
-@pytest.fixture(scope="module")
-def packed(synth_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dalipack") / "cache"
-    pack(synth_root, out, workers=0, log=quiet)
-    return out
 
 
 def batches(loader):

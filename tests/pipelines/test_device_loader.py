@@ -12,9 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pgnm_fast.pipelines.device as devmod
 from pgnm_fast.errors import ConfigError, DataError
 from pgnm_fast.pipelines import open_source
-from pgnm_fast.pipelines.factory import _device_or, build_cached_loader, make_loader
+from pgnm_fast.pipelines.factory import _device_or, make_loader
+from pgnm_fast.pipelines.loader import build_cached_loader
 from pgnm_fast.pipelines.pack import PARTIAL, pack
-from pgnm_fast.pipelines.transforms import STD, RandomResizedCrop, to_tensor
+from pgnm_fast.pipelines.transforms import STD, RandomResizedCrop, grey_of, to_tensor
 
 LEVEL = 1 / 255 / STD  # one grey level after normalisation
 
@@ -178,7 +179,7 @@ def test_an_rgb_cache_is_read_as_pils_grey(rgb_cache):
     assert s.cache.channels == 3
     for i in range(len(s)):
         a = s.cache.image(int(s.records[i]))
-        assert np.array_equal(devmod._grey(a), np.asarray(Image.fromarray(a).convert("L")))
+        assert np.array_equal(grey_of(a), np.asarray(Image.fromarray(a).convert("L")))
     dev = batches(loader(rgb_cache, "val"))
     plain = list(build_cached_loader(s, train=False, batch_size=8, crop_size=24, resize_size=28,
                                      workers=0))
