@@ -315,6 +315,39 @@ def param_groups(model, stem_lr_scale: float, weight_decay: float) -> list[dict]
                  weight_decay=weight_decay / stem_lr_scale)]
 
 
+def policy_param_groups(policy, stem_lr_scale: float, lr: float,
+                        weight_decay: float) -> list[dict]:
+    """The policy optimiser's parameter groups, each with its ``lr``: as :func:`param_groups`,
+    the trunk's stem weight in its own group with ``lr x s`` and ``weight_decay / s`` when the
+    stem was summed from 3 channels (``stem_lr_scale`` s != 1). ``policy``: the PolicyNet, not
+    its DistributedDataParallel wrapper."""
+    params = dict(policy.named_parameters())
+    stems = [f"{POLICY_TRUNK_PREFIX}{conv}.weight" for conv in FIRST_CONV.values()]
+    stem = next((k for k in stems if k in params), None) if stem_lr_scale != 1.0 else None
+    groups = [dict(params=[p for k, p in params.items() if k != stem], lr_scale=1.0,
+                   weight_decay=weight_decay)]
+    if stem is not None:
+        groups.append(dict(params=[params[stem]], lr_scale=stem_lr_scale,
+                           weight_decay=weight_decay / stem_lr_scale))
+    return [dict(g, lr=lr * g["lr_scale"]) for g in groups]
+
+
+def stem_lr_scales(w: Weights, channels: int) -> dict:
+    """``stem_lr_scale`` and ``policy_stem_lr_scale`` of a run starting from ``w`` with
+    ``channels`` input channels: a pgnm-fast checkpoint's own (stems summed by the run that
+    wrote it keep training as the 3-channel stems would), and ``STEM_LR_SCALE`` for each
+    3-channel stem, classifier's or policy's, summed into a 1-channel run now."""
+    saved = (w.checkpoint or {}).get("config", {})
+    scales = {k: saved[k] for k in ("stem_lr_scale", "policy_stem_lr_scale")
+              if saved.get(k) is not None}
+    if channels == 1 and w.in_chans == 3:
+        scales["stem_lr_scale"] = STEM_LR_SCALE
+    key = f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight"
+    if channels == 1 and w.policy is not None and key in w.policy and w.policy[key].shape[1] == 3:
+        scales["policy_stem_lr_scale"] = STEM_LR_SCALE
+    return scales
+
+
 def build_optimizer(params, cfg, lr: float, device: torch.device,
                     capturable: bool = False) -> torch.optim.Optimizer:
     """``--opt sgd`` (momentum, coupled weight decay, the paper's; fused on CUDA, foreach
@@ -407,5 +440,6 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
 
 
 __all__ = ["Weights", "read_weights", "fit_classifier", "fit_policy", "resolve_model",
-           "guess_model", "check_architecture", "param_groups", "build_optimizer",
+           "guess_model", "check_architecture", "param_groups", "policy_param_groups",
+           "stem_lr_scales", "build_optimizer",
            "reset_hyperparameters", "export", "strip_prefixes", "STEM_LR_SCALE"]
