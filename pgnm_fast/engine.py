@@ -107,11 +107,11 @@ class HeatedStep:
             return h_a, h_b
         dtype = unwrap(self.policy).base_alpha.dtype
         sums = [torch.sum(h, 0, keepdim=True, dtype=dtype) for h in (h_a, h_b)]
+        sums.append(torch.full((), h_a.shape[0], dtype=dtype, device=h_a.device))  # images
         if self._head_sums is None:
-            self._head_sums = [torch.zeros_like(s) for s in sums] + [0]
+            self._head_sums = [torch.zeros_like(s) for s in sums]
         for buffer, s in zip(self._head_sums, sums):
             buffer.copy_(s) if first else buffer.add_(s)
-        self._head_sums[2] = h_a.shape[0] + (0 if first else self._head_sums[2])
         if not last:
             return None, None
         return (self._head_sums[0] / self._head_sums[2], self._head_sums[1] / self._head_sums[2])
