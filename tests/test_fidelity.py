@@ -16,8 +16,10 @@ equality: BatchNorm over 256 images normalises with other statistics than BatchN
 so with batch statistics (b) is a different function from (a) and (c); eval-mode BatchNorm
 (running statistics) is the same function in every arrangement. With train-mode BatchNorm the
 micro-batches of (a) equal the per-process BatchNorm of (c) (without SyncBatchNorm, which
-needs GPUs), which a second comparison checks. Every image draws its mask from its own seed
-(the global index of the image), in every arrangement, so the draws are the same.
+needs GPUs), which a second comparison checks. SyncBatchNorm, the authors' setting, normalises
+over all 256 images as BatchNorm does in (b): their run is (b), one batch with reward groups.
+Every image draws its mask from its own seed (the global index of the image), in every
+arrangement, so the draws are the same.
 """
 from __future__ import annotations
 
