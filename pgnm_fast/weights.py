@@ -315,36 +315,27 @@ def param_groups(model, stem_lr_scale: float, weight_decay: float) -> list[dict]
                  weight_decay=weight_decay / stem_lr_scale)]
 
 
-def policy_param_groups(policy, stem_lr_scale: float, lr: float,
-                        weight_decay: float) -> list[dict]:
-    """The policy optimiser's parameter groups, each with its ``lr``: as :func:`param_groups`,
-    the trunk's stem weight in its own group with ``lr x s`` and ``weight_decay / s`` when the
-    stem was summed from 3 channels (``stem_lr_scale`` s != 1). ``policy``: the PolicyNet, not
-    its DistributedDataParallel wrapper."""
-    params = dict(policy.named_parameters())
-    stems = [f"{POLICY_TRUNK_PREFIX}{conv}.weight" for conv in FIRST_CONV.values()]
-    stem = next((k for k in stems if k in params), None) if stem_lr_scale != 1.0 else None
-    groups = [dict(params=[p for k, p in params.items() if k != stem], lr_scale=1.0,
-                   weight_decay=weight_decay)]
+def policy_param_groups(policy, stem_lr_scale: float, lr: float, weight_decay: float) -> list[dict]:
+    """The policy optimiser's groups, each with its ``lr``, as :func:`param_groups` makes them
+    (its trunk's stem apart when summed, ``stem_lr_scale`` != 1). ``policy``: not DDP-wrapped."""
+    named = list(policy.named_parameters())
+    stem = None if stem_lr_scale == 1.0 else POLICY_TRUNK_PREFIX + _stem_key(dict(policy.fe.named_parameters()), None)
+    groups = [dict(params=[p for k, p in named if k != stem], lr_scale=1.0, weight_decay=weight_decay)]
     if stem is not None:
-        groups.append(dict(params=[params[stem]], lr_scale=stem_lr_scale,
+        groups.append(dict(params=[dict(named)[stem]], lr_scale=stem_lr_scale,
                            weight_decay=weight_decay / stem_lr_scale))
     return [dict(g, lr=lr * g["lr_scale"]) for g in groups]
 
 
 def stem_lr_scales(w: Weights, channels: int) -> dict:
-    """``stem_lr_scale`` and ``policy_stem_lr_scale`` of a run starting from ``w`` with
-    ``channels`` input channels: a pgnm-fast checkpoint's own (stems summed by the run that
-    wrote it keep training as the 3-channel stems would), and ``STEM_LR_SCALE`` for each
-    3-channel stem, classifier's or policy's, summed into a 1-channel run now."""
+    """``stem_lr_scale`` and ``policy_stem_lr_scale`` of a run from ``w`` with ``channels``: a
+    pgnm-fast checkpoint's own, and x3 for each 3-channel stem summed into a 1-channel run now."""
     saved = (w.checkpoint or {}).get("config", {})
-    scales = {k: saved[k] for k in ("stem_lr_scale", "policy_stem_lr_scale")
-              if saved.get(k) is not None}
-    if channels == 1 and w.in_chans == 3:
-        scales["stem_lr_scale"] = STEM_LR_SCALE
-    key = f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight"
-    if channels == 1 and w.policy is not None and key in w.policy and w.policy[key].shape[1] == 3:
-        scales["policy_stem_lr_scale"] = STEM_LR_SCALE
+    scales = {k: saved[k] for k in ("stem_lr_scale", "policy_stem_lr_scale") if saved.get(k) is not None}
+    stem = w.policy.get(f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight") if w.policy else None
+    for key, chans in (("stem_lr_scale", w.in_chans), ("policy_stem_lr_scale", stem is not None and stem.shape[1])):
+        if channels == 1 and chans == 3:
+            scales[key] = STEM_LR_SCALE
     return scales
 
 
