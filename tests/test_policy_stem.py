@@ -48,6 +48,8 @@ def test_summed_policy_stem_steps_match_the_three_channel_steps():
     runs = [(three, _sgd(three, 1.0), x.repeat(1, 3, 1, 1)), (one, _sgd(one, STEM_LR_SCALE), x),
             (plain, _sgd(plain, 1.0), x)]
     assert [len(o.param_groups) for _, o, _ in runs] == [1, 2, 1]
+    # unscaled: one group in parameters() order, as the optimiser states saved before it load
+    assert all(a is b for a, b in zip(runs[2][1].param_groups[0]["params"], plain.parameters()))
     for _ in range(3):
         for policy, opt, inp in runs:
             opt.zero_grad()
