@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .console import bar_fields, step_line
-from .errors import PgnmError
+from .errors import ConfigError, PgnmError
 from .objective import pgnm_loss
 
 if TYPE_CHECKING:
@@ -47,58 +47,122 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 class HeatedStep:
     """docs/method.md §3-§5: policy -> a~, b~ -> sample + score -> mask -> classifier ->
-    mean(S) * CE; one backward, both optimisers step, then the EMA of the policy's base buffers."""
+    mean(S) * CE; one backward, both optimisers step, then the EMA of the policy's base buffers.
+
+    ``reward_group``: the objective's reward group (:func:`~pgnm_fast.objective.pgnm_loss`).
+    ``accum_steps`` k: each call is one micro-batch of an optimiser step over k micro-batches of
+    equal size. The gradients add up (zeroed at the first micro-batch, each loss weighted by
+    1 / k: the mean over all the reward groups of the k micro-batches), both optimisers step
+    (after clipping) at the last one, and the base buffers then move once, by the mean of the
+    heads over the k micro-batches (and over the ranks with ``ema_sync``). k = 1 is one batch
+    per step. The micro-batch counter is Python-side; nothing reads the device."""
 
     def __init__(self, model: torch.nn.Module, policy: torch.nn.Module, masker: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, policy_optimizer: torch.optim.Optimizer,
                  amp: bool, device: torch.device,
                  ema_sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 label_smoothing: float = 0.0, clip_grad_norm: float = 0.0):
+                 label_smoothing: float = 0.0, clip_grad_norm: float = 0.0,
+                 accum_steps: int = 1, reward_group: int | None = None):
         self.model, self.policy, self.masker = model, policy, masker
         self.optimizer, self.policy_optimizer = optimizer, policy_optimizer
         self.amp, self.device = amp, device
         self.ema_sync = ema_sync  # all-reduces the head means across ranks when distributed
         self.label_smoothing, self.clip_grad_norm = label_smoothing, clip_grad_norm
+        self.accum = _Accumulation(accum_steps)
+        self.reward_group = reward_group
+        self._head_sums = None  # (sum h_a, sum h_b, images) over the micro-batches so far
+
+    @property
+    def accum_steps(self) -> int:
+        return self.accum.steps
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
+        first, last = self.accum.position()
         with autocast(self.device, self.amp):
             out = self.policy(images)
             m, S = self.masker.sample_score(out.a_tilde, out.b_tilde)
             logits = self.model(self.masker.apply(images, m))
-        loss, ce = pgnm_loss(S, logits, target, self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.policy_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(self.model, self.clip_grad_norm)
-        clip_gradients(self.policy, self.clip_grad_norm)
-        self.optimizer.step()
-        self.policy_optimizer.step()
-        h_a, h_b = out.h_a.detach(), out.h_b.detach()
-        if self.ema_sync is not None:  # every rank moves its buffers by the global batch mean
-            h_a = self.ema_sync(h_a.mean(0, keepdim=True))
-            h_b = self.ema_sync(h_b.mean(0, keepdim=True))
-        unwrap(self.policy).update_base(h_a, h_b)
+        loss, ce = pgnm_loss(S, logits, target, self.label_smoothing, self.reward_group)
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.policy_optimizer.zero_grad(set_to_none=True)
+        self.accum.scaled(loss).backward()
+        h_a, h_b = self._head_means(out.h_a.detach(), out.h_b.detach(), first, last)
+        if last:
+            clip_gradients(self.model, self.clip_grad_norm)
+            clip_gradients(self.policy, self.clip_grad_norm)
+            self.optimizer.step()
+            self.policy_optimizer.step()
+            if self.ema_sync is not None:  # every rank moves its buffers by the global batch mean
+                h_a = self.ema_sync(h_a.mean(0, keepdim=True))
+                h_b = self.ema_sync(h_b.mean(0, keepdim=True))
+            unwrap(self.policy).update_base(h_a, h_b)
         _accumulate(stats, loss, ce, S.detach().mean(), logits, target)
+
+    def _head_means(self, h_a, h_b, first, last):
+        """The heads whose batch mean moves the bases: this batch's (k = 1), else at the last
+        micro-batch the (1, G^2) means over the k micro-batches, summed in the bases' dtype into
+        buffers kept from step to step (in place: the same memory under graph replay)."""
+        if self.accum.steps == 1:
+            return h_a, h_b
+        dtype = unwrap(self.policy).base_alpha.dtype
+        sums = [torch.sum(h, 0, keepdim=True, dtype=dtype) for h in (h_a, h_b)]
+        sums.append(torch.full((), h_a.shape[0], dtype=dtype, device=h_a.device))  # images
+        if self._head_sums is None:
+            self._head_sums = [torch.zeros_like(s) for s in sums]
+        for buffer, s in zip(self._head_sums, sums):
+            buffer.copy_(s) if first else buffer.add_(s)
+        if not last:
+            return None, None
+        return (self._head_sums[0] / self._head_sums[2], self._head_sums[1] / self._head_sums[2])
 
 
 class PlainStep:
-    """Baseline and fine-tune: cross-entropy on clean images, no policy."""
+    """Baseline and fine-tune: cross-entropy on clean images, no policy. ``accum_steps`` as in
+    :class:`HeatedStep`: k micro-batches per optimiser step, the mean CE over their images."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: bool,
                  device: torch.device, label_smoothing: float = 0.0,
-                 clip_grad_norm: float = 0.0):
+                 clip_grad_norm: float = 0.0, accum_steps: int = 1):
         self.model, self.optimizer, self.amp, self.device = model, optimizer, amp, device
         self.label_smoothing, self.clip_grad_norm = label_smoothing, clip_grad_norm
+        self.accum = _Accumulation(accum_steps)
+
+    @property
+    def accum_steps(self) -> int:
+        return self.accum.steps
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor, stats: torch.Tensor) -> None:
+        first, last = self.accum.position()
         with autocast(self.device, self.amp):
             logits = self.model(images)
         ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        ce.backward()
-        clip_gradients(self.model, self.clip_grad_norm)
-        self.optimizer.step()
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.accum.scaled(ce).backward()
+        if last:
+            clip_gradients(self.model, self.clip_grad_norm)
+            self.optimizer.step()
         _accumulate(stats, ce, ce, ce.new_zeros(()), logits, target)
+
+
+class _Accumulation:
+    """The micro-batch counter of gradient accumulation over ``steps`` micro-batches."""
+
+    def __init__(self, steps: int):
+        if int(steps) != steps or steps < 1:
+            raise ConfigError(f"--accum-steps must be a positive whole number, not {steps}")
+        self.steps, self.done = int(steps), 0
+
+    def position(self) -> tuple[bool, bool]:
+        """(first, last): whether this micro-batch starts and ends an optimiser step."""
+        first, last = self.done == 0, self.done == self.steps - 1
+        self.done = (self.done + 1) % self.steps
+        return first, last
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's share of the step's loss (equal micro-batches: 1 / steps)."""
+        return loss if self.steps == 1 else loss / self.steps
 
 
 def clip_gradients(module, max_norm: float) -> None:
@@ -124,11 +188,13 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
                     global_step: int, print_freq: int, log_step: Callable[[dict], None],
                     masker: torch.nn.Module | None = None, show_progress: bool = True,
                     channels_last: bool = False, log_line: Callable[[str], None] | None = None,
-                    ) -> tuple[int, dict]:
+                    accum_steps: int = 1) -> tuple[int, dict]:
     """Run one epoch; every ``print_freq`` steps read the device stats (one sync), check them and
     the masker's non-finite flag, and hand a record to ``log_step``; where no live bar is drawn
-    (output not a terminal) also print a step line through ``log_line``. Returns
-    (global_step, record)."""
+    (output not a terminal) also print a step line through ``log_line``. With ``accum_steps`` k
+    (the step's gradient accumulation) the epoch's last batches that do not fill an optimiser
+    step of k are read but not trained on, so every epoch ends on a whole optimiser step.
+    Returns (global_step, record)."""
     stats = torch.zeros(N_STATS, device=device)
     window = torch.zeros(N_STATS, device=device)
     bar = tqdm(total=len(loader) * loader.batch_size, unit="img", unit_scale=True, leave=False,
@@ -139,7 +205,10 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
     t_window, first = time.perf_counter(), global_step
     t_start = t_window
     last = None
+    batches = len(loader) - len(loader) % accum_steps
     for i, (images, target) in enumerate(loader):
+        if i >= batches:
+            continue
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -147,7 +216,7 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
         step(images, target, window)
         global_step += 1
         bar.update(target.shape[0])
-        if (i + 1) % print_freq == 0 or i + 1 == len(loader):
+        if (i + 1) % print_freq == 0 or i + 1 == batches:
             last = _read_window(window, masker, epoch, first, global_step, time.perf_counter() - t_window)
             log_step(last)
             bar.set_postfix(bar_fields(last, heated))

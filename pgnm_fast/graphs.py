@@ -20,6 +20,10 @@ changes, handled here as PyTorch's CUDA-graph notes prescribe:
 - constants: a captured SGD step keeps the learning rate, momentum and weight decay it was
   captured with, so a change of any of them (the per-epoch schedules) re-captures the step
   before the next replay. A batch of another shape runs eagerly;
+- gradient accumulation (the steps' ``accum_steps`` k): one graph per micro-batch position,
+  captured in a row at an optimiser step's first micro-batch (the first writes the gradients,
+  the others add to the same tensors, the last steps the optimisers) and replayed in turn; the
+  warm-up ends on a whole optimiser step, and the hyper-parameters are checked at its start;
 - a capture that fails (an operation CUDA graphs cannot hold) is reported once and the run goes
   on eagerly, with nothing lost: capture records work but runs none of it.
 
@@ -78,6 +82,7 @@ class GraphedStep:
         self._capture = capture or cuda.capture
         self._warm = warm or cuda.warm
         self.replay = self.key = self.inputs = self.stats = None
+        self.replays = []  # one graph per micro-batch position (engine's accum_steps)
         self.steps = self.captures = 0
         self.eager_reason = None
 
@@ -97,7 +102,9 @@ class GraphedStep:
                 images is not self.inputs[0] or target is not self.inputs[1]):
             raise RuntimeError("a prologue fills the static buffers, but the step was handed "
                                "other tensors (a copy made after the loader yielded them?)")
-        if self.eager_reason is not None or self.steps <= self.warmup:
+        position = self._position()
+        if self.eager_reason is not None or self.steps <= self.warmup or (
+                self.replay is None and position != 0):  # warm-up ends on an optimiser step
             if self.eager_reason is None:
                 return self._warm(lambda: self._run(images, target, stats))
             return self._run(images, target, stats)
@@ -113,24 +120,40 @@ class GraphedStep:
             static_images.copy_(images, non_blocking=True)
         if target is not static_target:
             static_target.copy_(target, non_blocking=True)
-        if self.replay is None or self._hyper() != self.key[1]:
+        if position == 0 and (self.replay is None or self._hyper() != self.key[1]):
             if not self._recapture(shape):
                 return self._run(images, target, stats)
-        self.replay()
+        self.replays[position]()
+        if getattr(self.step, "accum", None) is not None:
+            self.step.accum.position()  # the replay ran no Python: move the counter on here
         stats += self.stats
         self.stats.zero_()
 
+    def _position(self) -> int:
+        """The micro-batch of the optimiser step the next call runs (0 without accumulation)."""
+        accum = getattr(self.step, "accum", None)
+        return accum.done if accum is not None else 0
+
     def _recapture(self, shape) -> bool:
-        self.replay = None  # drop the old graph (and its memory) first
+        """Capture one graph per micro-batch position of gradient accumulation (one without):
+        the first zeroes the gradients and writes them, the next ones add to those same
+        tensors, the last steps the optimisers. Captured in a row at position 0; none runs."""
+        self.replay, self.replays = None, []  # drop the old graphs (and their memory) first
         for optimizer in self.optimizers:  # backward allocates the grads inside the graph
             optimizer.zero_grad(set_to_none=True)
+        accum = getattr(self.step, "accum", None)
         try:
-            self.replay = self._capture(lambda: self._run(*self.inputs, self.stats))
+            for _ in range(accum.steps if accum is not None else 1):
+                self.replays.append(self._capture(lambda: self._run(*self.inputs, self.stats)))
         except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
+            self.replays = []
+            if accum is not None:
+                accum.done = 0  # nothing ran: the eager step starts the optimiser step again
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self.eager_reason = reason
             self.log(f"--graphs: capturing the step failed ({reason[:200]}); running eagerly")
             return False
+        self.replay = self.replays[0]
         self.key = (shape, self._hyper())
         self.captures += 1
         return True

@@ -51,15 +51,16 @@ from .schedules import build_lr_scheduler, build_policy_lr_scheduler
 from .speed import compile_modules, set_backends, sgd_kind, use_channels_last
 from .state_checks import check_fits, check_weights_fit, load_weights
 from .weights import (
-    STEM_LR_SCALE,
     Weights,
     build_optimizer,
     fit_classifier,
     fit_policy,
     param_groups,
+    policy_param_groups,
     read_weights,
     reset_hyperparameters,
     resolve_model,
+    stem_lr_scales,
 )
 
 
@@ -112,8 +113,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
                 for key in ("mean", "std"):
                     if init.checkpoint["config"].get(key) is not None:
                         overrides.setdefault(key, init.checkpoint["config"][key])
-            if init.in_chans == 3 and overrides.get("channels", 1) == 1:
-                overrides.setdefault("stem_lr_scale", STEM_LR_SCALE)
+            for key, scale in stem_lr_scales(init, overrides.get("channels", 1)).items():
+                overrides.setdefault(key, scale)
         cfg = make_config(stage, preset, **overrides)
     info = init_distributed(device)
     if data is None and init is not None and init.checkpoint is not None:
@@ -234,7 +235,9 @@ def _build(run: Run, log) -> Parts:
                      channels_last=layout is not None)
     # the policy always trains with SGD (docs/method.md §5)
     sgd = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, **sgd_kind(dev))
-    policy_optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(), **sgd)
+    policy_optimizer = torch.optim.SGD(policy_param_groups(
+        unwrap(policy), cfg.policy_stem_lr_scale, cfg.effective_policy_lr(), cfg.weight_decay),
+        lr=cfg.effective_policy_lr(), **sgd)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None, **loss)
     val_masker = make_masker(cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)

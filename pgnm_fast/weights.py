@@ -315,6 +315,30 @@ def param_groups(model, stem_lr_scale: float, weight_decay: float) -> list[dict]
                  weight_decay=weight_decay / stem_lr_scale)]
 
 
+def policy_param_groups(policy, stem_lr_scale: float, lr: float, weight_decay: float) -> list[dict]:
+    """The policy optimiser's groups, each with its ``lr``, as :func:`param_groups` makes them
+    (its trunk's stem apart when summed, ``stem_lr_scale`` != 1). ``policy``: not DDP-wrapped."""
+    named = list(policy.named_parameters())
+    stem = None if stem_lr_scale == 1.0 else POLICY_TRUNK_PREFIX + _stem_key(dict(policy.fe.named_parameters()), None)
+    groups = [dict(params=[p for k, p in named if k != stem], lr_scale=1.0, weight_decay=weight_decay)]
+    if stem is not None:
+        groups.append(dict(params=[dict(named)[stem]], lr_scale=stem_lr_scale,
+                           weight_decay=weight_decay / stem_lr_scale))
+    return [dict(g, lr=lr * g["lr_scale"]) for g in groups]
+
+
+def stem_lr_scales(w: Weights, channels: int) -> dict:
+    """``stem_lr_scale`` and ``policy_stem_lr_scale`` of a run from ``w`` with ``channels``: a
+    pgnm-fast checkpoint's own, and x3 for each 3-channel stem summed into a 1-channel run now."""
+    saved = (w.checkpoint or {}).get("config", {})
+    scales = {k: saved[k] for k in ("stem_lr_scale", "policy_stem_lr_scale") if saved.get(k) is not None}
+    stem = w.policy.get(f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight") if w.policy else None
+    for key, chans in (("stem_lr_scale", w.in_chans), ("policy_stem_lr_scale", stem is not None and stem.shape[1])):
+        if channels == 1 and chans == 3:
+            scales[key] = STEM_LR_SCALE
+    return scales
+
+
 def build_optimizer(params, cfg, lr: float, device: torch.device,
                     capturable: bool = False) -> torch.optim.Optimizer:
     """``--opt sgd`` (momentum, coupled weight decay, the paper's; fused on CUDA, foreach
@@ -419,5 +443,6 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
 
 
 __all__ = ["Weights", "read_weights", "fit_classifier", "fit_policy", "resolve_model",
-           "guess_model", "check_architecture", "param_groups", "build_optimizer",
+           "guess_model", "check_architecture", "param_groups", "policy_param_groups",
+           "stem_lr_scales", "build_optimizer",
            "reset_hyperparameters", "export", "strip_prefixes", "STEM_LR_SCALE"]
