@@ -7,7 +7,6 @@ Each command imports what it needs (torch, scipy, scikit-learn) when it runs, so
 """
 from __future__ import annotations
 
-import functools
 import signal
 import sys
 import threading
@@ -15,10 +14,10 @@ import threading
 import click
 
 from .atomic import os_reason
+from .config import PRESETS
 from .errors import ConfigError, PgnmError
-from .names import IMPLS, MODELS, OPTIMIZERS, SCHEDULERS
-
-PRESETS = ("paper", "tiny")  # pgnm_fast.config.PRESETS (a test checks they agree)
+from .names import IMPLS, MODELS
+from .options import echo_config, resolve, split_run, training_options
 
 
 def _one_line(e: Exception) -> str:
@@ -60,7 +59,7 @@ class _Group(click.Group):
                 signal.signal(signal.SIGTERM, previous)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="pgnm-fast")
 def main():
     """PGNM pretraining for medical image classifiers: heated stage, fine-tune, evaluation."""
@@ -82,128 +81,65 @@ def _check_output_file(path, flag: str) -> None:
     check_output_dir(Path(path).parent, flag)
 
 
-def training_options(f):
-    """The flags `train` and `finetune` share (torchvision reference names)."""
-    options = [
-        click.option("--data", type=str, default=None,
-                     help="RadImageNet root (CSV splits), class-folder root or a cache made by "
-                          "`pgnm-fast pack`; default: the embedded synthetic data set (made once "
-                          "in a cache folder)."),
-        click.option("--out", "--output-dir", "out", type=str, default=None,
-                     help="Run folder for last.pt, best.pt, metrics.jsonl (default runs/<stage>-<time>)."),
-        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
-                     help="tiny: minutes on a CPU; paper: the authors' schedules."),
-        click.option("--model", type=click.Choice(MODELS), default=None, help="Classifier."),
-        click.option("--epochs", type=int, default=None),
-        click.option("-b", "--batch-size", type=int, default=None, help="Images per process."),
-        click.option("--lr", type=float, default=None),
-        click.option("--momentum", type=float, default=None),
-        click.option("--wd", "--weight-decay", "weight_decay", type=float, default=None),
-        click.option("--lr-scheduler", type=click.Choice(SCHEDULERS), default=None),
-        click.option("--lr-step-size", type=int, default=None),
-        click.option("--lr-gamma", type=float, default=None),
-        click.option("--lr-warmup-epochs", type=int, default=None),
-        click.option("--lr-warmup-decay", type=float, default=None),
-        click.option("--train-crop-size", type=int, default=None),
-        click.option("--val-resize-size", type=int, default=None),
-        click.option("--val-crop-size", type=int, default=None),
-        click.option("-j", "--workers", type=int, default=None,
-                     help="Data-loading processes (plain loader) or DALI CPU threads."),
-        click.option("--loader", type=click.Choice(["auto", "device", "dali", "torch"]),
-                     default=None,
-                     help="Data loading: a packed cache held in device memory (device), DALI "
-                          "(GPU or CPU-only), the plain PyTorch loader, or auto: device for a "
-                          "packed cache that fits on the GPU, else DALI where it is installed."),
-        click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default=None,
-                     help="A file that cannot be used (checked before the first epoch): stop "
-                          "naming it (default), or leave it out and say how many."),
-        click.option("--amp/--no-amp", default=None, help="bf16 autocast (CUDA or CPU)."),
-        click.option("--graphs/--no-graphs", default=None, help="CUDA-graph-captured step (GPU)."),
-        click.option("--channels-last/--no-channels-last", default=None,
-                     help="NHWC model and batches (default: on for CUDA, off on the CPU)."),
-        click.option("--compile", "--torchcompile", "compile", is_flag=True, default=None,
-                     help="torch.compile the classifier and policy (not with --graphs)."),
-        click.option("--sync-bn/--no-sync-bn", default=None, help="SyncBatchNorm under torchrun."),
-        click.option("--seed", type=int, default=None),
-        click.option("--print-freq", type=int, default=None, help="Log every N steps."),
-        click.option("--in-chans", "channels", type=click.Choice(["1", "3"]), default=None,
-                     callback=lambda ctx, param, v: None if v is None else int(v),
-                     help="Classifier input channels: 1 (grey, default) or 3 (the grey image "
-                          "replicated, the authors' form). A 3-channel checkpoint on a 1-channel "
-                          "run has its stem summed and trained with lr x3, weight decay /3: the "
-                          "same SGD/AdamW steps as the 3-channel stem."),
-        click.option("--opt", type=click.Choice(OPTIMIZERS), default=None,
-                     help="Classifier optimiser (default sgd with --momentum, the paper's; the "
-                          "policy always uses SGD)."),
-        click.option("--label-smoothing", type=float, default=None,
-                     help="Cross-entropy label smoothing (0: off, the paper's)."),
-        click.option("--clip-grad-norm", type=float, default=None, metavar="MAX",
-                     help="Clip each network's gradient 2-norm to MAX (0: off), on the device."),
-        click.option("--mean", type=float, default=None,
-                     help="Input normalisation mean on [0, 1] pixels (default: RadImageNet's)."),
-        click.option("--std", type=float, default=None,
-                     help="Input normalisation std (default: RadImageNet's)."),
-        click.option("--class-balanced/--no-class-balanced", default=None,
-                     help="Draw training images with weight 1 / class size (imbalanced sets); "
-                          "deterministic by --seed, sharded under torchrun."),
-        click.option("--average-last", type=int, default=None, metavar="N",
-                     help="Also write averaged.pt: the weights averaged over the last N epochs "
-                          "(fine-tune and --no-policy baseline; the paper's option is 3)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     show_default=True),
-        click.option("--threads", type=int, default=None, metavar="N",
-                     help="CPU runs: intra-op threads (default: the cores less those other "
-                          "processes keep busy; at least 1)."),
-        click.option("--recheck", is_flag=True,
-                     help="Check every image file afresh instead of reusing the verdict cached "
-                          "beside the data."),
-        click.option("--tensorboard/--no-tensorboard", default=None,
-                     help="Also write TensorBoard event files (scalars, mask images) to "
-                          "RUN/tensorboard (needs the tensorboard package)."),
-    ]
-    return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
-
-
 WEIGHT_FORMS = ("a pgnm-fast checkpoint, a state dict (.pth, .safetensors), a timm / Hugging "
                 "Face model folder or the authors' checkpoint")
 INIT_HELP = WEIGHT_FORMS + "; a head of another class count is replaced."
 
 
-def _split(kwargs):
-    run = {k: kwargs.pop(k) for k in ("data", "out", "preset", "device", "recheck")}
-    return run, kwargs
+def _stage(settings: dict, stage: str, path) -> str:
+    """The stage a --config file names must be the command's (a baseline file: train --no-policy)."""
+    wanted = settings.pop("stage", None)
+    allowed = ("heated", "baseline") if stage != "finetune" else ("finetune",)
+    if wanted is not None and wanted not in allowed:
+        raise ConfigError(f"--config {path}: stage {wanted!r} is not one this command trains "
+                          f"({' or '.join(allowed)})")
+    return "baseline" if "baseline" in (stage, wanted) else stage
+
+
+def _train(ctx, stage: str, kwargs: dict, resume, init_from) -> None:
+    """train / finetune: the settings from --config and the flags, then run (or print) them."""
+    from .config import config_from_dict, make_config
+    show = kwargs.pop("print_config")
+    path = kwargs.get("config_file")
+    settings = resolve(ctx, kwargs)
+    stage = _stage(settings, stage, path)
+    run, overrides = split_run(settings)
+    if not show:
+        from .stages import run_stage
+        run_stage(stage, overrides=overrides, resume=resume, init_from=init_from, log=click.echo,
+                  **run)
+        return
+    if resume:  # the checkpoint's settings, then the flags (as run_stage does)
+        from .run_state import load_run_state
+        given_values = {k: v for k, v in overrides.items() if v is not None}
+        cfg = config_from_dict(load_run_state(resume).config).replace(**given_values).check()
+    else:
+        cfg = make_config(stage, run["preset"], **overrides)
+    echo_config(cfg, run.get("data"))
 
 
 @main.command()
-@training_options
+@training_options("heated")
 @click.option("--no-policy", is_flag=True, help="Baseline: the same classifier without masks.")
-@click.option("--policy-model", type=click.Choice(MODELS), default=None)
-@click.option("--policy-lr", type=float, default=None, help="Default: --lr / 10.")
-@click.option("--grid", type=int, default=None, help="Mask grid G (G x G cells).")
-@click.option("--impl", type=click.Choice(IMPLS), default=None, help="Mask step implementation.")
 @click.option("--resume", type=str, default=None, help="Continue a run from its last.pt.")
 @click.option("--initial-checkpoint", "init_from", type=str, default=None, metavar="PATH",
               help="Initial weights: " + INIT_HELP)
-def train(no_policy, resume, init_from, **kwargs):
+@click.pass_context
+def train(ctx, no_policy, resume, init_from, **kwargs):
     """Heated stage (policy + noise masks), or with --no-policy the baseline."""
-    from .stages import run_stage
-    run, overrides = _split(kwargs)
-    run_stage("baseline" if no_policy else "heated", overrides=overrides, resume=resume,
-              init_from=init_from, log=click.echo, **run)
+    _train(ctx, "baseline" if no_policy else "heated", kwargs, resume, init_from)
 
 
 @main.command()
 @click.option("--from", "--initial-checkpoint", "init_from", type=str, required=True,
               metavar="PATH", help="The heated (or baseline) stage's checkpoint, or other "
                                    "initial weights: " + INIT_HELP)
-@training_options
+@training_options("finetune")
 @click.option("--resume", type=str, default=None, help="Continue a fine-tune run from its last.pt.")
-def finetune(init_from, resume, **kwargs):
+@click.pass_context
+def finetune(ctx, init_from, resume, **kwargs):
     """Fine-tune a classifier without masks (the policy is dropped); linear warm-up."""
-    from .stages import run_stage
-    run, overrides = _split(kwargs)
-    run_stage("finetune", overrides=overrides, resume=resume, init_from=init_from,
-              log=click.echo, **run)
+    _train(ctx, "finetune", kwargs, resume, init_from)
 
 
 @main.command("eval")
