@@ -78,12 +78,29 @@ def _to_int(ctx, param, value):
     return None if value is None else int(value)
 
 
-def setting_option(name: str, stage: str, help: str | None = None):
+def checked(rule: str, name: str | None = None):
+    """An option callback: one line naming the option (or ``name``) when its value breaks
+    ``rule`` (:data:`pgnm_fast.config.RULES`, the settings' own rules)."""
+    def callback(ctx, param, value):
+        check_value(name or "/".join(param.opts), value, rule)
+        return value
+    return callback
+
+
+def not_empty(ctx, param, value):
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{param.opts[0]} needs a folder name, not an empty one")
+    return value
+
+
+def setting_option(name: str, stage: str, help: str | None = None, shown: str | None = None):
     """The click option of the setting ``name``; its default None means "the preset's"."""
     meta = FIELDS[name].metadata
     kind = base_type(name)
-    kw = dict(default=None, help=help or meta["help"], show_default=default_text(name, stage),
-              metavar=meta["metavar"])
+    kw = dict(default=None, help=help or meta["help"], metavar=meta["metavar"],
+              show_default=shown or default_text(name, stage))
+    if meta["rule"]:
+        kw["callback"] = checked(meta["rule"])
     if kind is bool:
         if meta["flags"]:  # named flags (--compile, --torchcompile) have no --no- form
             kw["is_flag"] = True
@@ -96,6 +113,19 @@ def setting_option(name: str, stage: str, help: str | None = None):
     return click.option(*option_names(name), name, cls=Option, **kw)
 
 
+def settings_options(names, stage: str = "heated", helps: dict | None = None,
+                     defaults: dict | None = None) -> list:
+    """The options of the settings ``names`` for another command, with its own help or default
+    text where ``helps`` / ``defaults`` give one."""
+    helps, defaults = helps or {}, defaults or {}
+    return [setting_option(n, stage, helps.get(n), defaults.get(n)) for n in names]
+
+
+def compose(options: list):
+    """Decorator applying ``options`` in order (the first shows first in --help)."""
+    return lambda f: functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
 def setting_names(stage: str) -> list[str]:
     """The settings with a flag in `train` (heated) or `finetune`, in the dataclass's order."""
     return [n for n, f in FIELDS.items() if f.metadata["cli"]
@@ -106,14 +136,19 @@ def run_options(out_help: str) -> list:
     """The options every training command shares that are not settings."""
     return [
         click.option("--data", "--data-path", "data", type=str, default=None, help=DATA_HELP),
-        click.option("--out", "--output-dir", "out", type=str, default=None, help=out_help),
+        click.option("--out", "--output-dir", "out", type=str, default=None, help=out_help,
+                     callback=not_empty),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny",
                      help="tiny: minutes on a CPU; paper: the authors' schedules."),
         click.option("--device", type=click.Choice(DEVICES), default="auto",
                      help="auto: CUDA where available, else the CPU."),
-        click.option("--img-size", type=int, default=None, metavar="N", help=IMG_SIZE_HELP,
-                     cls=Option, show_default="the preset's crops"),
+        img_size_option("the preset's crops"),
     ]
+
+
+def img_size_option(default: str):
+    return click.option("--img-size", type=int, default=None, metavar="N", help=IMG_SIZE_HELP,
+                        cls=Option, show_default=default, callback=checked("positive"))
 
 
 def config_options() -> list:
@@ -134,7 +169,7 @@ def training_options(stage: str):
                      help="Check every image file afresh instead of reusing the verdict cached "
                           "beside the data.")]
     options += [setting_option(n, stage) for n in setting_names(stage)] + config_options()
-    return lambda f: functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+    return compose(options)
 
 
 def read_config_file(path: str) -> dict:
@@ -210,11 +245,11 @@ def resolve(ctx: click.Context, values: dict) -> dict:
     for size, wins in ((file_size, lambda n: n in from_file), (cli_size, lambda n: False)):
         if size is None:
             continue
-        check_value("--img-size", size, "positive")
         for name in CROPS:
             if not (given(ctx, name) or wins(name)):
                 merged[name] = round(size / CROP_RATIO) if name == "val_resize_size" else size
     merged.pop("img_size", None)
+    merged.pop("config_file", None)
     return merged
 
 
