@@ -171,3 +171,56 @@ def test_numeric_flags_are_checked_up_front(args, flag, monkeypatch):
                                   ["pack", "--data", "d"], ["export", "x.pt"]])
 def test_an_empty_out_is_refused(args):
     one_error(cli(*args, "--out", ""), "--out")
+
+
+def test_a_runs_config_json_round_trips_through_config(small_data, tmp_path):
+    """`train --config RUN/config.json` resolves to the run's settings and data; flags win."""
+    import json
+    out = tmp_path / "run"
+    r = cli("train", "--no-policy", "--data", small_data, "--out", out, "--epochs", "1", "-b", "16",
+            "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32", "-j", "0",
+            "--loader", "torch", "--wd", "3e-4", "--threads", "1")
+    assert r.exit_code == 0, r.output
+    written = json.loads((out / "config.json").read_text())
+    written.pop("run_record")
+    r = cli("train", "--config", out / "config.json", "--print-config")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(r.output) == written  # stage baseline, data, every setting
+    r = cli("train", "--config", out / "config.json", "--print-config", "--lr", "0.5",
+            "--img-size", "40", "--data-path", tmp_path)
+    resolved = yaml.safe_load(r.output)
+    assert (resolved["lr"], resolved["data"], resolved["weight_decay"]) == (0.5, str(tmp_path), 3e-4)
+    assert (resolved["train_crop_size"], resolved["val_crop_size"],
+            resolved["val_resize_size"]) == (40, 40, 46)
+
+
+def test_a_yaml_config_sits_between_the_preset_and_the_flags(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("weight-decay: 0.001\nepochs: 3\nimg_size: 48\nval_crop_size: 40\n"
+                    "run_record: {anything: 1}\n")
+    r = cli("train", "--config", path, "--print-config", "--epochs", "4")
+    assert r.exit_code == 0, r.output
+    resolved = yaml.safe_load(r.output)
+    assert resolved == make_config("heated", "tiny", weight_decay=0.001, epochs=4,
+                                   train_crop_size=48, val_crop_size=40,
+                                   val_resize_size=55).__dict__
+
+
+BAD_FILES = [("lrr: 0.1\n", "'lrr'"), ("lr: fast\n", "lr"), ("lr: -1\n", "lr"),
+             ("lr: .nan\n", "lr"), ("amp: 3\n", "amp"), ("model: resnet99\n", "model"),
+             ("stage: finetune\n", "stage"), ("- 1\n", "mapping"), ("a: [\n", "YAML"),
+             ("in_chans: 3\n", "'in_chans'"), ("img_size: 0\n", "img_size")]
+
+
+@pytest.mark.parametrize("text,needle", BAD_FILES, ids=[t for t, _ in BAD_FILES])
+def test_a_bad_config_file_gets_one_line_naming_the_key(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    one_error(cli("train", "--config", path, "--print-config"), path, needle)
+
+
+def test_a_missing_config_file_and_a_stage_of_another_command(tmp_path):
+    one_error(cli("train", "--config", tmp_path / "none.json", "--print-config"), "none.json")
+    path = tmp_path / "heated.json"
+    path.write_text('{"stage": "heated"}')
+    one_error(cli("finetune", "--from", "x.pt", "--config", path, "--print-config"), "stage")
