@@ -1,7 +1,11 @@
 """`pgnm-fast`: train (heated or baseline), finetune, eval, compare, transfer, plot, synth,
-pack, validate.
+pack, validate, export.
 
-Flag names follow torchvision's classification reference scripts where they apply. A user mistake
+Flag names follow torchvision's classification reference scripts where they apply. The training
+settings' options come from :class:`pgnm_fast.config.TrainConfig`'s metadata
+(:mod:`pgnm_fast.options`, listed in docs/flags.md); every command that trains or scores takes the
+same execution flags (``--threads``, ``-j``, ``--device``, ``--amp``, ``--loader``, crop sizes,
+``--img-size``), and numeric flags are checked with the settings' rules as they are parsed. A user mistake
 (missing data, bad checkpoint, unknown model, ...) prints one ``Error:`` line and exits non-zero.
 Each command imports what it needs (torch, scipy, scikit-learn) when it runs, so ``--help`` is quick.
 """
