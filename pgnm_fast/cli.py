@@ -120,13 +120,16 @@ def _train(ctx, stage: str, kwargs: dict, resume, init_from) -> None:
         run_stage(stage, overrides=overrides, resume=resume, init_from=init_from, log=click.echo,
                   **run)
         return
+    data = run.get("data")
     if resume:  # the checkpoint's settings, then the flags (as run_stage does)
         from .run_state import load_run_state
+        state = load_run_state(resume)
         given_values = {k: v for k, v in overrides.items() if v is not None}
-        cfg = config_from_dict(load_run_state(resume).config).replace(**given_values).check()
+        cfg = config_from_dict(state.config).replace(**given_values).check()
+        data = data or state.data
     else:
         cfg = make_config(stage, run["preset"], **overrides)
-    echo_config(cfg, run.get("data"))
+    echo_config(cfg, data)
 
 
 @main.command()
@@ -176,6 +179,8 @@ def _sizes(ctx, values: dict, names) -> dict:
 
 
 CHECKPOINTS = "the checkpoint's"
+THREADS = dict(threads="CPU runs: intra-op threads (0: the cores less those other processes keep "
+                       "busy, at least 1).")
 VAL_CROPS = ("val_resize_size", "val_crop_size")
 
 
@@ -193,7 +198,7 @@ VAL_CROPS = ("val_resize_size", "val_crop_size")
               help="Write one row per image: path, label, predicted class, top-5 classes and scores.")
 @click.option("-b", "--batch-size", type=int, default=None, callback=checked("positive"),
               cls=Option, show_default="the checkpoint's", help="Images per batch.")
-@compose(settings_options(("workers", "threads", "loader", "amp") + VAL_CROPS,
+@compose(settings_options(("workers", "threads", "loader", "amp") + VAL_CROPS, helps=THREADS,
                           defaults=dict(workers=CHECKPOINTS, val_resize_size=CHECKPOINTS,
                                         val_crop_size=CHECKPOINTS,
                                         loader="torch if the checkpoint's run used it, else auto")))
@@ -348,7 +353,7 @@ def _shots(ctx, param, value):
               help="Seed of the subsets, the new heads and the augmentation.")
 @click.option("-j", "--workers", type=int, default=2, callback=checked(rule_of("workers")),
               help="Loader processes for the test split (read once).")
-@compose(settings_options(("threads",)))
+@compose(settings_options(("threads",), helps=THREADS))
 @click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), default="auto",
               help="Loader of the test split.")
 @click.option("--amp/--no-amp", default=False, help="bf16 autocast (CUDA or CPU).")

@@ -157,7 +157,10 @@ def config_options() -> list:
                      help="YAML or JSON file of settings (the keys of docs/flags.md, or a run's "
                           "config.json); flags given here win over it."),
         click.option("--print-config", is_flag=True,
-                     help="Print the resolved settings as YAML (a --config file) and exit."),
+                     help="Print the resolved settings as YAML (a --config file) and exit; with "
+                          "--resume, the checkpoint's settings and the flags given (the model "
+                          "and input form of --from / --initial-checkpoint weights apply when "
+                          "the run starts)."),
     ]
 
 

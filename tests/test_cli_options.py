@@ -192,6 +192,9 @@ def test_a_runs_config_json_round_trips_through_config(small_data, tmp_path):
     assert (resolved["lr"], resolved["data"], resolved["weight_decay"]) == (0.5, str(tmp_path), 3e-4)
     assert (resolved["train_crop_size"], resolved["val_crop_size"],
             resolved["val_resize_size"]) == (40, 40, 46)
+    r = cli("train", "--no-policy", "--resume", out / "last.pt", "--epochs", "3", "--print-config")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(r.output) == dict(written, epochs=3)  # the checkpoint's, then the flags
 
 
 def test_a_yaml_config_sits_between_the_preset_and_the_flags(tmp_path):
