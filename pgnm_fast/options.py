@@ -202,8 +202,10 @@ def read_config_file(path: str) -> dict:
 
 
 def _checked_value(path: str, name: str, value):
+    """``value`` of the key ``name`` in the file ``path``, of the setting's type (an int where a
+    float is wanted becomes one), among its choices and in its range."""
     if name in RUN_KEYS:
-        kind, optional, choices, rule = RUN_KEYS[name], True, None, None
+        kind, optional = RUN_KEYS[name], True
         choices = {"preset": tuple(PRESETS), "device": DEVICES}.get(name)
         rule = "positive" if name == "img_size" else None
     elif name in FIELDS:
@@ -241,7 +243,7 @@ def resolve(ctx: click.Context, values: dict) -> dict:
     from_file = read_config_file(path) if path else {}
     merged = dict(values)
     for name, value in from_file.items():
-        if name in merged and not given(ctx, name) or name not in merged:
+        if name not in merged or not given(ctx, name):
             merged[name] = value
     file_size = from_file.get("img_size")
     cli_size = values.get("img_size") if given(ctx, "img_size") else None
@@ -252,7 +254,6 @@ def resolve(ctx: click.Context, values: dict) -> dict:
             if not (given(ctx, name) or wins(name)):
                 merged[name] = round(size / CROP_RATIO) if name == "val_resize_size" else size
     merged.pop("img_size", None)
-    merged.pop("config_file", None)
     return merged
 
 
