@@ -156,9 +156,10 @@ def finetune(ctx, init_from, resume, **kwargs):
     _train(ctx, "finetune", kwargs, resume, init_from)
 
 
-def _cpu_threads(threads, device: str) -> None:
+def _cpu_threads(threads, device: str):
     """CPU runs of eval / transfer: the intra-op threads train would choose (``--threads``, else
-    the cores other processes leave), and the line saying so."""
+    the cores other processes leave). Returns the command's log: it says the count before its
+    first line, so that a command refused up front prints its one error line alone."""
     import torch
     try:
         from .threads import intra_op_threads
@@ -167,9 +168,16 @@ def _cpu_threads(threads, device: str) -> None:
     from .config import TrainConfig
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     chosen = intra_op_threads(TrainConfig(threads=threads or 0), torch.device("cpu" if cpu else "cuda"))
-    if chosen is not None:
-        torch.set_num_threads(chosen[0])
-        click.echo(f"{chosen[0]} intra-op thread{'s' if chosen[0] > 1 else ''} ({chosen[1]})")
+    if chosen is None:
+        return click.echo
+    torch.set_num_threads(chosen[0])
+    pending = [f"{chosen[0]} intra-op thread{'s' if chosen[0] > 1 else ''} ({chosen[1]})"]
+
+    def log(line):
+        while pending:
+            click.echo(pending.pop())
+        click.echo(line)
+    return log
 
 
 def _sizes(ctx, values: dict, names) -> dict:
@@ -214,12 +222,12 @@ def evaluate(ctx, checkpoint, model, data, split, json_path, predictions_path, b
     sizes = _sizes(ctx, crops, VAL_CROPS)
     if json_path is not None:
         _check_output_file(json_path, "--json")
-    _cpu_threads(threads, device)
+    log = _cpu_threads(threads, device)
     metrics = evaluate_checkpoint(checkpoint, data, split, json_path, batch_size, workers, device,
-                                  bool(amp), log=click.echo, warn=lambda s: click.echo(s, err=True),
+                                  bool(amp), log=log, warn=lambda s: click.echo(s, err=True),
                                   predictions_path=predictions_path, model_name=model,
                                   loader=loader, sizes=sizes)
-    click.echo(f"{split}: {format_metrics(metrics)}")
+    log(f"{split}: {format_metrics(metrics)}")
 
 
 @main.command()
@@ -368,10 +376,10 @@ def transfer(ctx, froms, labels, data, shots, repeats, out, probe, steps, lr, ba
     test split; F1 against n with 95% intervals over repeats."""
     from .transfer import transfer as run_transfer
     sizes = _sizes(ctx, crops, CROPS)
-    _cpu_threads(threads, device)
+    log = _cpu_threads(threads, device)
     run_transfer(froms, data, shots, repeats=repeats, out=out, probe=probe, steps=steps, lr=lr,
                  batch_size=batch_size, seed=seed, labels=labels, workers=workers, loader=loader,
-                 amp=amp, device=device, log=click.echo, sizes=sizes)
+                 amp=amp, device=device, log=log, sizes=sizes)
 
 
 @main.command()

@@ -120,7 +120,7 @@ class TrainConfig:
                               metavar="N", rule="positive")
     average_last: int = setting(0, "Also write averaged.pt: the weights averaged over the last N "
                                 "epochs (fine-tune and --no-policy baseline; the paper's option "
-                                "is 3; 0: off).", metavar="N", rule="non_negative")
+                                "is 3; 0: off; at most --epochs).", metavar="N")
     tensorboard: bool = setting(False, "Also write TensorBoard event files (scalars, mask images) "
                                 "to RUN/tensorboard (needs the tensorboard package).")
     opt: str = setting("sgd", "Classifier optimiser (sgd with --momentum is the paper's; the "

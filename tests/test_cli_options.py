@@ -120,7 +120,8 @@ def test_compare_and_transfer_pass_the_execution_flags_on(monkeypatch):
     import pgnm_fast.transfer
     seen = {}
     monkeypatch.setattr(pgnm_fast.compare, "compare", lambda *a, **kw: seen.update(compare=kw))
-    monkeypatch.setattr(pgnm_fast.transfer, "transfer", lambda *a, **kw: seen.update(transfer=kw))
+    monkeypatch.setattr(pgnm_fast.transfer, "transfer",
+                        lambda *a, **kw: (seen.update(transfer=kw), kw["log"]("transfer: ...")))
     r = cli("compare", "--threads", "1", "--img-size", "32", "--loader", "torch", "-j", "0")
     assert r.exit_code == 0, r.output
     for overrides in (seen["compare"]["overrides"], seen["compare"]["finetune_overrides"]):
@@ -130,7 +131,7 @@ def test_compare_and_transfer_pass_the_execution_flags_on(monkeypatch):
     r = cli("transfer", "--from", "a.pt", "--data", "d", "--threads", "1", "--device", "cpu",
             "--train-crop-size", "40", "--img-size", "32")
     assert r.exit_code == 0, r.output
-    assert "1 intra-op thread (--threads)" in r.output
+    assert r.output.splitlines()[:2] == ["1 intra-op thread (--threads)", "transfer: ..."]
     assert seen["transfer"]["sizes"] == {"train_crop_size": 40, "val_crop_size": 32,
                                          "val_resize_size": 37}
 
