@@ -298,7 +298,12 @@ def flags_markdown() -> str:
               "takes finetune.", "",
               f"`--img-size N` sets the train crop N, the val crop N and the val resize "
               f"round(N / {CROP_RATIO}); an explicit crop flag (or crop key beside `img_size` in "
-              f"a file) wins.", ""]
+              f"a file) wins.", "",
+              "`pgnm-fast train --config RUN/config.json` trains again with a run's settings "
+              "and data; `--print-config` prints the settings a command line resolves to, as "
+              "YAML that `--config` reads, and exits.", "",
+              "`--data` (alias `--data-path`, torchvision's name) takes a data folder, a packed "
+              "cache or a MedMNIST `.npz` file, in every command that reads data.", ""]
     return "\n".join(lines)
 
 
