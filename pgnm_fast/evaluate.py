@@ -31,7 +31,7 @@ def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, bat
     instead of the checkpoint's."""
     logits, labels, classes, files = _score_split(checkpoint, data, split, batch_size, workers,
                                                   device, amp, log, show_progress, model_name,
-                                                  loader, sizes)
+                                                  backend=loader, sizes=sizes)
     metrics, absent = classification_metrics(logits, labels, classes)
     if absent:
         warn(f"warning: the {split} split lacks {len(absent)} of {len(classes)} classes "
@@ -90,7 +90,7 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
 
 
 def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log, show_progress,
-                 model_name=None, loader=None, sizes=None):
+                 model_name=None, backend=None, sizes=None):
     """:func:`predict_checkpoint`'s result and the split's file paths."""
     w = read_weights(checkpoint)
     name = resolve_model(w, model_name)
@@ -129,7 +129,7 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
                          crop_size=crop, resize_size=resize, channels=channels,
                          workers=cfg.workers if workers is None else workers,
                          rank=0, world_size=1, device=info.device, log=log,
-                         backend=loader or ("torch" if cfg.loader == "torch" else "auto"), **norm)
+                         backend=backend or ("torch" if cfg.loader == "torch" else "auto"), **norm)
     logits, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
     return logits, remap[labels], classes, list(part.files)

@@ -196,6 +196,10 @@ def test_a_runs_config_json_round_trips_through_config(small_data, tmp_path):
     r = cli("train", "--no-policy", "--resume", out / "last.pt", "--epochs", "3", "--print-config")
     assert r.exit_code == 0, r.output
     assert yaml.safe_load(r.output) == dict(written, epochs=3)  # the checkpoint's, then the flags
+    r = cli("eval", "--checkpoint", out / "last.pt", "--split", "val", "-j", "0", "--threads", "1",
+            "--img-size", "40", "--loader", "torch", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("1 intra-op thread (--threads)") and "val: " in r.output, r.output
 
 
 def test_a_yaml_config_sits_between_the_preset_and_the_flags(tmp_path):
