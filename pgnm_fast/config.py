@@ -56,6 +56,16 @@ def setting(default, help: str, *flags: str, rule: str | None = None, choices=No
         heated_only=heated_only, default_text=default_text, cli=cli))
 
 
+# a field declared without setting(): a --config key without a flag, help or range rule
+PLAIN = dict(flags=(), help="", rule=None, choices=None, metavar=None, heated_only=False,
+             default_text=None, cli=False)
+
+
+def meta(name: str) -> dict:
+    """The option metadata of the field ``name`` (:func:`setting`)."""
+    return {**PLAIN, **FIELDS[name].metadata}
+
+
 @dataclass
 class TrainConfig:
     stage: str = setting("heated", "Heated, baseline or finetune: set by the command "
@@ -163,7 +173,7 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage {self.stage!r} (choose from {', '.join(STAGES)})")
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = meta(f.name)["choices"]
             if choices and choices is not MODELS and str(getattr(self, f.name)) not in choices:
                 raise ConfigError(f"{flag_of(f.name)} must be one of {', '.join(choices)}, "
                                   f"not {getattr(self, f.name)!r}")
@@ -191,8 +201,8 @@ class TrainConfig:
     def _check_numbers(self) -> None:
         """Every numeric setting in its range (:data:`RULES`; one line naming the flag)."""
         for f in dataclasses.fields(self):
-            if f.metadata.get("rule"):
-                check_value(flag_of(f.name), getattr(self, f.name), f.metadata["rule"])
+            if meta(f.name)["rule"]:
+                check_value(flag_of(f.name), getattr(self, f.name), meta(f.name)["rule"])
 
 
 # The authors' settings (docs/method.md §5): heated and baseline 90 epochs, fine-tune 10 with
@@ -248,16 +258,16 @@ def config_from_dict(values: dict) -> TrainConfig:
 def flag_of(name: str) -> str:
     """The CLI flag of a config field (``weight_decay`` -> ``--wd``, ``workers`` ->
     ``-j/--workers``); a key without a flag as itself."""
-    meta = FIELDS[name].metadata
-    if not meta["cli"]:
+    field = meta(name)
+    if not field["cli"]:
         return name
-    flags = meta["flags"] or ("--" + name.replace("_", "-"),)
+    flags = field["flags"] or ("--" + name.replace("_", "-"),)
     return f"{flags[0]}/{flags[1]}" if not flags[0].startswith("--") else flags[0]
 
 
 def rule_of(name: str) -> str | None:
     """The range rule of a config field (:data:`RULES`), for options of other commands."""
-    return FIELDS[name].metadata["rule"]
+    return meta(name)["rule"]
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -17,6 +17,7 @@ import click
 from click.core import ParameterSource
 
 from .config import CROP_RATIO, FIELDS, PRESETS, TrainConfig, check_value, rule_of
+from .config import meta as field_meta
 from .errors import ConfigError
 from .names import DEVICES
 
@@ -57,7 +58,7 @@ def _shown(value) -> str:
 def default_text(name: str, stage: str) -> str:
     """The default of a setting for ``stage`` as help shows it: one value, or the tiny and paper
     presets' when they differ."""
-    meta = FIELDS[name].metadata
+    meta = field_meta(name)
     if meta["default_text"]:
         return meta["default_text"]
     values = [PRESETS[p][stage].get(name, FIELDS[name].default) for p in ("tiny", "paper")]
@@ -67,7 +68,7 @@ def default_text(name: str, stage: str) -> str:
 
 
 def option_names(name: str) -> tuple[str, ...]:
-    meta = FIELDS[name].metadata
+    meta = field_meta(name)
     flags = meta["flags"] or ("--" + name.replace("_", "-"),)
     if base_type(name) is bool and not meta["flags"]:
         return (f"{flags[0]}/--no-{flags[0][2:]}",)
@@ -95,7 +96,7 @@ def not_empty(ctx, param, value):
 
 def setting_option(name: str, stage: str, help: str | None = None, shown: str | None = None):
     """The click option of the setting ``name``; its default None means "the preset's"."""
-    meta = FIELDS[name].metadata
+    meta = field_meta(name)
     kind = base_type(name)
     kw = dict(default=None, help=help or meta["help"], metavar=meta["metavar"],
               show_default=shown or default_text(name, stage))
@@ -128,8 +129,8 @@ def compose(options: list):
 
 def setting_names(stage: str) -> list[str]:
     """The settings with a flag in `train` (heated) or `finetune`, in the dataclass's order."""
-    return [n for n, f in FIELDS.items() if f.metadata["cli"]
-            and not (stage == "finetune" and f.metadata["heated_only"])]
+    return [n for n in FIELDS if field_meta(n)["cli"]
+            and not (stage == "finetune" and field_meta(n)["heated_only"])]
 
 
 def run_options(out_help: str) -> list:
@@ -209,7 +210,7 @@ def _checked_value(path: str, name: str, value):
         choices = {"preset": tuple(PRESETS), "device": DEVICES}.get(name)
         rule = "positive" if name == "img_size" else None
     elif name in FIELDS:
-        kind, choices, rule = base_type(name), FIELDS[name].metadata["choices"], rule_of(name)
+        kind, choices, rule = base_type(name), field_meta(name)["choices"], rule_of(name)
         optional = type(None) in typing.get_args(TYPES[name])
     else:
         raise ConfigError(f"--config {path}: unknown key {name!r} (the keys are the settings "
@@ -284,7 +285,7 @@ def flags_markdown() -> str:
              "`finetune` column: where the fine-tune stage's default differs.", "",
              "| Flag | Key | Default | finetune | Meaning |", "|---|---|---|---|---|"]
     for name in FIELDS:
-        meta = FIELDS[name].metadata
+        meta = field_meta(name)
         flag = " ".join(f"`{f}`" for f in option_names(name)) if meta["cli"] else "(file only)"
         train, finetune = default_text(name, "heated"), default_text(name, "finetune")
         if meta["heated_only"]:

@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from pgnm_fast.cli import main
-from pgnm_fast.config import FIELDS, make_config
+from pgnm_fast.config import FIELDS, make_config, meta
 from pgnm_fast.options import flags_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +32,16 @@ def test_docs_flags_table_is_generated_from_the_settings():
         "docs/flags.md is out of date: python -m pgnm_fast.options --flags-md > docs/flags.md")
 
 
+def test_every_setting_is_declared_with_its_help():
+    for name, field in FIELDS.items():
+        assert field.metadata.get("help"), (
+            f"TrainConfig.{name}: declare it with setting(default, help, ...) (cli=False: no flag)")
+
+
 def test_every_setting_with_a_flag_is_an_option_of_train():
     params = {p.name: p for p in main.commands["train"].params}
-    for name, field in FIELDS.items():
-        assert (name in params) == field.metadata["cli"], name
+    for name in FIELDS:
+        assert (name in params) == meta(name)["cli"], name
     finetune = {p.name for p in main.commands["finetune"].params}
     assert {"grid", "impl", "policy_lr", "policy_model"}.isdisjoint(finetune)
     # the names users know: torchvision's and timm's spellings and short forms
