@@ -1,7 +1,10 @@
 """Run configuration: one dataclass, presets for the paper's schedules and a CPU-sized `tiny` run.
 
 Field names follow torchvision's classification reference scripts (``lr_step_size``,
-``lr_warmup_epochs``, ``train_crop_size``, ...), which the authors' code forked.
+``lr_warmup_epochs``, ``train_crop_size``, ...), which the authors' code forked. Each field's
+metadata holds its command-line option (names, help, range rule): :mod:`pgnm_fast.options` builds
+the options of `train`, `finetune` and `compare` from it and writes ``docs/flags.md``.
+No torch import here: ``pgnm-fast --help`` reads this module.
 """
 from __future__ import annotations
 
@@ -10,59 +13,148 @@ import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .names import IMPLS, OPTIMIZERS
-from .speed import check_flags
+from .names import IMPLS, LOADERS, MODELS, OPTIMIZERS, SCHEDULERS
 
 STAGES = ("heated", "baseline", "finetune")
 MIN_CROP = 8  # smaller crops are narrower than the classifiers' stem padding
+CROP_RATIO = 0.875  # --img-size N: val resize round(N / 0.875), torchvision's and timm's ratio
+
+# range rules of numeric settings: (test, what the value must be); floats must also be finite
+RULES = {
+    "positive": (lambda v: v > 0, "positive"),
+    "non_negative": (lambda v: v >= 0, "zero or positive"),
+    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "unit": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "batch": (lambda v: v >= 2, "at least 2 (BatchNorm needs more than one image per batch in "
+                                "training)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "finite": (lambda v: True, "finite"),
+}
+
+
+def check_value(name: str, value, rule: str) -> None:
+    """One line naming ``name`` when ``value`` breaks ``rule`` (a key of :data:`RULES`)."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {value}")
+    test, text = RULES[rule]
+    if not test(value):
+        raise ConfigError(f"{name} must be {text}, not {value}")
+
+
+def setting(default, help: str, *flags: str, rule: str | None = None, choices=None,
+            metavar: str | None = None, heated_only: bool = False, default_text: str | None = None,
+            cli: bool = True):
+    """A TrainConfig field and its command-line option. ``flags``: the option's names (default
+    ``--field-name``; a boolean gets ``--x/--no-x`` unless its names are given); ``rule``: its
+    range (:data:`RULES`); ``heated_only``: an option of `train`, not `finetune`;
+    ``default_text``: the default as shown where the value itself says little; ``cli=False``: a
+    key of ``--config`` files and run records without a flag."""
+    return dataclasses.field(default=default, metadata=dict(
+        flags=flags, help=help, rule=rule, choices=choices, metavar=metavar,
+        heated_only=heated_only, default_text=default_text, cli=cli))
+
+
+# a field declared without setting(): a --config key without a flag, help or range rule
+PLAIN = dict(flags=(), help="", rule=None, choices=None, metavar=None, heated_only=False,
+             default_text=None, cli=False)
+
+
+def meta(name: str) -> dict:
+    """The option metadata of the field ``name`` (:func:`setting`)."""
+    return {**PLAIN, **FIELDS[name].metadata}
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "heated"            # heated (policy + masks), baseline (no policy), finetune
-    model: str = "resnet50"
-    policy_model: str = "resnet10t"
-    epochs: int = 90
-    batch_size: int = 32             # per process, as torchvision's --batch-size
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_scheduler: str = "steplr"     # steplr | cosineannealinglr | constant
-    lr_step_size: int = 30
-    lr_gamma: float = 0.1
-    lr_warmup_epochs: int = 0
-    lr_warmup_decay: float = 0.01    # warm-up starts at lr * lr_warmup_decay
-    policy_lr: float | None = None   # default lr / 10, cosine to 0 over the epochs (docs/method.md §5)
-    grid: int = 64
-    train_crop_size: int = 224
-    val_resize_size: int = 256
-    val_crop_size: int = 224
-    channels: int = 1                # grey data through a 1-channel stem (exact, docs/method.md §1)
-    workers: int = 8
-    threads: int = 0                 # CPU intra-op threads; 0: the cores other processes leave (the
-                                     # count chosen is recorded with the run and kept on resume)
-    loader: str = "auto"             # data loading: auto, device, dali, torch (see make_loader)
-    on_bad_image: str = "error"      # a file that cannot be used: stop (error) or leave out (skip)
-    amp: bool = False
-    graphs: bool = False
-    channels_last: bool | None = None  # NHWC model and batches; None: on for CUDA (speed.py)
-    compile: bool = False            # torch.compile of classifier and policy (speed.py)
-    impl: str = "fast"               # mask step: fast (Triton / fused torch) or reference
-    sync_bn: bool = True             # SyncBatchNorm when distributed (the authors' setting)
-    seed: int = 0
-    print_freq: int = 20             # read device-side metrics every N steps
-    average_last: int = 0            # also save the mean of the last N epochs' weights (docs/method.md §5)
-    tensorboard: bool = False        # also write TensorBoard event files into RUN/tensorboard
-    opt: str = "sgd"                 # sgd (the paper's) | adamw, timm's --opt
-    label_smoothing: float = 0.0     # cross-entropy label smoothing, timm's --smoothing
-    clip_grad_norm: float = 0.0      # max total gradient norm (0: off), clipped on the device
-    mean: float | None = None        # input normalisation; None: RadImageNet's grey statistics
-    std: float | None = None
-    class_balanced: bool = False     # sample train images with weight 1 / class count
-    stem_lr_scale: float = 1.0       # 3: a stem summed from 3 channels (pgnm_fast.weights)
-    policy_stem_lr_scale: float = 1.0  # the same for the policy's trunk stem
-    synth_images: int = 2400         # size of the embedded default data set
-    synth_size: int = 96
+    stage: str = setting("heated", "Heated, baseline or finetune: set by the command "
+                         "(train, train --no-policy, finetune).", cli=False)
+    model: str = setting("resnet50", "Classifier.", choices=MODELS)
+    policy_model: str = setting("resnet10t", "The policy network's trunk.", choices=MODELS,
+                                heated_only=True)
+    epochs: int = setting(90, "Epochs in all (a resumed run continues to this count).",
+                          rule="positive")
+    batch_size: int = setting(32, "Images per process (torchrun: per GPU).", "-b", "--batch-size",
+                              rule="batch")
+    lr: float = setting(0.1, "Peak learning rate of the classifier.", rule="positive")
+    momentum: float = setting(0.9, "SGD momentum (classifier and policy).", rule="fraction")
+    weight_decay: float = setting(1e-4, "Weight decay (classifier and policy).", "--wd",
+                                  "--weight-decay", rule="non_negative")
+    lr_scheduler: str = setting("steplr", "Learning-rate schedule after the warm-up.",
+                                choices=SCHEDULERS)
+    lr_step_size: int = setting(30, "steplr: epochs between decays.", rule="positive")
+    lr_gamma: float = setting(0.1, "steplr: factor of each decay.", rule="positive")
+    lr_warmup_epochs: int = setting(0, "Epochs of linear warm-up (0: none).", rule="non_negative")
+    lr_warmup_decay: float = setting(0.01, "The warm-up starts at --lr times this factor.",
+                                     rule="unit")
+    policy_lr: float | None = setting(None, "Policy learning rate, cosine to 0 over the epochs "
+                                      "(docs/method.md §5).", rule="positive", heated_only=True,
+                                      default_text="--lr / 10")
+    grid: int = setting(64, "Mask grid G (G x G cells); at most the crop size.", rule="positive",
+                        heated_only=True)
+    train_crop_size: int = setting(224, "Side of the random crop a training image is scaled to.",
+                                   rule="positive")
+    val_resize_size: int = setting(256, "Validation: shorter side resized to this, then centre "
+                                   "cropped.", rule="positive")
+    val_crop_size: int = setting(224, "Validation: side of the centre crop.", rule="positive")
+    channels: int = setting(1, "Classifier input channels: 1 (grey) or 3 (the grey image "
+                            "replicated, the authors' form). A 3-channel checkpoint on a 1-channel "
+                            "run has its stem summed and trained with lr x3, weight decay /3: "
+                            "the same SGD/AdamW steps as the 3-channel stem.", "--in-chans",
+                            choices=("1", "3"))
+    workers: int = setting(8, "Data-loading processes (plain loader) or DALI CPU threads.", "-j",
+                           "--workers", rule="non_negative")
+    threads: int = setting(0, "CPU runs: intra-op threads (0: the cores less those other "
+                           "processes keep busy, at least 1; the count chosen is recorded with "
+                           "the run and kept on resume).", metavar="N", rule="non_negative",
+                           default_text="auto")
+    loader: str = setting("auto", "Data loading: a packed cache held in device memory (device), "
+                          "DALI (GPU or CPU-only), the plain PyTorch loader, or auto: device for "
+                          "a packed cache that fits on the GPU, else DALI where it is installed.",
+                          choices=LOADERS)
+    on_bad_image: str = setting("error", "A file that cannot be used (checked before the first "
+                                "epoch): stop naming it, or leave it out and say how many.",
+                                choices=("error", "skip"))
+    amp: bool = setting(False, "bf16 autocast (CUDA or CPU).")
+    graphs: bool = setting(False, "CUDA-graph-captured step (GPU).")
+    channels_last: bool | None = setting(None, "NHWC model and batches.",
+                                         default_text="on for CUDA, off on the CPU")
+    compile: bool = setting(False, "torch.compile the classifier and policy (not with --graphs).",
+                            "--compile", "--torchcompile")
+    impl: str = setting("fast", "Mask step implementation: fast (Triton / fused torch) or "
+                        "reference.", choices=IMPLS, heated_only=True)
+    sync_bn: bool = setting(True, "SyncBatchNorm under torchrun (the authors' setting).")
+    seed: int = setting(0, "Seed of the data order, masks and initialisation.", rule="seed")
+    print_freq: int = setting(20, "Log (and read device-side metrics) every N steps.",
+                              metavar="N", rule="positive")
+    average_last: int = setting(0, "Also write averaged.pt: the weights averaged over the last N "
+                                "epochs (fine-tune and --no-policy baseline; the paper's option "
+                                "is 3; 0: off; at most --epochs).", metavar="N")
+    tensorboard: bool = setting(False, "Also write TensorBoard event files (scalars, mask images) "
+                                "to RUN/tensorboard (needs the tensorboard package).")
+    opt: str = setting("sgd", "Classifier optimiser (sgd with --momentum is the paper's; the "
+                       "policy always uses SGD).", choices=OPTIMIZERS)
+    label_smoothing: float = setting(0.0, "Cross-entropy label smoothing (0: off, the paper's).",
+                                     rule="fraction")
+    clip_grad_norm: float = setting(0.0, "Clip each network's gradient 2-norm to MAX (0: off), on "
+                                    "the device.", metavar="MAX", rule="non_negative")
+    mean: float | None = setting(None, "Input normalisation mean on [0, 1] pixels.",
+                                 rule="finite", default_text="RadImageNet's")
+    std: float | None = setting(None, "Input normalisation std.", rule="positive",
+                                default_text="RadImageNet's")
+    class_balanced: bool = setting(False, "Draw training images with weight 1 / class size "
+                                   "(imbalanced sets); deterministic by --seed, sharded under "
+                                   "torchrun.")
+    stem_lr_scale: float = setting(1.0, "Learning-rate scale of a stem summed from 3 channels "
+                                   "(3), set from the initial weights.", cli=False, rule="positive")
+    policy_stem_lr_scale: float = setting(1.0, "Learning-rate scale of the policy trunk's stem summed "
+                                          "from 3 channels (3), set from the initial weights.",
+                                          cli=False, rule="positive")
+    synth_images: int = setting(2400, "Images of the embedded default data set.",
+                                cli=False, rule="positive")
+    synth_size: int = setting(96, "Image side of the embedded default data set.",
+                              cli=False, rule="positive")
 
     @property
     def policy(self) -> bool:
@@ -83,23 +175,18 @@ class TrainConfig:
     def check(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage {self.stage!r} (choose from {', '.join(STAGES)})")
-        if self.on_bad_image not in ("error", "skip"):
-            raise ConfigError(f"--on-bad-image must be error or skip, not {self.on_bad_image!r}")
-        if self.impl not in IMPLS:
-            raise ConfigError(f"--impl must be one of {', '.join(IMPLS)}, not {self.impl!r}")
-        for name in ("epochs", "batch_size", "grid", "train_crop_size", "val_crop_size",
-                     "val_resize_size", "print_freq"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            choices = meta(f.name)["choices"]
+            if choices and choices is not MODELS and str(getattr(self, f.name)) not in choices:
+                raise ConfigError(f"{flag_of(f.name)} must be one of {', '.join(choices)}, "
+                                  f"not {getattr(self, f.name)!r}")
+        self._check_numbers()
         if not 0 <= self.average_last <= self.epochs:
             raise ConfigError(f"--average-last must be between 0 and --epochs ({self.epochs}), "
                               f"not {self.average_last}")
         if self.average_last and self.policy:
             raise ConfigError("--average-last applies to the fine-tune and baseline stages: the "
                               "heated classifier goes with its policy")
-        if self.threads < 0:
-            raise ConfigError(f"--threads must be positive, not {self.threads}")
-        self._check_numbers()
         if min(self.train_crop_size, self.val_crop_size) < MIN_CROP:
             flag = "--train-crop-size" if self.train_crop_size < MIN_CROP else "--val-crop-size"
             raise ConfigError(f"{flag} must be at least {MIN_CROP} pixels (the classifier's stem), "
@@ -110,49 +197,15 @@ class TrainConfig:
         if self.val_crop_size > self.val_resize_size:
             raise ConfigError(f"--val-crop-size {self.val_crop_size} exceeds --val-resize-size "
                               f"{self.val_resize_size}")
+        from .speed import check_flags  # imports torch: not at module level
         check_flags(self.compile, self.graphs)
-        if self.channels not in (1, 3):
-            raise ConfigError(f"--in-chans must be 1 or 3, not {self.channels}")
-        if self.opt not in OPTIMIZERS:
-            raise ConfigError(f"--opt must be one of {', '.join(OPTIMIZERS)}, not {self.opt!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
-        if self.clip_grad_norm < 0:
-            raise ConfigError(f"--clip-grad-norm must be >= 0 (0: off), not {self.clip_grad_norm}")
-        if self.std is not None and self.std <= 0:
-            raise ConfigError(f"--std must be positive, not {self.std}")
         return self
 
     def _check_numbers(self) -> None:
-        """Every numeric flag in its range (one line naming the flag), before anything runs."""
-        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lr_warmup_decay", "policy_lr"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(f"{_flag(name)} must be a finite number, not {value}")
-        for name in ("lr", "lr_gamma"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{_flag(name)} must be positive, not {getattr(self, name)}")
-        if self.policy_lr is not None and self.policy_lr <= 0:
-            raise ConfigError(f"--policy-lr must be positive, not {self.policy_lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum must be in [0, 1), not {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--wd must be zero or positive, not {self.weight_decay}")
-        if self.lr_step_size <= 0:
-            raise ConfigError(f"--lr-step-size must be positive, not {self.lr_step_size}")
-        if self.lr_warmup_epochs < 0:
-            raise ConfigError(f"--lr-warmup-epochs must be zero or positive, not "
-                              f"{self.lr_warmup_epochs}")
-        if not 0 < self.lr_warmup_decay <= 1:
-            raise ConfigError(f"--lr-warmup-decay must be in (0, 1] (the warm-up starts at lr x "
-                              f"this factor), not {self.lr_warmup_decay}")
-        if self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be at least 2: BatchNorm needs more than one "
-                              f"image per batch in training, not {self.batch_size}")
-        if self.workers < 0:
-            raise ConfigError(f"-j/--workers must be zero or positive, not {self.workers}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise ConfigError(f"--seed must be in [0, 2**32), not {self.seed}")
+        """Every numeric setting in its range (:data:`RULES`; one line naming the flag)."""
+        for f in dataclasses.fields(self):
+            if meta(f.name)["rule"]:
+                check_value(flag_of(f.name), getattr(self, f.name), meta(f.name)["rule"])
 
 
 # The authors' settings (docs/method.md §5): heated and baseline 90 epochs, fine-tune 10 with
@@ -205,10 +258,23 @@ def config_from_dict(values: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
 
-def _flag(name: str) -> str:
-    """The CLI flag of a config field (``weight_decay`` -> ``--wd``)."""
-    return {"weight_decay": "--wd", "workers": "-j/--workers"}.get(name, "--" + name.replace("_", "-"))
+def flag_of(name: str) -> str:
+    """The CLI flag of a config field (``weight_decay`` -> ``--wd``, ``workers`` ->
+    ``-j/--workers``); a key without a flag as itself."""
+    field = meta(name)
+    if not field["cli"]:
+        return name
+    flags = field["flags"] or ("--" + name.replace("_", "-"),)
+    return f"{flags[0]}/{flags[1]}" if not flags[0].startswith("--") else flags[0]
+
+
+def rule_of(name: str) -> str | None:
+    """The range rule of a config field (:data:`RULES`), for options of other commands."""
+    return meta(name)["rule"]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 __all__ = ["TrainConfig", "make_config", "config_from_dict", "PRESETS", "STAGES", "IMPLS",
-           "OPTIMIZERS"]
+           "OPTIMIZERS", "RULES", "check_value", "flag_of"]

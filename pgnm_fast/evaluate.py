@@ -22,15 +22,18 @@ from .weights import fit_classifier, read_weights, resolve_model
 def evaluate_checkpoint(checkpoint, data=None, split="test", json_path=None, batch_size=None,
                         workers=None, device=None, amp=False, log=print, warn=print,
                         show_progress=True, predictions_path=None, model_name=None,
-                        all_scores=False) -> dict:
+                        all_scores=False, loader=None, sizes=None) -> dict:
     """Evaluate on clean images (no masks: the heated model is its classifier). Returns the
     metrics dict (keys :data:`pgnm_fast.metrics.METRIC_KEYS`; top-5 only with more than 5
     classes). With ``json_path`` also write, beside it, the per-class table and the confusion
     matrix (CSV, and PNG with matplotlib); with ``predictions_path`` one CSV row per image (every
     class's score with ``all_scores``). The JSON holds the metrics and what produced them
-    (:func:`eval_record`; docs/outputs.md)."""
+    (:func:`eval_record`; docs/outputs.md). ``loader``: the backend (default: torch where the
+    checkpoint's run used it, else auto); ``sizes``: ``val_crop_size`` / ``val_resize_size``
+    instead of the checkpoint's."""
     logits, labels, classes, files, inputs = _score_split(
-        checkpoint, data, split, batch_size, workers, device, amp, log, show_progress, model_name)
+        checkpoint, data, split, batch_size, workers, device, amp, log, show_progress, model_name,
+        backend=loader, sizes=sizes)
     metrics, absent = classification_metrics(logits, labels, classes)
     metrics = reported_metrics(metrics, len(classes))  # top-5 only with more than 5 classes
     if absent:
@@ -111,13 +114,13 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
 
 
 def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log, show_progress,
-                 model_name=None):
+                 model_name=None, backend=None, sizes=None):
     """:func:`predict_checkpoint`'s result, the split's file paths and the inputs it read
     (``{"data", "transforms"}``)."""
     w = read_weights(checkpoint)
     name = resolve_model(w, model_name)
     state = w.checkpoint or {}
-    cfg = config_from_dict(state.get("config", {}))
+    cfg = config_from_dict(state.get("config", {})).replace(**(sizes or {}))
     if data is None and not state.get("data"):
         raise DataError(f"{checkpoint} does not name its data set: pass --data")
     root = Path(data) if data is not None else Path(state["data"])
@@ -151,7 +154,7 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
                          crop_size=crop, resize_size=resize, channels=channels,
                          workers=cfg.workers if workers is None else workers,
                          rank=0, world_size=1, device=info.device, log=log,
-                         backend="torch" if cfg.loader == "torch" else "auto", **norm)
+                         backend=backend or ("torch" if cfg.loader == "torch" else "auto"), **norm)
     logits, labels = predict(model, loader, info.device, amp=amp, show_progress=show_progress,
                             desc=f"eval {split}")
     inputs = {"data": str(root.resolve()),

@@ -200,9 +200,11 @@ def _label(path: Path, paths: list[Path]) -> str:
 def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe: bool = False,
              steps: int = 100, lr: float | None = None, batch_size: int = 32, seed: int = 0,
              labels=None, workers: int = 2, loader: str = "auto", amp: bool = False,
-             device=None, log=print, reference: str | None = None) -> dict:
+             device=None, log=print, reference: str | None = None, sizes=None) -> dict:
     """Every (checkpoint, n, repeat) run in this process (module docstring); writes
-    ``transfer.json`` and ``transfer.png`` into ``out`` and returns the report."""
+    ``transfer.json`` and ``transfer.png`` into ``out`` and returns the report. ``sizes``:
+    crop sizes (``train_crop_size``, ``val_crop_size``, ``val_resize_size``) instead of each
+    checkpoint's."""
     froms = [Path(f) for f in froms]
     if not froms:
         raise ConfigError("transfer needs at least one --from checkpoint")
@@ -258,7 +260,7 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         kept = [run for key, run in stored.items() if key not in in_grid]
         runs, tests, t0 = [], {}, time.perf_counter()
         for name, state in zip(names, states):
-            cfg = config_from_dict(state.config)
+            cfg = config_from_dict(state.config).replace(**(sizes or {}))
             key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
             for n in shots:
                 for r in range(repeats):
