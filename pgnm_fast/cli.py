@@ -15,16 +15,10 @@ import threading
 import click
 
 from .atomic import os_reason
-from .errors import ConfigError, PgnmError
+from .errors import ConfigError, PgnmError, first_line
 from .names import IMPLS, MODELS, OPTIMIZERS, SCHEDULERS
 
 PRESETS = ("paper", "tiny")  # pgnm_fast.config.PRESETS (a test checks they agree)
-
-
-def _one_line(e: Exception) -> str:
-    """The user-facing line of an error (PgnmError already drops a worker's traceback)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class Terminated(KeyboardInterrupt):
@@ -42,7 +36,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PgnmError as e:
-            err = click.ClickException(_one_line(e))
+            err = click.ClickException(first_line(e))
             err.exit_code = e.exit_code
             raise err from None
         except OSError as e:

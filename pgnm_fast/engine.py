@@ -80,9 +80,16 @@ class HeatedStep:
         unwrap(self.policy).update_base(h_a, h_b)
         _accumulate(stats, loss, ce, S.detach().mean(), logits, target)
 
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """The masker's device-side flag: the policy produced a non-finite a~ or b~."""
+        return self.masker.nonfinite
+
 
 class PlainStep:
     """Baseline and fine-tune: cross-entropy on clean images, no policy."""
+
+    nonfinite = None  # no policy, no flag
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: bool,
                  device: torch.device, label_smoothing: float = 0.0,
@@ -122,20 +129,20 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (images, ta
 
 def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch: int,
                     global_step: int, print_freq: int, log_step: Callable[[dict], None],
-                    masker: torch.nn.Module | None = None, show_progress: bool = True,
+                    show_progress: bool = True,
                     channels_last: bool = False, log_line: Callable[[str], None] | None = None,
                     ) -> tuple[int, dict]:
     """Run one epoch; every ``print_freq`` steps read the device stats (one sync), check them and
-    the masker's non-finite flag, and hand a record to ``log_step``; where no live bar is drawn
-    (output not a terminal) also print a step line through ``log_line``. Returns
-    (global_step, record)."""
+    the step's non-finite flag (``step.nonfinite``, None without a policy), and hand a record to
+    ``log_step``; where no live bar is drawn (output not a terminal) also print a step line
+    through ``log_line``. Returns (global_step, record)."""
     stats = torch.zeros(N_STATS, device=device)
     window = torch.zeros(N_STATS, device=device)
     bar = tqdm(total=len(loader) * loader.batch_size, unit="img", unit_scale=True, leave=False,
                desc=f"epoch {epoch}", disable=None if show_progress else True,  # None: TTY only
                mininterval=1.0)
     lines = show_progress and bar.disable and log_line is not None
-    heated = masker is not None
+    heated = step.nonfinite is not None
     t_window, first = time.perf_counter(), global_step
     t_start = t_window
     last = None
@@ -148,7 +155,7 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
         global_step += 1
         bar.update(target.shape[0])
         if (i + 1) % print_freq == 0 or i + 1 == len(loader):
-            last = _read_window(window, masker, epoch, first, global_step, time.perf_counter() - t_window)
+            last = _read_window(window, step.nonfinite, epoch, first, global_step, time.perf_counter() - t_window)
             log_step(last)
             bar.set_postfix(bar_fields(last, heated))
             if lines:
@@ -177,9 +184,9 @@ def check_finite_weights(modules, epoch: int) -> None:
                                f"(try a lower --lr)")
 
 
-def _read_window(window, masker, epoch, first, global_step, seconds):
+def _read_window(window, nonfinite, epoch, first, global_step, seconds):
     values = window.tolist()  # the one host sync of the window
-    bad_policy = masker is not None and bool(masker.nonfinite)
+    bad_policy = nonfinite is not None and bool(nonfinite)
     if bad_policy or not all(np.isfinite(values)):
         what = "the policy produced non-finite Beta parameters (a~ or b~)" if bad_policy \
             else "the loss became non-finite"

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import first_line
+
 
 class _CudaGraphs:
     """Warm-up and capture on one side stream: cuBLAS and other libraries make their
@@ -81,6 +83,11 @@ class GraphedStep:
         self.steps = self.captures = 0
         self.eager_reason = None
 
+    @property
+    def nonfinite(self):
+        """The wrapped step's non-finite flag (engine.HeatedStep.nonfinite; None without one)."""
+        return getattr(self.step, "nonfinite", None)
+
     def _hyper(self):
         return tuple((g["lr"], g.get("momentum"), g.get("weight_decay"), g.get("dampening"),
                       g.get("nesterov")) for o in self.optimizers for g in o.param_groups)
@@ -127,7 +134,7 @@ class GraphedStep:
         try:
             self.replay = self._capture(lambda: self._run(*self.inputs, self.stats))
         except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly instead
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             self.eager_reason = reason
             self.log(f"--graphs: capturing the step failed ({reason[:200]}); running eagerly")
             return False

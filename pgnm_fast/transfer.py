@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import config_from_dict
+from .atomic import write_json_atomic
 from .distributed import init_distributed
 from .engine import N_STATS, PlainStep, TrainingDiverged, predict
 from .errors import ConfigError, DataError
-from .evaluate import write_json_atomic
 from .folders import check_output_dir, lock_folder
 from .metrics import classification_metrics, json_safe, t_interval
 from .models import create_model
@@ -57,7 +56,7 @@ from .pipelines.loader import batch_loader, split_key
 from .pipelines.packed import sha256_file
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform, load_grey
-from .run_state import load_run_state
+from .run_state import RunState, load_run_state
 from .weights import Weights, fit_classifier
 
 DEFAULT_SHOTS = (16, 32, 64, 128, 256)
@@ -138,11 +137,10 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
     return [(x.to("cpu", copy=True), y.to("cpu", copy=True)) for x, y in test]
 
 
-def _model(state: dict, classes: list, device, probe: bool):
+def _model(state: RunState, classes: list, device, probe: bool):
     model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
-    weights = Weights(Path(f"{state.model_name} checkpoint"), "pgnm-fast", state.model,
-                      state.model_name, list(state.classes))
-    fit_classifier(model, weights, state.model_name, classes, log=lambda *_: None)
+    fit_classifier(model, Weights.from_run_state(state), state.model_name, classes,
+                   log=lambda *_: None)
     model.to(device).train()
     head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
     if not probe:
@@ -245,7 +243,7 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         kept = [run for key, run in stored.items() if key not in in_grid]
         runs, tests, t0 = [], {}, time.perf_counter()
         for name, state in zip(names, states):
-            cfg = config_from_dict(state.config)
+            cfg = state.train_config
             key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
             for n in shots:
                 for r in range(repeats):
