@@ -47,8 +47,9 @@ from .metrics import (
     t_interval,
 )
 from .pipelines.sources import open_source
+from .prepare import resolve_data
 from .run_state import load_run_state
-from .stages import resolve_data, run_stage
+from .stages import run_stage
 
 # docs/method.md §6: the authors' RadImageNet test numbers (165 classes, ResNet-50 classifier,
 # ResNet-10t policy), printed beside the user's as a reference.

@@ -1,7 +1,8 @@
 """The PGNM stages end to end: heated (policy + masks), baseline (no policy), fine-tune.
 
 Construction and the epoch loop. Everything that can be wrong with the user's input (data,
-checkpoint, flags, run folder) is checked before the run folder is touched; the folder then holds
+checkpoint, flags, run folder) is checked before the run folder is touched
+(:mod:`pgnm_fast.prepare`); the folder then holds
 ``last.pt``, ``best.pt`` (by validation macro F1), ``metrics.jsonl`` and ``config.json``
 (:mod:`pgnm_fast.run_folder`), and with ``--average-last N`` also ``averaged.pt``
 (:mod:`pgnm_fast.averaging`). What depends on the device is decided once into an
@@ -13,33 +14,28 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .averaging import LastEpochsAverage
-from .config import TrainConfig, make_config
 from .console import epoch_lines, format_val, resume_hint
 from .distributed import (
-    DistInfo,
     all_reduce_mean,
     barrier,
     broadcast_buffers,
     cleanup,
     gather_to_main,
-    init_distributed,
 )
 from .engine import HeatedStep, PlainStep, check_finite_weights, predict, train_one_epoch, unwrap
-from .errors import ConfigError, DataError, interrupt_in
-from .folders import check_output_dir
+from .errors import ConfigError, interrupt_in
 from .graphs import GraphedStep
 from .kernels import make_masker
 from .metrics import classification_metrics, json_safe
 from .models import PolicyNet, create_model
 from .observe import RunObserver
 from .optim import (
-    STEM_LR_SCALE,
     build_lr_scheduler,
     build_optimizer,
     build_policy_lr_scheduler,
@@ -48,100 +44,12 @@ from .optim import (
     reset_hyperparameters,
 )
 from .pipelines import BatchLoader, make_loader
-from .pipelines.check import report_bad
-from .pipelines.sources import open_source
-from .run_folder import MetricsLog, check_fresh, hold_run_folder, save_epoch_states, write_config
-from .run_state import RunState, load_run_state, save_run_state
+from .prepare import Run, prepare_run
+from .run_folder import MetricsLog, hold_run_folder, save_epoch_states, write_config
+from .run_state import RunState, save_run_state
 from .speed import ExecutionPlan, compile_modules, plan_execution, set_backends
-from .state_checks import check_fits, check_weights_fit
 from .threads import set_threads
-from .weights import Weights, fit_classifier, fit_policy, read_weights, resolve_model
-
-
-@dataclasses.dataclass
-class Run:
-    """What one stage needs, assembled and checked before anything is written."""
-    cfg: TrainConfig
-    info: DistInfo
-    data_root: Path
-    classes: list
-    train_split: object
-    val_split: object
-    out: Path
-    resume_state: RunState | None = None
-    init: Weights | None = None  # --initial-checkpoint / --from
-    init_from: str | None = None  # the path of --initial-checkpoint / --from
-    recheck: bool = False  # check the image files afresh (not the cached verdict)
-
-
-def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
-                 cfg: TrainConfig, log: Callable[[str], None]) -> Path:
-    """``--data``, else the data of a checkpoint the run starts from, else the embedded set."""
-    if data is not None:
-        return Path(os.path.abspath(Path(data).expanduser()))  # any folder can resume
-    for state in states:
-        if state is not None and state.data:
-            return Path(state.data)
-    from .synth import ensure_default_data
-    return ensure_default_data(log=log, images=cfg.synth_images, size=cfg.synth_size)
-
-
-def _config(stage: str, preset: str, overrides: dict, resume_state: RunState | None, resume,
-            init: Weights | None) -> TrainConfig:
-    """The stage's config: a resumed run's own, else the preset's; both with the overrides. A
-    run from a pgnm-fast checkpoint keeps its input form (channels, normalisation)."""
-    if resume_state is not None:
-        if resume_state.stage != stage:
-            raise ConfigError(f"--resume {resume} is a {resume_state.stage} checkpoint, not {stage}")
-        cfg = resume_state.train_config.replace(**overrides).check()
-        check_fits(resume_state, cfg, resume, "--resume")
-        return cfg
-    if init is not None:
-        overrides["model"] = resolve_model(init, overrides.get("model"))
-        if init.state is not None:  # a pgnm-fast run's input form carries over
-            saved = init.state.train_config
-            overrides.setdefault("channels", init.state.in_chans)
-            for key in ("mean", "std"):
-                if getattr(saved, key) is not None:
-                    overrides.setdefault(key, getattr(saved, key))
-        if init.in_chans == 3 and overrides.get("channels", 1) == 1:
-            overrides.setdefault("stem_lr_scale", STEM_LR_SCALE)
-    return make_config(stage, preset, **overrides)
-
-
-def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
-                data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-                resume: str | os.PathLike | None = None, init_from: str | os.PathLike | None = None,
-                device: str | None = None, log: Callable[[str], None] = print) -> Run:
-    """Check everything about a stage's input and assemble its :class:`Run` (nothing written)."""
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    resume_state = load_run_state(resume) if resume else None
-    init = read_weights(init_from) if init_from else None  # any form (pgnm_fast.weights)
-    cfg = _config(stage, preset, overrides, resume_state, resume, init)
-    info = init_distributed(device)
-    if data is None and init is not None and init.state is not None:
-        data = init.state.data or None  # the data the checkpoint was trained on
-    data_root = resolve_data(data, (resume_state,), cfg, log)
-    source = open_source(data_root, skip_bad=cfg.on_bad_image == "skip")
-    train_split = source.split("train")
-    if "val" not in source.splits:
-        raise DataError(f"data at {data_root} has no val split (the run selects best.pt on it)")
-    val_split = source.split("val")
-    report_bad(source.problems, cfg.on_bad_image, None, log, what="entry")
-    classes = list(source.classes)
-    if resume_state is not None and list(resume_state.classes) != classes:
-        raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
-    if resume_state is not None:
-        check_weights_fit(resume_state, cfg, classes, resume, "--resume")
-    run_dir = Path(out) if out else (Path(resume).parent if resume else
-                                     Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_fresh(run_dir, resume)
-    check_output_dir(run_dir, "--out")
-    if len(train_split) < cfg.batch_size * info.world_size:
-        raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
-                        f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
-    return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init,
-               str(init_from) if init_from else None)
+from .weights import fit_classifier, fit_policy
 
 
 def run_stage(stage: str, preset: str = "tiny", overrides: dict | None = None,
