@@ -64,10 +64,12 @@ class _CudaGraphs:
 class GraphedStep:
     """A step ``step(images, target, stats)`` (engine.HeatedStep or PlainStep) replayed as a
     CUDA graph (module docstring). ``optimizers``: the step's optimisers, whose hyper-parameters
-    decide when to re-capture. ``static_inputs``: the loader yields the same two tensors every
-    step, which then become the graph's inputs. ``prologue``: a callable that fills those two
-    tensors (the device loader's :meth:`~pgnm_fast.pipelines.device.DeviceLoader.fill`), run
-    before every step and captured with it; it needs ``static_inputs``. ``capture`` and
+    decide when to re-capture. ``static_inputs``: the tensors of the first captured batch become
+    the graph's inputs (no copy for the loaders that yield the same two tensors every step; any
+    other batch is copied into them); without it the graph gets inputs of its own.
+    ``prologue``: a callable that fills those two tensors (the device loader's
+    :meth:`~pgnm_fast.pipelines.device.DeviceLoader.fill`), run before every step and captured
+    with it; it needs ``static_inputs``. ``capture`` and
     ``warm`` are injectable so the logic is testable without CUDA."""
 
     def __init__(self, step, optimizers, *, warmup: int = 3, static_inputs: bool = False,
