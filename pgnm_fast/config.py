@@ -60,6 +60,7 @@ class TrainConfig:
     std: float | None = None
     class_balanced: bool = False     # sample train images with weight 1 / class count
     stem_lr_scale: float = 1.0       # 3: a stem summed from 3 channels (pgnm_fast.weights)
+    policy_stem_lr_scale: float = 1.0  # the same for the policy's trunk stem
     synth_images: int = 2400         # size of the embedded default data set
     synth_size: int = 96
 

@@ -19,6 +19,7 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from .errors import ConfigError
+from .models import POLICY_TRUNK_PREFIX
 from .models.resnet import FIRST_CONV
 from .names import SCHEDULERS  # the CLI reads it from .names, without torch
 from .speed import sgd_kind
@@ -46,6 +47,31 @@ def param_groups(model, stem_lr_scale: float, weight_decay: float) -> list[dict]
                  weight_decay=weight_decay / stem_lr_scale)]
 
 
+def policy_param_groups(policy, stem_lr_scale: float, lr: float, weight_decay: float) -> list[dict]:
+    """The policy optimiser's groups, each with its ``lr``, as :func:`param_groups` makes them
+    (its trunk's stem apart when summed, ``stem_lr_scale`` != 1). ``policy``: not DDP-wrapped."""
+    named = list(policy.named_parameters())
+    stem = None if stem_lr_scale == 1.0 else POLICY_TRUNK_PREFIX + _stem_name(policy.fe)
+    groups = [dict(params=[p for k, p in named if k != stem], lr_scale=1.0, weight_decay=weight_decay)]
+    if stem is not None:
+        groups.append(dict(params=[dict(named)[stem]], lr_scale=stem_lr_scale,
+                           weight_decay=weight_decay / stem_lr_scale))
+    return [dict(g, lr=lr * g["lr_scale"]) for g in groups]
+
+
+def stem_lr_scales(w, channels: int) -> dict:
+    """``stem_lr_scale`` and ``policy_stem_lr_scale`` of a run from the weights ``w``
+    (:class:`~pgnm_fast.weights.Weights`) with ``channels``: a pgnm-fast checkpoint's own, and
+    x3 for each 3-channel stem summed into a 1-channel run now."""
+    saved = w.state.config if w.state is not None else {}
+    scales = {k: saved[k] for k in ("stem_lr_scale", "policy_stem_lr_scale") if saved.get(k) is not None}
+    stem = w.policy.get(f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight") if w.policy else None
+    for key, chans in (("stem_lr_scale", w.in_chans), ("policy_stem_lr_scale", stem is not None and stem.shape[1])):
+        if channels == 1 and chans == 3:
+            scales[key] = STEM_LR_SCALE
+    return scales
+
+
 def build_optimizer(params, cfg, lr: float, device: torch.device,
                     capturable: bool = False) -> torch.optim.Optimizer:
     """``--opt sgd`` (momentum, coupled weight decay, the paper's; fused on CUDA, foreach
@@ -62,9 +88,12 @@ def build_optimizer(params, cfg, lr: float, device: torch.device,
 
 
 def build_policy_optimizer(policy, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """The policy always trains with SGD at its own lr (docs/method.md §5)."""
-    return torch.optim.SGD(policy.parameters(), lr=cfg.effective_policy_lr(),
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    """The policy always trains with SGD at its own lr (docs/method.md §5), its summed stem in
+    a group of its own (:func:`policy_param_groups`). ``policy``: not DDP-wrapped."""
+    lr = cfg.effective_policy_lr()
+    return torch.optim.SGD(policy_param_groups(policy, cfg.policy_stem_lr_scale, lr,
+                                               cfg.weight_decay),
+                           lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            **sgd_kind(device))
 
 

@@ -14,7 +14,7 @@ from .config import TrainConfig, make_config
 from .distributed import DistInfo, init_distributed
 from .errors import ConfigError, DataError
 from .folders import check_output_dir
-from .optim import STEM_LR_SCALE
+from .optim import stem_lr_scales
 from .pipelines.check import report_bad
 from .pipelines.sources import open_source
 from .run_folder import check_fresh
@@ -69,8 +69,8 @@ def _config(stage: str, preset: str, overrides: dict, resume_state: RunState | N
             for key in ("mean", "std"):
                 if getattr(saved, key) is not None:
                     overrides.setdefault(key, getattr(saved, key))
-        if init.in_chans == 3 and overrides.get("channels", 1) == 1:
-            overrides.setdefault("stem_lr_scale", STEM_LR_SCALE)
+        for key, scale in stem_lr_scales(init, overrides.get("channels", 1)).items():
+            overrides.setdefault(key, scale)
     return make_config(stage, preset, **overrides)
 
 

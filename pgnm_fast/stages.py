@@ -124,7 +124,7 @@ def _build(run: Run, log) -> Parts:
     loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm)
     if policy is None:
         return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss), plan)
-    policy_optimizer = build_policy_optimizer(policy, cfg, dev)
+    policy_optimizer = build_policy_optimizer(unwrap(policy), cfg, dev)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
                       ema_sync=all_reduce_mean if info.distributed else None, **loss)
     val_masker = make_masker(cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
