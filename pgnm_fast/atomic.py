@@ -6,6 +6,7 @@ left as it was and the temporary one is removed.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -49,6 +50,13 @@ def atomic_open(path, mode: str = "wb"):
         if isinstance(e, OSError):
             raise write_error(path, e) from None
         raise
+
+
+def write_json_atomic(obj, path) -> None:
+    """``obj`` as indented JSON at ``path``, written atomically (:func:`atomic_open`)."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def remove_stale_temporaries(folder, names=None) -> list[Path]:

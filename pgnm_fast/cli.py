@@ -19,7 +19,7 @@ import click
 
 from .atomic import os_reason
 from .config import PRESETS, rule_of  # noqa: F401 (PRESETS: the names --preset offers)
-from .errors import ConfigError, PgnmError
+from .errors import ConfigError, PgnmError, first_line
 from .names import DEVICES, MODELS
 from .options import (
     CROPS,
@@ -38,12 +38,6 @@ from .options import (
 )
 
 
-def _one_line(e: Exception) -> str:
-    """The user-facing line of an error (PgnmError already drops a worker's traceback)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what a cluster scheduler or torchrun sends): ends a run as Ctrl-C does."""
 
@@ -59,7 +53,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PgnmError as e:
-            err = click.ClickException(_one_line(e))
+            err = click.ClickException(first_line(e))
             err.exit_code = e.exit_code
             raise err from None
         except OSError as e:
@@ -161,11 +155,8 @@ def _cpu_threads(threads, device: str):
     the cores other processes leave). Returns the command's log: it says the count before its
     first line, so that a command refused up front prints its one error line alone."""
     import torch
-    try:
-        from .threads import intra_op_threads
-    except ImportError:
-        from .stages import intra_op_threads
     from .config import TrainConfig
+    from .threads import intra_op_threads
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     chosen = intra_op_threads(TrainConfig(threads=threads or 0), torch.device("cpu" if cpu else "cuda"))
     if chosen is None:

@@ -31,22 +31,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .compare_report import build_report, format_report, write_compare_chart
 from .config import make_config
-from .distributed import shutdown
+from .distributed import shutdown, torchrun_env
 from .errors import ConfigError, DataError
-from .evaluate import predict_checkpoint, write_json_atomic
+from .evaluate import predict_checkpoint
 from .folders import check_output_dir
 from .metrics import classification_metrics, json_safe, paired_bootstrap
 from .pipelines.sources import open_source
+from .prepare import resolve_data
 from .run_state import load_run_state
-from .stages import resolve_data, run_stage
+from .stages import run_stage
 
 FINETUNE_FROM = ("last", "best")
 POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl")
@@ -88,7 +89,7 @@ def _stage(stage, folder: Path, expected: dict, log, **kwargs) -> tuple[Path, fl
         _check_same(folder, {**_flat(stage, state.config), "data": state.data},
                     {**_flat(stage, expected), "data": str(kwargs["data"])})
         if state.is_finished:
-            log(f"compare: {stage} already finished its {state.config['epochs']} epochs in "
+            log(f"compare: {stage} already finished its {state.train_config.epochs} epochs in "
                 f"{folder}: reusing it (another --out trains afresh)")
             return folder, 0.0
         log(f"compare: {stage} stopped after epoch {state.epoch} in {folder}: resuming")
@@ -102,7 +103,7 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
             device=None, resamples: int = 1000, seed: int = 0, seeds: int = 1,
             finetune_from: str = "last", match_budget: bool = False, log=print) -> dict:
     """Run the three stages per seed and the paired test comparison (module docstring)."""
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks
+    if torchrun_env().rank != 0:  # torchrun: rank 0 speaks
         log = (lambda *_: None)
     if resamples < 1:
         raise ConfigError(f"--resamples must be positive, not {resamples}")
@@ -115,7 +116,7 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
     data = resolve_data(data, (), plan["heated"], log)  # before any training: the test split must exist
     if "test" not in open_source(data).splits:
         raise DataError(f"data at {data} has no test split: compare scores both models on it")
-    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if out is None and torchrun_env().world_size > 1:
         raise ConfigError("compare under torchrun needs --out (every process must name the same "
                           "folder)")
     out = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -125,7 +126,7 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
     stored = out / "experiment.json"
     if stored.exists():
         _check_same(out, json.loads(stored.read_text()), experiment)
-    elif int(os.environ.get("RANK", "0")) == 0:
+    elif torchrun_env().rank == 0:
         write_json_atomic(experiment, stored)
     common = dict(preset=preset, data=data, device=device, keep_process_group=True)
     try:
@@ -189,7 +190,7 @@ def _score_seed(folder: Path, runs: dict, fresh: bool, data, device, log):
 
 def _compare(out, plan, common, data, device, resamples, seed_list, finetune_from,
              match_budget, log):
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = torchrun_env().rank == 0
     per_seed, logits, seconds = {}, {"baseline": [], "pgnm": []}, {}
     labels = None
     for s in seed_list:

@@ -1,12 +1,29 @@
-"""torchrun / DistributedDataParallel set-up: no home-made scheme."""
+"""torchrun / DistributedDataParallel set-up: no home-made scheme. The one reader of torchrun's
+environment (:func:`torchrun_env`)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+class TorchrunEnv(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def torchrun_env() -> TorchrunEnv:
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (one process without it)."""
+    def read(name: str, default: str) -> int:
+        return int(os.environ.get(name, default))
+    return TorchrunEnv(read("RANK", "0"), read("WORLD_SIZE", "1"), read("LOCAL_RANK", "0"),
+                       max(1, read("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass
@@ -27,9 +44,7 @@ class DistInfo:
 
 def init_distributed(device: str | None = None) -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank, _ = torchrun_env()
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

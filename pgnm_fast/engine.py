@@ -115,11 +115,17 @@ class HeatedStep:
         if not last:
             return None, None
         return (self._head_sums[0] / self._head_sums[2], self._head_sums[1] / self._head_sums[2])
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """The masker's device-side flag: the policy produced a non-finite a~ or b~."""
+        return self.masker.nonfinite
 
 
 class PlainStep:
     """Baseline and fine-tune: cross-entropy on clean images, no policy. ``accum_steps`` as in
     :class:`HeatedStep`: k micro-batches per optimiser step, the mean CE over their images."""
+
+    nonfinite = None  # no policy, no flag
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: bool,
                  device: torch.device, label_smoothing: float = 0.0,
@@ -186,22 +192,22 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (images, ta
 
 def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch: int,
                     global_step: int, print_freq: int, log_step: Callable[[dict], None],
-                    masker: torch.nn.Module | None = None, show_progress: bool = True,
+                    show_progress: bool = True,
                     channels_last: bool = False, log_line: Callable[[str], None] | None = None,
                     accum_steps: int = 1) -> tuple[int, dict]:
     """Run one epoch; every ``print_freq`` steps read the device stats (one sync), check them and
-    the masker's non-finite flag, and hand a record to ``log_step``; where no live bar is drawn
-    (output not a terminal) also print a step line through ``log_line``. With ``accum_steps`` k
-    (the step's gradient accumulation) the epoch's last batches that do not fill an optimiser
-    step of k are read but not trained on, so every epoch ends on a whole optimiser step.
-    Returns (global_step, record)."""
+    the step's non-finite flag (``step.nonfinite``, None without a policy), and hand a record to
+    ``log_step``; where no live bar is drawn (output not a terminal) also print a step line
+    through ``log_line``. With ``accum_steps`` k (the step's gradient accumulation) the epoch's
+    last batches that do not fill an optimiser step of k are read but not trained on, so every
+    epoch ends on a whole optimiser step. Returns (global_step, record)."""
     stats = torch.zeros(N_STATS, device=device)
     window = torch.zeros(N_STATS, device=device)
     bar = tqdm(total=len(loader) * loader.batch_size, unit="img", unit_scale=True, leave=False,
                desc=f"epoch {epoch}", disable=None if show_progress else True,  # None: TTY only
                mininterval=1.0)
     lines = show_progress and bar.disable and log_line is not None
-    heated = masker is not None
+    heated = step.nonfinite is not None
     t_window, first = time.perf_counter(), global_step
     t_start = t_window
     last = None
@@ -217,7 +223,7 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
         global_step += 1
         bar.update(target.shape[0])
         if (i + 1) % print_freq == 0 or i + 1 == batches:
-            last = _read_window(window, masker, epoch, first, global_step, time.perf_counter() - t_window)
+            last = _read_window(window, step.nonfinite, epoch, first, global_step, time.perf_counter() - t_window)
             log_step(last)
             bar.set_postfix(bar_fields(last, heated))
             if lines:
@@ -246,9 +252,9 @@ def check_finite_weights(modules, epoch: int) -> None:
                                f"(try a lower --lr)")
 
 
-def _read_window(window, masker, epoch, first, global_step, seconds):
+def _read_window(window, nonfinite, epoch, first, global_step, seconds):
     values = window.tolist()  # the one host sync of the window
-    bad_policy = masker is not None and bool(masker.nonfinite)
+    bad_policy = nonfinite is not None and bool(nonfinite)
     if bad_policy or not all(np.isfinite(values)):
         what = "the policy produced non-finite Beta parameters (a~ or b~)" if bad_policy \
             else "the loss became non-finite"

@@ -36,6 +36,13 @@ class OutputError(PgnmError):
     read-only file system, a full disk, or a folder another process is writing to."""
 
 
+def first_line(error: BaseException) -> str:
+    """The user-facing line of an error: the first line of its text, else its type's name
+    (a :class:`PgnmError` already dropped a worker's traceback)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def interrupt_in(error: BaseException) -> KeyboardInterrupt | None:
     """The Ctrl-C or SIGTERM behind ``error``: itself, or one a library wrapped while it ran (a
     signal that lands inside an import or a ``__set_name__`` comes back as another exception

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_open
-from .config import config_from_dict
+from .atomic import atomic_open, write_json_atomic
+from .config import TrainConfig
 from .distributed import init_distributed
 from .engine import predict
 from .errors import DataError
@@ -119,11 +118,12 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
     (``{"data", "transforms"}``)."""
     w = read_weights(checkpoint)
     name = resolve_model(w, model_name)
-    state = w.checkpoint or {}
-    cfg = config_from_dict(state.get("config", {})).replace(**(sizes or {}))
-    if data is None and not state.get("data"):
+    ours = w.state is not None  # a pgnm-fast checkpoint: its settings and data
+    cfg = (w.state.train_config if ours else TrainConfig()).replace(**(sizes or {}))
+    saved_data = w.state.data if ours else None
+    if data is None and not saved_data:
         raise DataError(f"{checkpoint} does not name its data set: pass --data")
-    root = Path(data) if data is not None else Path(state["data"])
+    root = Path(data) if data is not None else Path(saved_data)
     source = open_source(root)
     if split not in source.splits:
         raise DataError(f"data at {root} has no {split!r} split (it has: {', '.join(source.splits)})")
@@ -139,16 +139,16 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
                         f"trained on: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
     remap = np.array([index.get(name, -1) for name in source.classes], dtype=np.int64)
     info = init_distributed(device)
-    channels = cfg.channels if w.checkpoint is not None else 1
+    channels = cfg.channels if ours else 1
     model = create_model(name, len(classes), in_chans=channels)
     fit_classifier(model, w, name, classes, log, training=False)
     model.to(info.device)
     crop, resize, norm = cfg.val_crop_size, cfg.val_resize_size, cfg.normalisation()
     pretrained = w.meta.get("pretrained_cfg", {})
-    if w.checkpoint is None and pretrained.get("input_size"):
+    if not ours and pretrained.get("input_size"):
         crop = int(pretrained["input_size"][-1])
         resize = int(round(crop / pretrained.get("crop_pct", crop / resize)))
-    if w.checkpoint is None and pretrained.get("mean") and pretrained.get("std"):
+    if not ours and pretrained.get("mean") and pretrained.get("std"):
         norm = dict(mean=float(pretrained["mean"][0]), std=float(pretrained["std"][0]))
     loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
                          crop_size=crop, resize_size=resize, channels=channels,
@@ -161,9 +161,3 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
               "transforms": {"resize_size": resize, "crop_size": crop, "mean": norm["mean"],
                              "std": norm["std"], "channels": channels}}
     return logits, remap[labels], classes, list(part.files), inputs
-
-
-def write_json_atomic(obj, path) -> None:
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import first_line
+
 
 class _CudaGraphs:
     """Warm-up and capture on one side stream: cuBLAS and other libraries make their
@@ -66,10 +68,12 @@ class _CudaGraphs:
 class GraphedStep:
     """A step ``step(images, target, stats)`` (engine.HeatedStep or PlainStep) replayed as a
     CUDA graph (module docstring). ``optimizers``: the step's optimisers, whose hyper-parameters
-    decide when to re-capture. ``static_inputs``: the loader yields the same two tensors every
-    step, which then become the graph's inputs. ``prologue``: a callable that fills those two
-    tensors (the device loader's :meth:`~pgnm_fast.pipelines.device.DeviceLoader.fill`), run
-    before every step and captured with it; it needs ``static_inputs``. ``capture`` and
+    decide when to re-capture. ``static_inputs``: the tensors of the first captured batch become
+    the graph's inputs (no copy for the loaders that yield the same two tensors every step; any
+    other batch is copied into them); without it the graph gets inputs of its own.
+    ``prologue``: a callable that fills those two tensors (the device loader's
+    :meth:`~pgnm_fast.pipelines.device.DeviceLoader.fill`), run before every step and captured
+    with it; it needs ``static_inputs``. ``capture`` and
     ``warm`` are injectable so the logic is testable without CUDA."""
 
     def __init__(self, step, optimizers, *, warmup: int = 3, static_inputs: bool = False,
@@ -85,6 +89,11 @@ class GraphedStep:
         self.replays = []  # one graph per micro-batch position (engine's accum_steps)
         self.steps = self.captures = 0
         self.eager_reason = None
+
+    @property
+    def nonfinite(self):
+        """The wrapped step's non-finite flag (engine.HeatedStep.nonfinite; None without one)."""
+        return getattr(self.step, "nonfinite", None)
 
     def _hyper(self):
         return tuple((g["lr"], g.get("momentum"), g.get("weight_decay"), g.get("dampening"),
@@ -149,7 +158,7 @@ class GraphedStep:
             self.replays = []
             if accum is not None:
                 accum.done = 0  # nothing ran: the eager step starts the optimiser step again
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             self.eager_reason = reason
             self.log(f"--graphs: capturing the step failed ({reason[:200]}); running eagerly")
             return False

@@ -15,6 +15,7 @@ from . import __version__
 from .atomic import atomic_open
 from .errors import ConfigError
 from .metrics import METRIC_KEYS
+from .run_state import RunState
 
 LICENSE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")  # an SPDX identifier, or hub ids such as "other"
 STAGES = {
@@ -46,32 +47,30 @@ def _front_matter(license: str | None) -> list[str]:
     return lines + ["---", ""]
 
 
-def _training(checkpoint: dict | None, kind: str) -> list[str]:
-    if not checkpoint:
+def _training(state: RunState | None, kind: str) -> list[str]:
+    if state is None:
         source = SOURCES.get(kind, kind)
         return ["## Training", "", f"Exported from {source}, which does not record how the "
                 "weights were trained.", ""]
-    cfg = checkpoint.get("config", {})
-    stage = checkpoint.get("stage", "?")
-    epochs = f"{checkpoint.get('epoch', -1) + 1} of {cfg.get('epochs', '?')}"
-    data = Path(checkpoint["data"]).name if checkpoint.get("data") else "not recorded"
+    cfg, stage = state.train_config, state.stage
+    epochs = f"{state.epoch + 1} of {cfg.epochs}"
+    data = Path(state.data).name if state.data else "not recorded"
     return ["## Training", "",
             f"- Data: `{data}` (the data folder's name)",
             f"- Stage: {STAGES.get(stage, stage)}",
-            f"- Epochs: {epochs}; batch size {cfg.get('batch_size', '?')} per process, "
-            f"lr {cfg.get('lr', '?')} ({cfg.get('lr_scheduler', '?')}), optimiser "
-            f"{cfg.get('opt', 'sgd')}",
+            f"- Epochs: {epochs}; batch size {cfg.batch_size} per process, "
+            f"lr {cfg.lr} ({cfg.lr_scheduler}), optimiser {cfg.opt}",
             f"- Trained with pgnm-fast (this card: pgnm-fast {__version__})", ""]
 
 
-def _metrics(checkpoint: dict | None) -> list[str]:
-    scores = (checkpoint or {}).get("val_metrics")
+def _metrics(state: RunState | None) -> list[str]:
+    scores = state.val_metrics if state is not None else None
     if not scores:
         return []
     masked = " (with the policy's masks: the heated stage's validation)" \
-        if checkpoint.get("stage") == "heated" else ""
+        if state.stage == "heated" else ""
     lines = ["## Validation metrics", "",
-             f"On the validation split after epoch {checkpoint.get('epoch', -1) + 1}{masked}:", "",
+             f"On the validation split after epoch {state.epoch + 1}{masked}:", "",
              "| metric | value |", "|---|---|"]
     for key in METRIC_KEYS:
         value = scores.get(key)
@@ -100,9 +99,9 @@ def _loading(spec: dict) -> list[str]:
             f"                          pretrained_cfg_overlay={overlay}).eval()", "```", ""]
 
 
-def model_card(spec: dict, checkpoint: dict | None = None, kind: str = "pgnm-fast") -> str:
+def model_card(spec: dict, state: RunState | None = None, kind: str = "pgnm-fast") -> str:
     """The card's text. ``spec``: architecture, classes, in_chans, crop, resize, mean, std,
-    format and license of the export; ``checkpoint``: the pgnm-fast checkpoint, if it was one."""
+    format and license of the export; ``state``: the pgnm-fast checkpoint, if it was one."""
     classes, chans = list(spec["classes"]), spec["in_chans"]
     listed = ", ".join(f"`{c}`" for c in classes[:MAX_CLASSES])
     more = f" and {len(classes) - MAX_CLASSES} more" if len(classes) > MAX_CLASSES else ""
@@ -118,7 +117,7 @@ def model_card(spec: dict, checkpoint: dict | None = None, kind: str = "pgnm-fas
         f"- Input: {colour}, {spec['crop']} x {spec['crop']} (resize {spec['resize']}, centre "
         f"crop), pixels in [0, 1] normalised with mean {spec['mean']:g}, std {spec['std']:g}",
         f"- Classes ({len(classes)}, in output order): {listed}{more}", ""]
-    lines += _training(checkpoint, kind) + _metrics(checkpoint) + _loading(spec)
+    lines += _training(state, kind) + _metrics(state) + _loading(spec)
     lines += ["## Terms of use", "", licence,
               "Weights trained on a data set carry that data set's terms: the data owner's terms "
               "of use apply to these weights and to what is built from them, whatever licence is "
@@ -126,12 +125,12 @@ def model_card(spec: dict, checkpoint: dict | None = None, kind: str = "pgnm-fas
     return "\n".join(lines)
 
 
-def write_model_card(out: Path, spec: dict, checkpoint: dict | None = None,
+def write_model_card(out: Path, spec: dict, state: RunState | None = None,
                      kind: str = "pgnm-fast") -> Path:
     """Write ``out/README.md`` atomically; returns its path."""
     path = Path(out) / "README.md"
     with atomic_open(path, "w") as f:
-        f.write(model_card(spec, checkpoint, kind))
+        f.write(model_card(spec, state, kind))
     return path
 
 

@@ -107,7 +107,7 @@ def device_key(device) -> dict:
 
 
 def cache_path(key: dict) -> Path:
-    from .synth import cache_dir
+    from .user_cache import cache_dir
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "self-check" / f"{digest}.json"
 

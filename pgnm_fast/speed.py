@@ -2,18 +2,21 @@
 ``--compile``, plus what needs no flag: cuDNN autotuning on CUDA and a fused (CUDA) or foreach
 (CPU) SGD.
 
-Each applies where it can. Where it cannot (``--compile`` without a compiler for the device), one
-line says so and the run goes on without it. ``--compile`` and ``--graphs`` do not compose in this
+What depends on the device (CUDA graphs, channels-last, static batch buffers) is decided once
+per stage, into an :class:`ExecutionPlan` that the model, the loaders and the step receive.
+Each setting applies where it can. Where it cannot (``--compile`` without a compiler for the
+device), one line says so and the run goes on without it. ``--compile`` and ``--graphs`` do not compose in this
 version: the step's CUDA graph would capture torch.compile's generated code and its guards, which
 this project has not verified, so the pair is refused with one line (choose one).
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 COMPILE_WITH_GRAPHS = ("--compile and --graphs do not compose in this version: use --graphs "
                        "(the whole step as one CUDA graph) or --compile --no-graphs")
@@ -23,6 +26,41 @@ def check_flags(compile: bool, graphs: bool) -> None:
     """The refused combination, before anything runs."""
     if compile and graphs:
         raise ConfigError(COMPILE_WITH_GRAPHS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionPlan:
+    """How this process runs a stage, decided once (:func:`plan_execution`).
+
+    ``graphs``: the step is captured as a CUDA graph (:mod:`pgnm_fast.graphs`); ``graphs_blocked``
+    says why not where ``--graphs`` was asked for. ``channels_last``: NHWC model and batches, laid
+    out by the loaders. ``static_buffers``: the train loader fills the same two tensors every
+    batch where it can (DALI, device), which the graph then reads without a copy."""
+    graphs: bool = False
+    channels_last: bool = False
+    static_buffers: bool = False
+    graphs_blocked: str | None = None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.preserve_format
+
+
+def plan_execution(cfg, device: torch.device, distributed: bool = False) -> ExecutionPlan:
+    """The plan for ``cfg`` on ``device`` (``distributed``: under torchrun)."""
+    blocked = graphs_blocked(device, distributed) if cfg.graphs else None
+    graphs = cfg.graphs and blocked is None
+    return ExecutionPlan(graphs=graphs, channels_last=use_channels_last(cfg.channels_last, device),
+                         static_buffers=graphs, graphs_blocked=blocked)
+
+
+def graphs_blocked(device: torch.device, distributed: bool) -> str | None:
+    """Why --graphs cannot apply to this process (None: it can)."""
+    if device.type != "cuda":
+        return "--graphs: CUDA graphs need a GPU; running eagerly"
+    if distributed:
+        return "--graphs: single-GPU only in this version; under torchrun the step runs eagerly"
+    return None
 
 
 def use_channels_last(requested: bool | None, device: torch.device) -> bool:
@@ -56,7 +94,7 @@ def compile_modules(modules, device: torch.device, log=print) -> bool:
                 if module is not None:
                     module.compile()
         except Exception as e:  # noqa: BLE001 - e.g. an unsupported Python for dynamo
-            why_not = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why_not = first_line(e)
     if why_not is not None:
         log(f"--compile: {why_not[:200]}; running without")
         return False

@@ -1,73 +1,21 @@
-"""Is a checkpoint sound, and does it fit the run about to use it? One line naming the file.
+"""Does a checkpoint fit the run about to use it? One line naming the file.
 
-- :func:`verify_integrity`: every record of the file (``torch.save`` writes a zip archive) against
-  its CRC-32, which ``torch.load`` does not check: a flipped byte in a weight is found here.
-- :func:`check_types`: the metadata a stage reads has the types it expects.
-- :func:`check_finite`: no NaN or infinite weight (a diverged run's weights are refused by
-  ``eval``, ``--resume`` and ``finetune --from``).
 - :func:`check_fits`: architecture, policy model, grid and channels against the run's config,
   naming both sides and the flag that would make them agree.
+- :func:`check_weights_fit`: the weights against this run's modules, built on the meta device,
+  before the run starts.
+- :func:`load_weights`: ``load_state_dict`` whose mismatch is one line naming the source.
+
+Whether the file itself is sound (integrity, format, types, finite weights) is
+:mod:`pgnm_fast.run_state`'s to check, as it reads it.
 """
 from __future__ import annotations
 
 import warnings
-import zipfile
 
 import torch
 
 from .errors import CheckpointError, ConfigError
-
-STAGES = ("heated", "baseline", "finetune")
-
-
-def verify_integrity(path) -> None:
-    """Raise :class:`CheckpointError` if a record of the zip archive at ``path`` does not match
-    its CRC-32 (the file was damaged after it was written)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e})") from None
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: its record {bad} does not match its "
-                              f"checksum (the file changed after it was written)")
-
-
-def _state_dict_ok(value) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                           for k, v in value.items())
-
-
-def check_types(state: dict, path) -> None:
-    """The fields every stage reads, with the types it reads them as."""
-    checks = [
-        ("stage", state.get("stage") in STAGES, f"one of {', '.join(STAGES)}"),
-        ("epoch", isinstance(state.get("epoch"), int) and state["epoch"] >= 0,
-         "a non-negative integer"),
-        ("model_name", isinstance(state.get("model_name"), str), "a model name"),
-        ("classes", isinstance(state.get("classes"), (list, tuple)) and len(state["classes"]) > 0
-         and all(isinstance(c, str) for c in state["classes"]), "a list of class names"),
-        ("config", isinstance(state.get("config"), dict), "a dict of settings"),
-        ("model", _state_dict_ok(state.get("model")), "a dict of tensors"),
-    ]
-    if "policy" in state:
-        checks.append(("policy", _state_dict_ok(state["policy"]), "a dict of tensors"))
-    if "best_f1" in state:
-        checks.append(("best_f1", isinstance(state["best_f1"], (int, float)), "a number"))
-    for key, ok, expected in checks:
-        if not ok:
-            raise CheckpointError(f"checkpoint {path}: '{key}' is not {expected} (written by "
-                                  f"another tool or damaged)")
-
-
-def check_finite(state: dict, path) -> None:
-    """Raise :class:`CheckpointError` naming the first weight with a NaN or infinite value."""
-    for part in ("model", "policy"):
-        for name, tensor in (state.get(part) or {}).items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"checkpoint {path}: {part} weight {name} is not finite "
-                                      f"(NaN or inf: saved from a diverged run); use an earlier "
-                                      f"checkpoint")
 
 
 def check_fits(state, cfg, path, how: str) -> None:

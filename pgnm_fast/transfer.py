@@ -46,11 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import config_from_dict
+from .atomic import write_json_atomic
 from .distributed import init_distributed
 from .engine import N_STATS, PlainStep, TrainingDiverged, predict
 from .errors import ConfigError, DataError
-from .evaluate import write_json_atomic
 from .folders import check_output_dir, lock_folder
 from .metrics import classification_metrics, json_safe
 from .models import create_model
@@ -60,7 +59,7 @@ from .pipelines.packed import sha256_file
 from .pipelines.samplers import split_key
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform
-from .run_state import load_run_state
+from .run_state import RunState, load_run_state
 from .transfer_report import (  # noqa: F401  (score_limits: part of this module's interface)
     SCORE_KEYS,
     format_table,
@@ -147,11 +146,10 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
     return [(x.to("cpu", copy=True), y.to("cpu", copy=True)) for x, y in test]
 
 
-def _model(state: dict, classes: list, device, probe: bool):
+def _model(state: RunState, classes: list, device, probe: bool):
     model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
-    weights = Weights(Path(f"{state.model_name} checkpoint"), "pgnm-fast", state.model,
-                      state.model_name, list(state.classes))
-    fit_classifier(model, weights, state.model_name, classes, log=lambda *_: None)
+    fit_classifier(model, Weights.from_run_state(state), state.model_name, classes,
+                   log=lambda *_: None)
     model.to(device).train()
     head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
     if not probe:
@@ -260,7 +258,7 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         kept = [run for key, run in stored.items() if key not in in_grid]
         runs, tests, t0 = [], {}, time.perf_counter()
         for name, state in zip(names, states):
-            cfg = config_from_dict(state.config).replace(**(sizes or {}))
+            cfg = state.train_config.replace(**(sizes or {}))
             key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
             for n in shots:
                 for r in range(repeats):

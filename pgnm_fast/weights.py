@@ -10,15 +10,11 @@ code to unpickle is refused (only ``argparse.Namespace``, the authors' ``args``,
 Fitting (:func:`fit_classifier`): a head whose class count differs is replaced, a 3-channel stem
 is summed to 1 channel for grey runs (exact for grey images, docs/method.md §1), and weights of
 another architecture are refused naming the first mismatched keys and the model they look like.
+A summed stem trains with the 3-channel stem's steps (:func:`pgnm_fast.optim.param_groups`).
 
-Training a summed stem (:func:`param_groups`): with 3 identical input channels every channel's
-weight gets the same gradient g, so the 3-channel stem's sum moves by ``lr * (3 g + wd * W)`` per
-SGD step (momentum and Nesterov are linear, so the same holds for the buffers). Training the
-summed 1-channel weight ``W`` with ``lr x 3`` and ``weight_decay / 3`` gives exactly that step;
-under AdamW (decoupled decay ``W *= 1 - lr * wd``, update invariant to the gradient's scale) the
-same two factors are exact too. Only ``--clip-grad-norm`` differs: the 3-channel model's norm
-counts the stem gradient three times. ``--in-chans 3`` instead keeps the 3-channel stem and feeds
-the grey image replicated (the authors' form).
+A pgnm-fast checkpoint is read and checked by :mod:`pgnm_fast.run_state` (the one reader of that
+format): its :class:`Weights` carries the :class:`~pgnm_fast.run_state.RunState`. This module
+reads the outside forms.
 
 Out (:func:`export`): ``model.safetensors`` + a timm ``config.json`` that
 ``timm.create_model('local-dir:DIR', pretrained=True)`` loads, or a TorchScript module.
@@ -35,14 +31,14 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_open
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .models import POLICY_TRUNK_PREFIX, convert_to_grey, create_model, model_names
 from .models.resnet import FIRST_CONV
-from .speed import sgd_kind
+from .optim import STEM_LR_SCALE
+from .run_state import RunState, is_run_state, run_state_from
 
 PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 SAFETENSORS = ".safetensors"
-STEM_LR_SCALE = 3.0  # a summed 3-channel stem (module docstring)
 
 
 @dataclasses.dataclass
@@ -54,8 +50,15 @@ class Weights:
     model_name: str | None = None
     classes: list | None = None
     policy: dict | None = None     # PolicyNet state dict (base buffers included)
-    checkpoint: dict | None = None  # the whole pgnm-fast checkpoint
+    state: RunState | None = None  # the whole pgnm-fast checkpoint
     meta: dict = dataclasses.field(default_factory=dict)  # config.json of a timm folder
+
+    @classmethod
+    def from_run_state(cls, state: RunState, path=None) -> Weights:
+        """The weights of a pgnm-fast checkpoint (read from ``path``, default its source)."""
+        path = Path(path) if path is not None else state.source
+        return cls(path, "pgnm-fast", state.model, state.model_name, list(state.classes),
+                   state.policy, state)
 
     @property
     def num_classes(self) -> int:
@@ -105,7 +108,7 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path} is not a checkpoint (unreadable pickle)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
             KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise CheckpointError(f"{path} is not a checkpoint or is truncated "
                               f"({reason[:120]})") from None
 
@@ -116,7 +119,7 @@ def _safetensors_load(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise CheckpointError(f"{path} is not a safetensors file ({reason[:120]})") from None
 
 
@@ -127,8 +130,6 @@ def _is_state_dict(obj) -> bool:
 
 def read_weights(path) -> Weights:
     """The classifier (and policy) weights in ``path``, in any form of the module docstring."""
-    from .run_state import FORMAT, check_checkpoint
-    from .state_checks import verify_integrity
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -139,11 +140,8 @@ def read_weights(path) -> Weights:
     if path.suffix == SAFETENSORS:
         return _from_state_dict(path, _safetensors_load(path), "state dict")
     obj = _torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        verify_integrity(path)
-        s = check_checkpoint(obj, path)  # the keys, types and finite weights it must have
-        return Weights(path, "pgnm-fast", s["model"], s["model_name"], list(s["classes"]),
-                       s.get("policy"), s)
+    if is_run_state(obj):  # checked as every checkpoint is (pgnm_fast.run_state)
+        return Weights.from_run_state(run_state_from(obj, path))
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return _from_authors(path, obj)
     if isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):  # timm's train.py
@@ -301,71 +299,6 @@ def fit_policy(policy, w: Weights, log) -> None:
     log(f"policy and its base buffers loaded from {w.path}")
 
 
-def param_groups(model, stem_lr_scale: float, weight_decay: float) -> list[dict]:
-    """The optimiser's parameter groups: one, or with ``stem_lr_scale`` != 1 the stem weight in
-    its own group with ``lr x s`` and ``weight_decay / s`` (module docstring). The group's
-    ``lr_scale`` keeps the ratio when learning rates are reset on resume."""
-    if stem_lr_scale == 1.0:
-        return [dict(params=list(model.parameters()), lr_scale=1.0, weight_decay=weight_decay)]
-    stem = _stem_key(dict(model.named_parameters()), None)
-    params = dict(model.named_parameters())
-    rest = [p for k, p in params.items() if k != stem]
-    return [dict(params=rest, lr_scale=1.0, weight_decay=weight_decay),
-            dict(params=[params[stem]], lr_scale=stem_lr_scale,
-                 weight_decay=weight_decay / stem_lr_scale)]
-
-
-def policy_param_groups(policy, stem_lr_scale: float, lr: float, weight_decay: float) -> list[dict]:
-    """The policy optimiser's groups, each with its ``lr``, as :func:`param_groups` makes them
-    (its trunk's stem apart when summed, ``stem_lr_scale`` != 1). ``policy``: not DDP-wrapped."""
-    named = list(policy.named_parameters())
-    stem = None if stem_lr_scale == 1.0 else POLICY_TRUNK_PREFIX + _stem_key(dict(policy.fe.named_parameters()), None)
-    groups = [dict(params=[p for k, p in named if k != stem], lr_scale=1.0, weight_decay=weight_decay)]
-    if stem is not None:
-        groups.append(dict(params=[dict(named)[stem]], lr_scale=stem_lr_scale,
-                           weight_decay=weight_decay / stem_lr_scale))
-    return [dict(g, lr=lr * g["lr_scale"]) for g in groups]
-
-
-def stem_lr_scales(w: Weights, channels: int) -> dict:
-    """``stem_lr_scale`` and ``policy_stem_lr_scale`` of a run from ``w`` with ``channels``: a
-    pgnm-fast checkpoint's own, and x3 for each 3-channel stem summed into a 1-channel run now."""
-    saved = (w.checkpoint or {}).get("config", {})
-    scales = {k: saved[k] for k in ("stem_lr_scale", "policy_stem_lr_scale") if saved.get(k) is not None}
-    stem = w.policy.get(f"{POLICY_TRUNK_PREFIX}{FIRST_CONV['resnet10t']}.weight") if w.policy else None
-    for key, chans in (("stem_lr_scale", w.in_chans), ("policy_stem_lr_scale", stem is not None and stem.shape[1])):
-        if channels == 1 and chans == 3:
-            scales[key] = STEM_LR_SCALE
-    return scales
-
-
-def build_optimizer(params, cfg, lr: float, device: torch.device,
-                    capturable: bool = False) -> torch.optim.Optimizer:
-    """``--opt sgd`` (momentum, coupled weight decay, the paper's; fused on CUDA, foreach
-    elsewhere) or ``adamw``. Each group's lr is ``lr * lr_scale``. ``capturable``: AdamW's step
-    counters stay on the device, as CUDA graph capture requires (SGD needs nothing)."""
-    groups = [dict(g, lr=lr * g.get("lr_scale", 1.0)) for g in params]
-    if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               **sgd_kind(device))
-    if cfg.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay,
-                                 capturable=capturable)
-    raise ConfigError(f"--opt must be sgd or adamw, not {cfg.opt!r}")
-
-
-def reset_hyperparameters(optimizer, lr: float, cfg, device: torch.device) -> None:
-    """After loading an optimiser's state on resume: the config's lr, momentum and weight decay,
-    each group scaled by its ``lr_scale``, and SGD's form for this device (not the saved one)."""
-    kind = sgd_kind(device) if isinstance(optimizer, torch.optim.SGD) else {}
-    for group in optimizer.param_groups:
-        group.pop("initial_lr", None)
-        s = group.get("lr_scale", 1.0)
-        group.update(lr=lr * s, weight_decay=cfg.weight_decay / s, **kind)
-        if "momentum" in group:
-            group["momentum"] = cfg.momentum
-
-
 # ----------------------------------------------------------------------------------------------
 # Out
 
@@ -397,7 +330,7 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
     model = create_model(name, w.num_classes, in_chans=in_chans)
     model.load_state_dict(state)
     model.eval()
-    cfg = (w.checkpoint or {}).get("config", {})
+    cfg = w.state.config if w.state is not None else {}
     mean = mean if mean is not None else cfg.get("mean") or MEAN
     std = std if std is not None else cfg.get("std") or STD
     crop, resize = cfg.get("val_crop_size", 224), cfg.get("val_resize_size", 256)
@@ -411,7 +344,7 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
         scripted = torch.jit.script(model)
         with atomic_open(out / "model.pt", "wb") as f:
             torch.jit.save(scripted, f)
-        write_model_card(out, card, w.checkpoint, w.kind)
+        write_model_card(out, card, w.state, w.kind)
         log(f"wrote {out / 'model.pt'} and the model card {out / 'README.md'} (TorchScript "
             f"{name}, {in_chans}-channel input)")
         return out
@@ -435,7 +368,7 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
     with atomic_open(out / "config.json", "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    write_model_card(out, card, w.checkpoint, w.kind)
+    write_model_card(out, card, w.state, w.kind)
     log(f"wrote {out / 'model.safetensors'}, {out / 'config.json'} and the model card "
         f"{out / 'README.md'} ({name}, "
         f"{w.num_classes} classes, {in_chans}-channel input)")
@@ -443,6 +376,4 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
 
 
 __all__ = ["Weights", "read_weights", "fit_classifier", "fit_policy", "resolve_model",
-           "guess_model", "check_architecture", "param_groups", "policy_param_groups",
-           "stem_lr_scales", "build_optimizer",
-           "reset_hyperparameters", "export", "strip_prefixes", "STEM_LR_SCALE"]
+           "guess_model", "check_architecture", "export", "strip_prefixes"]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from pgnm_fast.distributed import torchrun_env
 from pgnm_fast.errors import ConfigError
 
 from . import check, startup
@@ -92,11 +93,8 @@ def resolve_backend(backend: str = "auto", log: Callable[[str], None] = print) -
 
 
 def _torchrun_rank(rank, world_size):
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0"))
-    return rank, world_size
+    env = torchrun_env()
+    return env.rank if rank is None else rank, env.world_size if world_size is None else world_size
 
 
 def _device_or(backend, data, packed, train, device, rank, world_size, log) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pgnm_fast.atomic import atomic_open
+from pgnm_fast.distributed import torchrun_env
 from pgnm_fast.user_cache import cache_dir
 
 from . import check
@@ -227,7 +228,7 @@ def check_shard(files: list, rank: int, world_size: int, cached: dict | None = N
         redo = idx
     else:
         redo = idx[(size != cached["size"][idx]) | (mtime != cached["mtime"][idx])]
-    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) // torchrun_env().local_world_size
     scan = check.scan(mine if cached is None else [files[i] for i in redo],
                       threads, processes=cores if len(redo) >= PROCESSES_FROM else 0) \
         if len(redo) else check.scan([])

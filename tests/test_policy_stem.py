@@ -1,6 +1,7 @@
 """The policy's stem summed from an authors' 3-channel checkpoint trains as the 3-channel stem
 would (lr x3, weight decay /3, as the classifier's: pgnm_fast.weights), and the scales stay with
-the run: in its checkpoint, on --resume and through ``finetune --from``."""
+the run: in its checkpoint, on --resume and through ``finetune --from``. The groups are built in
+pgnm_fast.optim."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,9 @@ from click.testing import CliRunner
 
 from pgnm_fast.cli import main
 from pgnm_fast.models import PolicyNet, create_model
-from pgnm_fast.run_state import load_checkpoint
-from pgnm_fast.weights import STEM_LR_SCALE, Weights, policy_param_groups, stem_lr_scales
+from pgnm_fast.optim import STEM_LR_SCALE, policy_param_groups, stem_lr_scales
+from pgnm_fast.run_state import RunState, load_checkpoint
+from pgnm_fast.weights import Weights
 
 STEM = "fe.conv1.0.weight"
 
@@ -64,9 +66,10 @@ def test_summed_policy_stem_steps_match_the_three_channel_steps():
 
 def _weights(kind, in_chans=3, policy_chans=None, config=None):
     policy = None if policy_chans is None else PolicyNet(grid=4, in_chans=policy_chans).state_dict()
-    return Weights(Path("w.pt"), kind, create_model("resnet10t", 5, in_chans=in_chans).state_dict(),
-                   "resnet10t", policy=policy,
-                   checkpoint=None if config is None else {"config": config})
+    model = create_model("resnet10t", 5, in_chans=in_chans).state_dict()
+    state = None if config is None else RunState("heated", 0, "resnet10t", list("abcde"), model,
+                                                 config)
+    return Weights(Path("w.pt"), kind, model, "resnet10t", policy=policy, state=state)
 
 
 def test_stem_scales_of_each_starting_point():

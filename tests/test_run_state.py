@@ -61,3 +61,39 @@ def test_old_run_folder_resumes_and_evaluates(tmp_path):
                                   "--json", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert 0.0 <= json.loads(out.read_text())["top1"] <= 1.0
+
+
+def test_capture_restore_and_average_go_through_the_run_state(tmp_path):
+    """The state a stage captures restores its modules, optimisers and random state, and the
+    average's record keeps the metadata with the averaged weights only."""
+    from pgnm_fast.kernels import make_masker
+    from pgnm_fast.models import PolicyNet
+    from pgnm_fast.run_state import save_run_state
+    cfg = make_config("heated", "tiny", grid=8, train_crop_size=32)
+    torch.manual_seed(0)
+    model, policy = create_model(cfg.model, 3), PolicyNet(grid=8, trunk=cfg.policy_model)
+    masker = make_masker(cfg.impl, 8, 32, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    popt = torch.optim.SGD(policy.parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(2, 1, 32, 32)).sum().backward()
+    opt.step()
+    state = RunState.capture(cfg, ["a", "b", "c"], tmp_path, epoch=1, step=7, best_f1=0.5,
+                             val_metrics={"f1_macro": float("nan")}, model=model, optimizer=opt,
+                             policy=policy, masker=masker, policy_optimizer=popt)
+    assert state.val_metrics == {"f1_macro": None} and state.train_config == cfg
+    save_run_state(state, tmp_path / "last.pt")
+    back = load_run_state(tmp_path / "last.pt")
+    assert back.source == tmp_path / "last.pt" and "source" not in back.to_dict()
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    model2, policy2 = create_model(cfg.model, 3), PolicyNet(grid=8, trunk=cfg.policy_model)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    popt2 = torch.optim.SGD(policy2.parameters(), lr=0.01, momentum=0.9)
+    back.restore(model2, opt2, policy2, make_masker(cfg.impl, 8, 32, seed=2), popt2, impl=cfg.impl)
+    assert torch.equal(torch.rand(3), expected)  # the random state captured with the epoch
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 model2.state_dict().values()))
+    assert len(opt2.state) == len(opt.state) > 0
+    avg = back.average({k: v * 0 for k, v in back.model.items()}, [0, 1], {"top1": 0.25})
+    assert avg.optimizer is None and avg.rng is None and avg.averaged_epochs == [0, 1]
+    assert avg.val_metrics == {"top1": 0.25} and avg.epoch == back.epoch and back.optimizer

@@ -110,3 +110,19 @@ def test_plain_loader_hands_nhwc_batches(data, workers):
     plain, _ = next(iter(make_loader(data, **kw)))
     assert plain.is_contiguous() and not _nhwc_only(plain)
     torch.testing.assert_close(images, plain, rtol=0, atol=0)  # same seed, same batch
+
+
+def test_the_plan_decides_graphs_layout_and_buffers_once_with_the_reason():
+    from pgnm_fast.config import make_config
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    graphed = make_config("heated", "tiny", graphs=True)
+    plan = speed.plan_execution(graphed, cuda)
+    assert (plan.graphs, plan.static_buffers, plan.channels_last) == (True, True, True)
+    assert plan.graphs_blocked is None and plan.memory_format == torch.channels_last
+    on_cpu = speed.plan_execution(graphed, cpu)
+    assert not on_cpu.graphs and not on_cpu.static_buffers and not on_cpu.channels_last
+    assert "need a GPU" in on_cpu.graphs_blocked and on_cpu.memory_format == torch.preserve_format
+    under_torchrun = speed.plan_execution(graphed, cuda, distributed=True)
+    assert not under_torchrun.graphs and "torchrun" in under_torchrun.graphs_blocked
+    eager = speed.plan_execution(make_config("heated", "tiny", graphs=False), cuda)
+    assert not eager.graphs and eager.graphs_blocked is None and eager.channels_last

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from pgnm_fast import stages
+from pgnm_fast import threads as thread_policy
 from pgnm_fast.config import make_config
 from pgnm_fast.errors import ConfigError
-from pgnm_fast.stages import busy_elsewhere, default_threads, intra_op_threads
+from pgnm_fast.threads import busy_elsewhere, default_threads, intra_op_threads
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -17,7 +17,7 @@ def load(monkeypatch):
     """``load(x, cpus)``: other processes keep x of the machine's ``cpus`` CPUs busy now."""
     def set_load(x, cpus=CORES):
         default_threads.cache_clear()
-        monkeypatch.setattr(stages, "busy_elsewhere", lambda: x / cpus)
+        monkeypatch.setattr(thread_policy, "busy_elsewhere", lambda: x / cpus)
         monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     yield set_load
     default_threads.cache_clear()
@@ -43,14 +43,14 @@ def test_decided_once_per_process(load, monkeypatch):
     """compare's later stages do not count the load its earlier stages made."""
     load(0.0)
     first = default_threads(2, 1)
-    monkeypatch.setattr(stages, "busy_elsewhere", lambda: 1.0)
+    monkeypatch.setattr(thread_policy, "busy_elsewhere", lambda: 1.0)
     assert default_threads(2, 1) == first == (2, "2 cores, 0.0 of them busy with other "
                                                  "processes; --threads sets it")
 
 
 def test_without_proc_the_load_average_decides(monkeypatch):
     default_threads.cache_clear()
-    monkeypatch.setattr(stages, "busy_elsewhere", lambda: None)
+    monkeypatch.setattr(thread_policy, "busy_elsewhere", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (32.0, 0.0, 0.0))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     try:
@@ -72,10 +72,10 @@ def test_busy_elsewhere_counts_other_processes_only(tmp_path, monkeypatch):
     """Over the window the machine used 140 of 200 ticks, 100 of them this process's own:
     others took 40 of 200."""
     _proc(tmp_path, 1000, 400, 50)
-    monkeypatch.setattr(stages.time, "sleep", lambda s: _proc(tmp_path, 1200, 460, 150))
+    monkeypatch.setattr(thread_policy.time, "sleep", lambda s: _proc(tmp_path, 1200, 460, 150))
     assert busy_elsewhere(0.5, proc=str(tmp_path)) == pytest.approx(0.2)
     _proc(tmp_path, 1000, 400, 50)  # only this process busy: nobody else
-    monkeypatch.setattr(stages.time, "sleep", lambda s: _proc(tmp_path, 1200, 500, 150))
+    monkeypatch.setattr(thread_policy.time, "sleep", lambda s: _proc(tmp_path, 1200, 500, 150))
     assert busy_elsewhere(0.5, proc=str(tmp_path)) == 0.0
     assert busy_elsewhere(0.5, proc=str(tmp_path / "none")) is None
     monkeypatch.undo()

@@ -13,9 +13,10 @@ from pgnm_fast.cli import main
 from pgnm_fast.config import make_config
 from pgnm_fast.errors import CheckpointError
 from pgnm_fast.models import PolicyNet, convert_to_grey, create_model
+from pgnm_fast.optim import build_optimizer, param_groups
 from pgnm_fast.run_state import load_checkpoint, save_checkpoint
 from pgnm_fast.synth import make_synthetic
-from pgnm_fast.weights import build_optimizer, fit_classifier, guess_model, param_groups, read_weights
+from pgnm_fast.weights import fit_classifier, guess_model, read_weights
 
 SMALL = ["--epochs", "1", "-b", "16", "--train-crop-size", "32", "--val-resize-size", "36",
          "--val-crop-size", "32", "-j", "0", "--print-freq", "4", "--seed", "3",

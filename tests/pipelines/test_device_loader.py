@@ -359,23 +359,24 @@ def test_graphed_step_runs_the_fill_inside_the_captured_function(cache):
         runner(images.clone(), target, stats)
 
 
-def test_the_trainer_defers_the_fill_only_when_the_step_is_graphed(cache, monkeypatch):
+def test_the_trainer_defers_the_fill_only_when_the_step_is_graphed(cache):
     import types
 
     import pgnm_fast.stages as stages
     from pgnm_fast.graphs import GraphedStep
+    from pgnm_fast.speed import ExecutionPlan, plan_execution
     parts = types.SimpleNamespace(step=lambda *a: None, optimizer=None, policy_optimizer=None)
-    run = types.SimpleNamespace(info=types.SimpleNamespace(device=torch.device("cpu"),
-                                                           distributed=False))
     ld = loader(cache, static=True)
-    assert stages._graphed(parts, ld, run, quiet) is parts.step and ld.prologue is None
-    monkeypatch.setattr(stages, "_graphs_blocked", lambda info: None)
+    on_cpu = plan_execution(types.SimpleNamespace(graphs=True, channels_last=None), torch.device("cpu"))
+    assert stages._graphed(parts, ld, on_cpu, quiet) is parts.step and ld.prologue is None
+    graphed = ExecutionPlan(graphs=True, static_buffers=True)  # as planned on a single GPU
     said = []
-    runner = stages._graphed(parts, ld, run, said.append)
+    runner = stages._graphed(parts, ld, graphed, said.append)
     assert isinstance(runner, GraphedStep) and runner.prologue == ld.fill == ld.prologue
     assert "augmentation captured" in said[0]
     plain = loader(cache)  # not static: filled by the iterator, no prologue
-    assert stages._graphed(parts, plain, run, quiet).prologue is None and plain.prologue is None
+    no_buffers = ExecutionPlan(graphs=True, static_buffers=False)
+    assert stages._graphed(parts, plain, no_buffers, quiet).prologue is None and plain.prologue is None
     with pytest.raises(ValueError, match="static train loader"):
         loader(cache, "val", static=True).defer_fill()
 
