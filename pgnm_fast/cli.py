@@ -155,6 +155,7 @@ def _cpu_threads(threads, device: str):
     the cores other processes leave). Returns the command's log: it says the count before its
     first line, so that a command refused up front prints its one error line alone."""
     import torch
+
     from .config import TrainConfig
     from .threads import intra_op_threads
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
