@@ -110,9 +110,8 @@ def _train(ctx, stage: str, kwargs: dict, resume, init_from) -> None:
     stage = _stage(settings, stage, path)
     run, overrides = split_run(settings)
     if not show:
-        from .stages import run_stage
-        run_stage(stage, overrides=overrides, resume=resume, init_from=init_from, log=click.echo,
-                  **run)
+        from .api import train
+        train(stage, resume=resume, init_from=init_from, log=click.echo, **run, **overrides)
         return
     data = run.get("data")
     if resume:  # the checkpoint's settings, then the flags (as run_stage does)
