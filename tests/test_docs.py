@@ -59,3 +59,16 @@ def test_every_docs_page_is_in_the_site_navigation():
     listed = set(re.findall(r"^  - [^:]+: (\S+\.md)$", nav, flags=re.MULTILINE))
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert listed == pages, (listed - pages, pages - listed)
+
+
+def test_method_module_table_names_every_module_and_only_modules_that_exist():
+    """docs/method.md §9 maps the method to the code: each module it names exists, and each
+    module of the product (an ``__init__.py`` or ``__main__.py`` aside) is named there."""
+    method = (ROOT / "docs" / "method.md").read_text()
+    table = method[method.index("## 9. "):]
+    named = set(re.findall(r"`((?:pgnm_fast|kernels|pipelines)/[\w/]+\.py)`", table))
+    modules = {p.relative_to(ROOT).as_posix() for folder in ("pgnm_fast", "kernels", "pipelines")
+               for p in (ROOT / folder).rglob("*.py")}
+    assert named <= modules, f"docs/method.md §9 names modules that do not exist: {sorted(named - modules)}"
+    unnamed = {m for m in modules - named if Path(m).name not in ("__init__.py", "__main__.py")}
+    assert not unnamed, f"modules docs/method.md §9 does not name: {sorted(unnamed)}"
