@@ -120,7 +120,8 @@ def train(stage: str = "heated", data: PathLike | None = None, out: PathLike | N
     heated ``last.pt`` for the fine-tune). ``config_file``: a YAML/JSON file of settings (a run's
     ``config.json``), beneath the keyword arguments. ``img_size``: sets the crops not given.
     ``**settings``: :class:`~pgnm_fast.config.TrainConfig` fields (``epochs``, ``batch_size``,
-    ``lr``, ``model``, ``grid``, ``amp``, ...); None keeps the preset's.
+    ``lr``, ``model``, ``grid``, ``amp``, ...); None keeps the preset's. Further keywords of
+    :func:`pgnm_fast.stages.run_stage` (``keep_process_group``, ...) pass through.
 
     Example: ``run = train("heated", data="data/", preset="tiny", epochs=2)``, then
     ``train("finetune", init_from=run / "last.pt")``.
