@@ -125,7 +125,7 @@ def refuse_foreign_file(path) -> None:
     """Raise naming the kind of ``path`` when it is plainly not weights (see :func:`file_kind`)."""
     kind = file_kind(path)
     if kind is not None:
-        raise CheckpointError(f"{path} is {kind}, not weights: expected {EXPECTED_FORMS}")
+        raise CheckpointError(f"{path} is {kind}, not a weights file: expected {EXPECTED_FORMS}")
 
 
 def json_type(value) -> str:

@@ -152,7 +152,12 @@ def read_weights(path) -> Weights:
         return _from_state_dict(path, _safetensors_load(path), "state dict")
     obj = _torch_load(path)
     if is_run_state(obj):  # checked as every checkpoint is (pgnm_fast.run_state)
-        return Weights.from_run_state(run_state_from(obj, path))
+        w = Weights.from_run_state(run_state_from(obj, path))
+        check_head(w.model, path)
+        if "fc.weight" in w.model and len(w.classes) != w.num_classes:
+            raise CheckpointError(f"checkpoint {path}: 'classes' names {len(w.classes)}, its "
+                                  f"head (fc.weight) has {w.num_classes} classes")
+        return w
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return _from_authors(path, obj)
     if isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):  # timm's train.py
@@ -271,7 +276,6 @@ def guess_model(state: dict) -> str | None:
 def check_architecture(w: Weights, model_name: str) -> None:
     """Raise naming the first mismatched keys when ``w`` does not fit ``model_name``."""
     ref = _reference_shapes(model_name)
-    check_head(w.model, w.path, ref["fc.weight"][1], model_name)
     missing, unexpected, shaped = _fits(w.model, ref)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected or shaped:
@@ -281,6 +285,7 @@ def check_architecture(w: Weights, model_name: str) -> None:
                  (("missing", missing), ("unexpected", unexpected), ("other shapes", shaped)) if keys]
         raise CheckpointError(f"weights in {w.path} do not fit {model_name}: "
                               f"{', '.join(parts)}{like}")
+    check_head(w.model, w.path, ref["fc.weight"][1], model_name)
 
 
 def resolve_model(w: Weights, requested: str | None) -> str:

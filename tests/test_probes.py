@@ -266,21 +266,32 @@ def test_resume_through_a_symlink_names_the_run_folder(run, tmp_path):
 
 def test_room_for_one_checkpoint_stops_before_writing_and_keeps_the_run_resumable(
         run, tmp_path, monkeypatch):
-    from pgnm_fast.run_state import save_checkpoint
+    """A disk that takes one more checkpoint file: its free space says so, and a second
+    checkpoint write fails with ENOSPC."""
+    import errno
+    from contextlib import contextmanager
+
+    import pgnm_fast.run_state as run_state
+    from pgnm_fast.atomic import write_error
     copy = shutil.copytree(run, tmp_path / "run")
     (copy / "best.pt").unlink()
     state = torch.load(copy / "last.pt", weights_only=True)
-    save_checkpoint(dict(state, best_f1=float("-inf")), copy / "last.pt")  # the next epoch
-    # improves: it writes best.pt and last.pt
+    run_state.save_checkpoint(dict(state, best_f1=float("-inf")), copy / "last.pt")  # the
+    # next epoch improves: it writes best.pt and last.pt
     size = (copy / "last.pt").stat().st_size
-    real = shutil.disk_usage
+    real_usage, real_open, written = shutil.disk_usage, run_state.atomic_open, []
 
-    def room_for_one(path):
-        usage = real(path)
-        return usage._replace(free=size + size // 2)
+    @contextmanager
+    def one_file_of_room(path, mode="wb"):
+        if written:
+            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        with real_open(path, mode) as f:
+            yield f
+        written.append(path)
 
-    import pgnm_fast.run_folder as run_folder
-    monkeypatch.setattr(run_folder.shutil, "disk_usage", room_for_one)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=size + size // 2))
+    monkeypatch.setattr(run_state, "atomic_open", one_file_of_room)
     refused(["train", "--no-policy", "--resume", copy / "last.pt", "--epochs", "2"],
             copy / "last.pt", "free", untouched=[copy / "last.pt"])
     assert not (copy / "best.pt").exists()
@@ -295,3 +306,11 @@ def test_digest_sees_every_file(tmp_path):
     (tmp_path / "x").write_text("x")
     assert digest(tmp_path) != before
     assert os.path.exists(tmp_path / "x")
+
+
+def test_a_checkpoint_whose_class_names_do_not_match_its_head(run, tmp_path):
+    from pgnm_fast.run_state import save_checkpoint
+    state = torch.load(run / "last.pt", weights_only=True)
+    bad = save_checkpoint(dict(state, classes=["only"]), tmp_path / "c" / "last.pt")
+    for args in (["eval", "--checkpoint", bad, "-j", "0"], ["export", bad, "--out", tmp_path / "o"]):
+        refused(args, bad, "'classes' names 1", "13 classes", untouched=[tmp_path])
