@@ -5,6 +5,10 @@
 - :func:`check_weights_fit`: the weights against this run's modules, built on the meta device,
   before the run starts.
 - :func:`load_weights`: ``load_state_dict`` whose mismatch is one line naming the source.
+- The shape of weights read from outside (:mod:`pgnm_fast.weights`): :func:`refuse_foreign_file`
+  (a text file, an image, a zip archive that is not a PyTorch checkpoint ... named as such),
+  :func:`check_state_dict`, :func:`check_head` and :func:`check_finite_weights` (NaN / inf refused
+  unless ``PGNM_FAST_ALLOW_NONFINITE_WEIGHTS=1`` asks to load them for inspection).
 
 Whether the file itself is sound (integrity, format, types, finite weights) is
 :mod:`pgnm_fast.run_state`'s to check, as it reads it.
@@ -75,7 +79,7 @@ def check_weights_fit(state, cfg, classes: list, path, how: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # The shape of weights read from outside (pgnm_fast.weights): one line naming the file and key
 
-NONFINITE_ENV = "PGNM_ALLOW_NONFINITE_WEIGHTS"  # "1": load NaN / inf weights for inspection
+NONFINITE_ENV = "PGNM_FAST_ALLOW_NONFINITE_WEIGHTS"  # "1": load NaN / inf weights for inspection
 EXPECTED_FORMS = ("a .pth/.pt/.bin state dict, a .safetensors file or a timm / Hugging Face "
                   "model folder")
 _MAGIC = [(b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
@@ -188,7 +192,7 @@ def first_nonfinite(state: dict) -> str | None:
 
 def check_finite_weights(state: dict, where, allow: bool | None = None) -> None:
     """Refuse weights holding NaN or inf, naming the first; loaded anyway (for inspection) when
-    the environment sets ``PGNM_ALLOW_NONFINITE_WEIGHTS=1``, unless ``allow`` is False."""
+    the environment sets ``PGNM_FAST_ALLOW_NONFINITE_WEIGHTS=1``, unless ``allow`` is False."""
     if allow is None:
         allow = allow_nonfinite()
     name = None if allow else first_nonfinite(state)

@@ -6,6 +6,9 @@ folder (``model.safetensors`` + ``config.json``); the authors' checkpoints (a di
 and usually ``policy_net``, ``base_alpha``, ``base_beta``, ``args``; keys possibly prefixed
 ``module.`` or ``_orig_mod.``, 3-channel stem). Pickles are read weights-only: a file that needs
 code to unpickle is refused (only ``argparse.Namespace``, the authors' ``args``, is allowed).
+Every form is checked for its shape before use (:mod:`pgnm_fast.state_checks`): a state dict of
+name -> tensor, a head whose bias matches its weight, a ``config.json`` object whose
+``label_names`` match the head, finite weights; a mismatch is one line naming the file and key.
 
 Fitting (:func:`fit_classifier`): a head whose class count differs is replaced, a 3-channel stem
 is summed to 1 channel for grey runs (exact for grey images, docs/method.md §1), and weights of

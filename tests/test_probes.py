@@ -181,7 +181,7 @@ def test_weights_probe(data, tmp_path, make, needles, command):
 
 def test_non_finite_weights_load_for_inspection_but_are_never_exported(data, tmp_path):
     path = nan_safetensors(tmp_path)
-    env = {"PGNM_ALLOW_NONFINITE_WEIGHTS": "1"}
+    env = {"PGNM_FAST_ALLOW_NONFINITE_WEIGHTS": "1"}
     out = clean(cli("eval", "--checkpoint", path, "--data", data, "--model", "resnet10t",
                     "-j", "0", env=env), code=3)  # loaded; its outputs are NaN
     assert "not finite" in out or "NaN" in out
