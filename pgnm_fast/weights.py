@@ -193,6 +193,10 @@ def _from_authors(path: Path, obj: dict) -> Weights:
         if missing:
             raise CheckpointError(f"{path}: 'policy_net' comes without {', '.join(missing)}: "
                                   f"not an authors' PGNM checkpoint")
+        for key in ("base_alpha", "base_beta"):
+            if not isinstance(obj[key], (torch.Tensor, float, int)):
+                raise CheckpointError(f"{path}: '{key}' holds a {type(obj[key]).__name__}, "
+                                      f"expected a tensor")
         policy = strip_prefixes(policy_state_from_authors(
             dict(obj, policy_net=strip_prefixes(obj["policy_net"]))))
         w.policy = policy

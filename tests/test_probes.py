@@ -113,6 +113,14 @@ def authors_policy_strings(tmp):
     return tmp / "authors_policy.pth"
 
 
+def authors_base_strings(tmp):
+    from pgnm_fast.models import PolicyNet
+    policy = PolicyNet(grid=4, in_chans=1).state_dict()
+    torch.save({"model": _state(), "policy_net": policy, "base_alpha": "x", "base_beta": "y"},
+               tmp / "authors_base.pth")
+    return tmp / "authors_base.pth"
+
+
 def text_file(tmp):
     (tmp / "notes.pth").write_text("these are my notes\n")
     return tmp / "notes.pth"
@@ -151,6 +159,7 @@ WEIGHTS = [  # (maker, what the line names besides the file)
     (authors_strings, ["'model'", "str"]),
     (authors_int_keys, ["'model'", "int"]),
     (authors_policy_strings, ["'policy_net'", "str"]),
+    (authors_base_strings, ["'base_alpha'", "str"]),
     (text_file, ["text"]),
     (png_file, ["PNG image"]),
     (empty_file, ["empty"]),
