@@ -130,8 +130,9 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
     part = source.split(split)
     classes = list(w.classes) if w.classes is not None else list(source.classes)
     if len(classes) != w.num_classes:
-        raise DataError(f"{checkpoint} has a {w.num_classes}-class head, {root} has "
-                        f"{len(classes)} classes")
+        n, plural = len(classes), "es" * (len(classes) != 1)
+        where = f"names {n} class{plural}" if w.classes is not None else f"{root} has {n} class{plural}"
+        raise DataError(f"{checkpoint} has a {w.num_classes}-class head, {where}")
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({source.classes[i] for i in np.unique(part.labels)} - set(index))
     if unknown:

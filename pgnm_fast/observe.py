@@ -146,7 +146,7 @@ class RunObserver:
             data = f.read()
         complete = data[:data.rfind(b"\n") + 1]
         self.offset += len(complete)
-        records, _ = plots.read_lines(complete.decode().splitlines())
+        records, _ = plots.read_lines(complete.splitlines())
         for r in records:
             for tag, value in tensorboard_scalars(r):
                 self.tb.add_scalar(tag, value, r.get("step", step))

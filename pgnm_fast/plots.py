@@ -35,6 +35,10 @@ class PlotsUnavailable(PgnmError):
     """matplotlib is not installed."""
 
 
+class DamagedFile(PgnmError):
+    """A run file that feeds a picture cannot be read: that picture is left out."""
+
+
 def _figure(width: float, height: float, layout: str | None = "constrained"):
     try:
         from matplotlib.figure import Figure
@@ -54,18 +58,23 @@ def _save(fig, path: Path) -> Path:
 
 def read_records(path: Path) -> tuple[list[dict], int]:
     """The records of a ``metrics.jsonl`` and the number of unreadable lines (a run killed while
-    appending can leave a partial last line)."""
-    return read_lines(Path(path).read_text().splitlines())
+    appending can leave a partial last line; a line of other bytes is left out the same way)."""
+    return read_lines(Path(path).read_bytes().splitlines())
 
 
-def read_lines(lines: list[str]) -> tuple[list[dict], int]:
-    records, bad = [], 0
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += 1
-    return records, bad
+def parse_record(line: bytes | str) -> dict | None:
+    """One ``metrics.jsonl`` line as its record; None when it is not UTF-8 JSON holding an
+    object (a partial line, other bytes, an array)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_lines(lines: list[bytes | str]) -> tuple[list[dict], int]:
+    records = [r for r in map(parse_record, lines) if r is not None]
+    return records, sum(1 for line in lines if line.strip()) - len(records)
 
 
 def _series(records, kind, key, sub=None):
@@ -293,9 +302,22 @@ def write_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
 
 
 def read_confusion(path: Path) -> tuple[np.ndarray, list[str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    """The counts and class names of a ``confusion.csv``; :class:`DamagedFile` naming the file
+    and the row when it is not a header plus one row of counts per class."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DamagedFile(f"{path} is unreadable ({e})") from None
+    if not rows or len(rows[0]) < 2:
+        raise DamagedFile(f"{path} has no header row of class names")
     classes = rows[0][1:]
+    if len(rows) - 1 != len(classes):
+        raise DamagedFile(f"{path} has {len(rows) - 1} rows of counts, expected {len(classes)} "
+                          f"(one per class)")
+    for i, row in enumerate(rows[1:], 2):
+        if len(row) != len(classes) + 1 or not all(v.strip().isdigit() for v in row[1:]):
+            raise DamagedFile(f"{path}: row {i} is not a class name and {len(classes)} counts")
     return np.array([[int(v) for v in row[1:]] for row in rows[1:]]), classes
 
 
@@ -307,9 +329,28 @@ def save_gallery(gallery: dict, path: Path) -> Path:
     return Path(path)
 
 
+GALLERY_KEYS = ("images", "expected", "sampled", "masked", "classes", "epoch", "uncond_mean",
+                "uncond_std")
+
+
 def load_gallery(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """The arrays of a ``masks.npz``; :class:`DamagedFile` naming the file and the key when it
+    is unreadable, truncated or lacks one."""
+    import zipfile
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            gallery = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DamagedFile(f"{path} is unreadable or truncated ({str(e)[:100]})") from None
+    missing = [k for k in GALLERY_KEYS if k not in gallery]
+    if missing:
+        raise DamagedFile(f"{path} lacks {', '.join(repr(k) for k in missing)}")
+    n = len(gallery["images"])
+    for key in ("expected", "sampled", "masked", "classes"):
+        if len(gallery[key]) != n:
+            raise DamagedFile(f"{path}: '{key}' holds {len(gallery[key])} entries, expected {n} "
+                              f"(one per image)")
+    return gallery
 
 
 def plot_run(folder, log=print) -> list[Path]:
@@ -322,11 +363,15 @@ def plot_run(folder, log=print) -> list[Path]:
     if bad:
         log(f"{folder / METRICS}: left out {bad} unreadable line(s)")
     written = [draw_curves(records, folder / CURVES, title=_title(folder))]
-    if (folder / GALLERY).is_file():
-        written.append(draw_masks(load_gallery(folder / GALLERY), folder / MASKS))
-    if (folder / CONFUSION_CSV).is_file():
-        matrix, classes = read_confusion(folder / CONFUSION_CSV)
-        written.append(draw_confusion(matrix, classes, folder / CONFUSION, _confusion_title(records)))
+    pictures = [(GALLERY, MASKS, lambda p: draw_masks(load_gallery(p), folder / MASKS)),
+                (CONFUSION_CSV, CONFUSION, lambda p: draw_confusion(
+                    *read_confusion(p), folder / CONFUSION, _confusion_title(records)))]
+    for name, picture, draw in pictures:
+        if (folder / name).is_file():
+            try:
+                written.append(draw(folder / name))
+            except DamagedFile as e:
+                log(f"{e}: {picture} not drawn")
     return written
 
 
@@ -342,8 +387,9 @@ def _confusion_title(records: list[dict]) -> str:
     """The epoch of the best validation macro F1 (the epoch best.pt holds)."""
     best = None
     for r in records:
-        f1 = (r.get("val") or {}).get("f1_macro") if r.get("kind") == "epoch" else None
-        if f1 is not None and not math.isnan(f1) and (best is None or f1 > best[1]):
+        val = r.get("val") if r.get("kind") == "epoch" else None
+        f1 = val.get("f1_macro") if isinstance(val, dict) else None
+        if isinstance(f1, (int, float)) and not math.isnan(f1) and (best is None or f1 > best[1]):
             best = (r["epoch"], f1)
     if best is None:
         return "validation confusion matrix"

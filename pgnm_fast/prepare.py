@@ -98,7 +98,7 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
         raise DataError(f"the classes of {data_root} differ from those of --resume {resume}")
     if resume_state is not None:
         check_weights_fit(resume_state, cfg, classes, resume, "--resume")
-    run_dir = Path(out) if out else (Path(resume).parent if resume else
+    run_dir = Path(out) if out else (Path(os.path.realpath(resume)).parent if resume else
                                      Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_fresh(run_dir, resume)
     check_output_dir(run_dir, "--out")

@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import atomic_open, remove_stale_temporaries, write_error, write_json_atomic
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .folders import lock_folder
 from .provenance import run_record
 from .run_state import RunState, save_run_state
@@ -52,11 +53,50 @@ def save_epoch_states(state: RunState, out: Path, improved: bool,
     ``best.pt`` when validation improved, the epoch's metrics record, then ``last.pt``. Until
     ``last.pt`` is replaced the run resumes at this epoch, replays it (bit for bit) and drops
     its record first (:meth:`MetricsLog.keep_until`); so ``best.pt`` never lags the best score
-    ``last.pt`` records, and every saved epoch has its record."""
+    ``last.pt`` records, and every saved epoch has its record. Nothing is written when the disk
+    lacks room for the epoch's files (:func:`check_room`): a ``best.pt`` written without its
+    ``last.pt`` would take the room the resumed run needs."""
+    check_room(state, out, improved)
     if improved:
         save_run_state(state, out / "best.pt")
     write_record()
     save_run_state(state, out / "last.pt")
+
+
+RECORD_ROOM = 1 << 20  # the epoch's metrics.jsonl record and the atomic writes' metadata
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of every tensor in ``obj`` (dicts, lists and tuples walked)."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_room(state: RunState, out: Path, improved: bool) -> None:
+    """Raise :class:`OutputError` naming ``last.pt`` when the file system of ``out`` has no room
+    for this epoch's checkpoints: each is written beside the file it replaces, so ``best.pt``
+    (when written) needs its size until the rename, then keeps what it grew by, and ``last.pt``
+    needs its size again."""
+    size = _tensor_bytes(state.to_dict()) + RECORD_ROOM
+    best = out / "best.pt"
+    old_best = best.stat().st_size if improved and best.is_file() else 0
+    need = size + (max(size - old_best, 0) if improved else 0)
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return  # the writes themselves report what is wrong with the folder
+    if free < need:
+        last = out / "last.pt"
+        raise OutputError(f"{last}: cannot write (not enough free space: this epoch's "
+                          f"checkpoints need {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are "
+                          f"free); nothing of epoch {state.epoch} was written, the previous "
+                          f"last.pt (if any) is unchanged: free some space and --resume {last}")
 
 
 class MetricsLog:
@@ -70,10 +110,10 @@ class MetricsLog:
         holds each epoch once, as an uninterrupted run's does."""
         if not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
+        lines = self.path.read_bytes().splitlines(keepends=True)
         keep = [ln for ln in lines if _record_epoch(ln) <= epoch]
         if len(keep) != len(lines):
-            with atomic_open(self.path, "w") as f:
+            with atomic_open(self.path, "wb") as f:
                 f.writelines(keep)
 
     def write(self, record: dict) -> None:
@@ -84,11 +124,13 @@ class MetricsLog:
             raise write_error(self.path, e) from None
 
 
-def _record_epoch(line: str) -> int:
-    """The (last) epoch a metrics.jsonl record belongs to; a line cut by a kill counts as after
-    every epoch (dropped)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
+def _record_epoch(line: bytes) -> int:
+    """The (last) epoch a metrics.jsonl record belongs to; a line cut by a kill, or one that is
+    no record (other bytes, not a JSON object, no integer epoch), counts as after every epoch
+    (dropped)."""
+    from .plots import parse_record
+    record = parse_record(line)
+    epochs = (record.get("epochs") or [record.get("epoch", -1)]) if record is not None else None
+    if not isinstance(epochs, list) or not all(isinstance(e, int) for e in epochs):
         return 1 << 62
-    return max(record.get("epochs") or [record.get("epoch", -1)])
+    return max(epochs)

@@ -60,6 +60,7 @@ from .pipelines.samplers import split_key
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform
 from .run_state import RunState, load_run_state
+from .state_checks import json_type
 from .transfer_report import (  # noqa: F401  (score_limits: part of this module's interface)
     SCORE_KEYS,
     format_table,
@@ -328,6 +329,10 @@ def _stored_runs(path: Path, settings: dict) -> dict:
     try:
         stored = json.loads(path.read_text())
         old, runs = stored["settings"], stored["runs"]
+        for key, value, kind in (("settings", old, dict), ("runs", runs, list)):
+            if not isinstance(value, kind):
+                raise DataError(f"{path}: '{key}' is {json_type(value)}, expected "
+                                f"{json_type(kind())}; choose another --out")
         done = {(x["checkpoint"], int(x["n"]), int(x["repeat"])): x for x in runs}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a transfer.json this version can continue "

@@ -6,6 +6,9 @@ folder (``model.safetensors`` + ``config.json``); the authors' checkpoints (a di
 and usually ``policy_net``, ``base_alpha``, ``base_beta``, ``args``; keys possibly prefixed
 ``module.`` or ``_orig_mod.``, 3-channel stem). Pickles are read weights-only: a file that needs
 code to unpickle is refused (only ``argparse.Namespace``, the authors' ``args``, is allowed).
+Every form is checked for its shape before use (:mod:`pgnm_fast.state_checks`): a state dict of
+name -> tensor, a head whose bias matches its weight, a ``config.json`` object whose
+``label_names`` match the head, finite weights; a mismatch is one line naming the file and key.
 
 Fitting (:func:`fit_classifier`): a head whose class count differs is replaced, a 3-channel stem
 is summed to 1 channel for grey runs (exact for grey images, docs/method.md §1), and weights of
@@ -36,6 +39,15 @@ from .models import POLICY_TRUNK_PREFIX, convert_to_grey, create_model, model_na
 from .models.resnet import FIRST_CONV
 from .optim import STEM_LR_SCALE
 from .run_state import RunState, is_run_state, run_state_from
+from .state_checks import (
+    check_finite_weights,
+    check_head,
+    check_state_dict,
+    first_nonfinite,
+    json_type,
+    load_weights,
+    refuse_foreign_file,
+)
 
 PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 SAFETENSORS = ".safetensors"
@@ -95,6 +107,7 @@ def strip_prefixes(state: dict) -> dict:
 
 
 def _torch_load(path: Path):
+    refuse_foreign_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -116,6 +129,7 @@ def _torch_load(path: Path):
 def _safetensors_load(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    refuse_foreign_file(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -141,7 +155,12 @@ def read_weights(path) -> Weights:
         return _from_state_dict(path, _safetensors_load(path), "state dict")
     obj = _torch_load(path)
     if is_run_state(obj):  # checked as every checkpoint is (pgnm_fast.run_state)
-        return Weights.from_run_state(run_state_from(obj, path))
+        w = Weights.from_run_state(run_state_from(obj, path))
+        check_head(w.model, path)
+        if "fc.weight" in w.model and len(w.classes) != w.num_classes:
+            raise CheckpointError(f"checkpoint {path}: 'classes' names {len(w.classes)}, its "
+                                  f"head (fc.weight) has {w.num_classes} classes")
+        return w
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return _from_authors(path, obj)
     if isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):  # timm's train.py
@@ -153,7 +172,9 @@ def read_weights(path) -> Weights:
 
 
 def _from_state_dict(path, state, kind, model_name=None, classes=None, meta=None) -> Weights:
-    state = strip_prefixes(state)
+    state = strip_prefixes(check_state_dict(state, str(path)))
+    check_head(state, path)
+    check_finite_weights(state, path)
     if not any(k.startswith(("layer1.", "conv1")) for k in state):
         raise CheckpointError(f"{path} holds no ResNet classifier weights (keys such as "
                               f"{', '.join(list(state)[:3])})")
@@ -164,8 +185,18 @@ def _from_authors(path: Path, obj: dict) -> Weights:
     from .models import policy_state_from_authors
     args = obj.get("args")
     name = getattr(args, "model", None) if args is not None else None
-    w = _from_state_dict(path, obj["model"], "authors'", name if name in model_names() else None)
+    model = check_state_dict(obj["model"], f"{path}: 'model'")
+    w = _from_state_dict(path, model, "authors'", name if name in model_names() else None)
     if "policy_net" in obj:
+        check_state_dict(obj["policy_net"], f"{path}: 'policy_net'")
+        missing = [k for k in ("base_alpha", "base_beta") if k not in obj]
+        if missing:
+            raise CheckpointError(f"{path}: 'policy_net' comes without {', '.join(missing)}: "
+                                  f"not an authors' PGNM checkpoint")
+        for key in ("base_alpha", "base_beta"):
+            if not isinstance(obj[key], (torch.Tensor, float, int)):
+                raise CheckpointError(f"{path}: '{key}' holds a {type(obj[key]).__name__}, "
+                                      f"expected a tensor")
         policy = strip_prefixes(policy_state_from_authors(
             dict(obj, policy_net=strip_prefixes(obj["policy_net"]))))
         w.policy = policy
@@ -179,19 +210,44 @@ def _read_folder(path: Path) -> Weights:
         if not bin_file.is_file():
             raise CheckpointError(f"model folder {path} has no model.safetensors")
         weights = bin_file
-    meta = {}
-    if config.is_file():
-        try:
-            meta = json.loads(config.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config} is not valid JSON ({e})") from None
+    meta = _read_config(config) if config.is_file() else {}
     state = _safetensors_load(weights) if weights.suffix == SAFETENSORS else _torch_load(weights)
-    if not _is_state_dict(state):
-        raise CheckpointError(f"{weights} is not a state dict")
+    state = check_state_dict(state, str(weights))
     name = str(meta.get("architecture", "")).split(".")[0]  # "resnet50.a1_in1k" -> resnet50
     labels = meta.get("label_names") or meta.get("pretrained_cfg", {}).get("label_names")
-    return _from_state_dict(path, state, "timm folder", name if name in model_names() else None,
-                            list(labels) if isinstance(labels, (list, tuple)) else None, meta)
+    w = _from_state_dict(path, state, "timm folder", name if name in model_names() else None,
+                         list(labels) if labels else None, meta)
+    if w.classes is not None and "fc.weight" in w.model and len(w.classes) != w.num_classes:
+        n = len(w.classes)
+        raise CheckpointError(f"{config} has {n} label name{'s' * (n != 1)} ('label_names'), "
+                              f"its weights' head (fc.weight) has {w.num_classes} classes")
+    return w
+
+
+def _read_config(config: Path) -> dict:
+    """A model folder's ``config.json``, its shape checked: an object whose ``pretrained_cfg``
+    is an object, ``label_names`` a list of names and ``architecture`` a name."""
+    try:
+        meta = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config} holds {json_type(meta)}: expected an object (a timm / "
+                              f"Hugging Face model config)")
+    cfg = meta.get("pretrained_cfg", {})
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config}: 'pretrained_cfg' is {json_type(cfg)}, expected an "
+                              f"object")
+    for key, labels in (("label_names", meta.get("label_names")),
+                        ("pretrained_cfg.label_names", cfg.get("label_names"))):
+        if labels is not None and not (isinstance(labels, list) and
+                                       all(isinstance(x, str) for x in labels)):
+            raise CheckpointError(f"{config}: '{key}' is {json_type(labels)}, expected a list "
+                                  f"of class names")
+    if not isinstance(meta.get("architecture", ""), str):
+        raise CheckpointError(f"{config}: 'architecture' is {json_type(meta['architecture'])}, "
+                              f"expected a model name such as \"resnet50\"")
+    return meta
 
 
 def _reference_shapes(name: str) -> dict:
@@ -226,7 +282,8 @@ def guess_model(state: dict) -> str | None:
 
 def check_architecture(w: Weights, model_name: str) -> None:
     """Raise naming the first mismatched keys when ``w`` does not fit ``model_name``."""
-    missing, unexpected, shaped = _fits(w.model, _reference_shapes(model_name))
+    ref = _reference_shapes(model_name)
+    missing, unexpected, shaped = _fits(w.model, ref)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected or shaped:
         looks = guess_model(w.model)
@@ -235,6 +292,7 @@ def check_architecture(w: Weights, model_name: str) -> None:
                  (("missing", missing), ("unexpected", unexpected), ("other shapes", shaped)) if keys]
         raise CheckpointError(f"weights in {w.path} do not fit {model_name}: "
                               f"{', '.join(parts)}{like}")
+    check_head(w.model, w.path, ref["fc.weight"][1], model_name)
 
 
 def resolve_model(w: Weights, requested: str | None) -> str:
@@ -244,6 +302,7 @@ def resolve_model(w: Weights, requested: str | None) -> str:
         if requested is not None and requested != w.model_name:
             raise ConfigError(f"--model {requested} differs from the checkpoint's "
                               f"{w.model_name} in {w.path}")
+        check_architecture(w, w.model_name)
         return w.model_name
     name = requested or w.model_name
     if name is None:
@@ -276,7 +335,7 @@ def fit_classifier(model, w: Weights, model_name: str, classes: list, log,
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         log(f"classes differ from the checkpoint's ({w.num_classes} -> {len(classes)}): "
             f"new classifier head, trunk loaded")
-    missing, unexpected = model.load_state_dict(state, strict=same_head)
+    missing, unexpected = load_weights(model, state, f"weights in {w.path}", strict=same_head)
     if unexpected or any(not k.startswith("fc.") for k in missing):
         raise CheckpointError(f"weights in {w.path} do not fit {model_name}: missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]}")
@@ -318,6 +377,10 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
     chans = w.in_chans or 1
     in_chans = in_chans or chans
     state = dict(w.model)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"weights in {w.path}: {bad} is not finite (NaN or inf): "
+                              f"non-finite weights are never exported")
     key = f"{FIRST_CONV[name]}.weight"
     if in_chans != chans:
         if chans == 1 and in_chans == 3:
