@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .averaging import LastEpochsAverage
-from .console import epoch_lines, format_val, resume_hint
+from .console import DivergenceWatch, epoch_lines, format_val, resume_hint
 from .distributed import (
     all_reduce_mean,
     barrier,
@@ -235,6 +235,8 @@ def _train(run: Run, log, show_progress) -> Path:
         write_config(run.out, cfg, run.data_root)
         metrics_log.keep_until(start_epoch - 1)
     write = metrics_log.write if info.is_main else (lambda record: None)
+    if info.is_main:  # one warning line if the train CE blows up
+        write = DivergenceWatch(len(run.classes), log, heated=parts.policy is not None).wrap(write)
     log(_announce(run, parts, train_loader, threads))
     observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 
