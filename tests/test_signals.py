@@ -88,3 +88,14 @@ def test_a_normal_run_has_no_warning(data, tmp_path):
     r = cli("train", "--data", data, "--out", tmp_path / "calm", "--lr", "0.01", *SMALL)
     assert r.exit_code == 0, r.output
     assert warnings_in(r.output) == [] and "warning" not in r.output
+
+
+def test_masks_png_title_says_whether_the_expected_masks_are_flat():
+    import numpy as np
+
+    from pgnm_fast.plots import _flatness
+    flat = np.full((3, 8, 8), 0.5, np.float32)
+    assert _flatness(flat) == ("expected mask: mean 0.500, spread across images 0.0000, "
+                               "range 0.500 to 0.500")
+    moved = flat + np.array([-0.2, 0.0, 0.2], np.float32)[:, None, None]
+    assert "spread across images 0.1633, range 0.300 to 0.700" in _flatness(moved)
