@@ -7,7 +7,9 @@ cross-entropy, so both are shown and named: ``ce`` reads against the baseline an
 from __future__ import annotations
 
 import datetime
+import json
 import math
+from pathlib import Path
 
 WIDTH = 120
 
@@ -90,11 +92,30 @@ class DivergenceWatch:
     :data:`CE_RISE` x the first epoch's train CE or :data:`CE_CHANCE` x ln(classes), with the
     step size behind it (mean(S) x lr in the heated stage) and the flag that lowers it."""
 
-    def __init__(self, classes: int, log, heated: bool, flag: str = "--lr"):
+    def __init__(self, classes: int, log, heated: bool, flag: str = "--lr",
+                 first_epoch: float | None = None):
         self.classes = classes
         self.log, self.heated, self.flag = log, heated, flag
-        self.first_epoch: float | None = None
+        self.first_epoch = first_epoch  # a resumed run's, from its metrics.jsonl
         self.warned = False
+
+    @staticmethod
+    def first_epoch_ce(path) -> float | None:
+        """The train CE of the first epoch record in the ``metrics.jsonl`` at ``path`` (a resumed
+        run's), or None where there is none yet (unreadable lines are passed over)."""
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("kind") == "epoch":
+                ce = record.get("train_ce")
+                return float(ce) if isinstance(ce, (int, float)) and math.isfinite(ce) else None
+        return None
 
     def wrap(self, write):
         """``write`` that also hands each record to the watch first."""

@@ -236,7 +236,8 @@ def _train(run: Run, log, show_progress) -> Path:
         metrics_log.keep_until(start_epoch - 1)
     write = metrics_log.write if info.is_main else (lambda record: None)
     if info.is_main:  # one warning line if the train CE blows up
-        write = DivergenceWatch(len(run.classes), log, heated=parts.policy is not None).wrap(write)
+        write = DivergenceWatch(len(run.classes), log, heated=parts.policy is not None,
+                                first_epoch=DivergenceWatch.first_epoch_ce(metrics_log.path)).wrap(write)
     log(_announce(run, parts, train_loader, threads))
     observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 

@@ -99,3 +99,17 @@ def test_masks_png_title_says_whether_the_expected_masks_are_flat():
                                "range 0.500 to 0.500")
     moved = flat + np.array([-0.2, 0.0, 0.2], np.float32)[:, None, None]
     assert "spread across images 0.1633, range 0.300 to 0.700" in _flatness(moved)
+
+
+def test_a_resumed_run_measures_against_its_first_epoch(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert DivergenceWatch.first_epoch_ce(path) is None  # a new run: no file yet
+    path.write_text('{"kind": "step", "ce": 2.4}\n{"kind": "epoch", "train_ce": 1.5}\n'
+                    '{"kind": "epoch", "train_ce": 1.2}\n{"kind": "epo')
+    assert DivergenceWatch.first_epoch_ce(path) == 1.5
+    lines = []
+    watch = DivergenceWatch(1000, lines.append, heated=False, first_epoch=1.5)
+    watch.see({"kind": "step", "ce": 4.4, "lr": 0.1})
+    watch.see({"kind": "step", "ce": 4.6, "lr": 0.1})
+    assert lines == ["warning: train CE 4.60 is 3.1x first epoch (1.50), 0.7x ln(1000): step lr 0.1 "
+                     "too large, lower --lr"]
