@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .averaging import LastEpochsAverage
-from .console import DivergenceWatch, epoch_lines, format_val, resume_hint
+from .console import epoch_lines, format_val, resume_hint
 from .distributed import (
     all_reduce_mean,
     barrier,
@@ -236,6 +236,7 @@ def _train(run: Run, log, show_progress) -> Path:
         metrics_log.keep_until(start_epoch - 1)
     write = metrics_log.write if info.is_main else (lambda record: None)
     if info.is_main:  # one warning line if the train CE blows up
+        from .console import DivergenceWatch
         write = DivergenceWatch(len(run.classes), log, heated=parts.policy is not None,
                                 first_epoch=DivergenceWatch.first_epoch_ce(metrics_log.path)).wrap(write)
     log(_announce(run, parts, train_loader, threads))
