@@ -292,7 +292,8 @@ def _read_window(window, nonfinite, epoch, first, global_step, seconds):
     bad_policy = nonfinite is not None and bool(nonfinite)
     if bad_policy or not all(np.isfinite(values)):
         what = "the policy produced non-finite Beta parameters (a~ or b~)" if bad_policy \
-            else "the loss became non-finite"
+            else "the loss became non-finite" if not all(np.isfinite(values[:5])) \
+            else "the policy's gradient became non-finite"
         raise TrainingDiverged(f"training stopped at epoch {epoch}, steps {first + 1}-{global_step}: "
                                f"{what}; last.pt keeps the previous epoch (try a lower --lr)")
     n = max(values[4], 1.0)

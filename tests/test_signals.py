@@ -113,3 +113,14 @@ def test_a_resumed_run_measures_against_its_first_epoch(tmp_path):
     watch.see({"kind": "step", "ce": 4.6, "lr": 0.1})
     assert lines == ["warning: train CE 4.60 is 3.1x first epoch (1.50), 0.7x ln(1000): step lr 0.1 "
                      "too large, lower --lr"]
+
+
+def test_a_non_finite_policy_gradient_is_named():
+    from pgnm_fast.engine import TrainingDiverged, _read_window
+    window = torch.tensor([8.0, 4.0, 8.0, 1.0, 4.0, 0.1, float("inf"), 1.0])
+    with pytest.raises(TrainingDiverged, match="steps 3-4: the policy's gradient became non-finite"):
+        _read_window(window, torch.tensor(False), 0, 2, 4, 1.0)
+    window[6] = 2.0
+    record = _read_window(window, torch.tensor(False), 0, 2, 4, 1.0)
+    assert record["policy_grad_norm"] == 2.0 and record["mask_spread"] == pytest.approx(0.025)
+    assert "mask_spread" not in _read_window(window, None, 0, 2, 4, 1.0)  # no policy: no keys
