@@ -50,3 +50,32 @@ def test_a_different_note_is_said_again():
     assert not badfiles.say_once("3 of 9 train files differ", logs.append)
     assert badfiles.say_once("4 of 9 train files differ", logs.append)
     assert logs == ["3 of 9 train files differ", "4 of 9 train files differ"]
+
+
+def test_two_training_stages_in_one_command_print_the_note_once(small_data, tmp_path):
+    """As a compare runs its stages: two runs in one process on data with 16-bit PNGs."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pgnm_fast.cli import main
+    data = shutil.copytree(small_data, tmp_path / "data")
+    for f in sorted(data.rglob("*.png"))[::10]:  # every tenth file, train and val alike
+        with Image.open(f) as im:
+            deep = np.asarray(im.convert("L")).astype(np.uint16) * 257
+        Image.fromarray(deep).save(f)
+    outputs = []
+    for stage in ("a", "b"):
+        r = CliRunner().invoke(main, ["train", "--no-policy", "--data", str(data), "--out",
+                                      str(tmp_path / stage), "--epochs", "1", "-b", "16",
+                                      "--train-crop-size", "32", "--val-resize-size", "36",
+                                      "--val-crop-size", "32", "-j", "0", "--loader", "dali"],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        outputs.append(r.output)
+    notes = [[ln for ln in out.splitlines() if "not 8-bit grey PNGs" in ln] for out in outputs]
+    assert [len(n) for n in notes] == [2, 0], notes  # train and val, said by the first run only
+    assert sorted(ln.split(" files ")[0].split()[-1] for ln in notes[0]) == ["train", "val"]
+    for line in notes[0]:
+        listed = line.rsplit("; listed in ", 1)[1]
+        assert len(open(listed).read().splitlines()) == int(line.split(" of ")[0])
