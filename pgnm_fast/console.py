@@ -2,7 +2,9 @@
 
 The heated stage minimises the objective mean(S) * CE (docs/method.md §5), several times the
 cross-entropy, so both are shown and named: ``ce`` reads against the baseline and against chance
-(ln C), ``objective`` is what the optimiser sees. Every line fits in 120 columns (paths aside).
+(ln C), ``objective`` is what the optimiser sees. The heated epoch line is followed by whether the
+policy moves (:func:`policy_line`); :class:`DivergenceWatch` warns once when the train CE blows up.
+Every line fits in 120 columns (paths aside).
 """
 from __future__ import annotations
 
