@@ -22,8 +22,9 @@ from .objective import pgnm_loss
 if TYPE_CHECKING:
     from .pipelines.contract import BatchLoader
 
-# Running sums kept on the device: loss, ce, mean S, correct top-1, images.
-N_STATS = 5
+# Running sums kept on the device: loss, ce, mean S, correct top-1, images, then the policy's
+# movement (heated stage; 0 otherwise): mask spread x images, policy gradient norm, optimiser steps.
+N_STATS = 8
 
 
 class TrainingDiverged(PgnmError):
@@ -88,16 +89,18 @@ class HeatedStep:
             self.policy_optimizer.zero_grad(set_to_none=True)
         self.accum.scaled(loss).backward()
         h_a, h_b = self._head_means(out.h_a.detach(), out.h_b.detach(), first, last)
+        grad_norm = None
         if last:
             clip_gradients(self.model, self.clip_grad_norm)
-            clip_gradients(self.policy, self.clip_grad_norm)
+            grad_norm = clip_gradients(self.policy, self.clip_grad_norm, measure=True)
             self.optimizer.step()
             self.policy_optimizer.step()
             if self.ema_sync is not None:  # every rank moves its buffers by the global batch mean
                 h_a = self.ema_sync(h_a.mean(0, keepdim=True))
                 h_b = self.ema_sync(h_b.mean(0, keepdim=True))
             unwrap(self.policy).update_base(h_a, h_b)
-        _accumulate(stats, loss, ce, S.detach().mean(), logits, target)
+        _accumulate(stats, loss, ce, S.detach().mean(), logits, target,
+                    mask_spread(out.a_tilde.detach(), out.b_tilde.detach()), grad_norm)
 
     def _head_means(self, h_a, h_b, first, last):
         """The heads whose batch mean moves the bases: this batch's (k = 1), else at the last
@@ -171,20 +174,41 @@ class _Accumulation:
         return loss if self.steps == 1 else loss / self.steps
 
 
-def clip_gradients(module, max_norm: float) -> None:
+def clip_gradients(module, max_norm: float, measure: bool = False) -> torch.Tensor | None:
     """``--clip-grad-norm``: scale ``module``'s gradients to a total 2-norm of at most
     ``max_norm`` (0: off). All on the device, no host sync (CUDA-graph capturable); a non-finite
-    norm is not raised here, the epoch loop's loss check stops the run."""
+    norm is not raised here, the epoch loop's loss check stops the run. Returns the total 2-norm
+    before clipping (a 0-d device tensor) when clipping, or when ``measure`` asks for it."""
     if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, foreach=True,
-                                       error_if_nonfinite=False)
+        return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, foreach=True,
+                                              error_if_nonfinite=False)
+    if not measure:
+        return None
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
 
 
-def _accumulate(stats, loss, ce, s_mean, logits, target):
+def mask_spread(a_tilde: torch.Tensor, b_tilde: torch.Tensor) -> torch.Tensor:
+    """How much the policy's masks differ between images: the standard deviation over the batch
+    of each image's mean expected mask E[m] = alpha / (alpha + beta) = sigmoid(a~ - b~). 0 while
+    the policy gives every image the same mask; a 0-d device tensor (no host sync)."""
+    per_image = torch.sigmoid((a_tilde.float() - b_tilde.float()).flatten(1)).mean(1)
+    return per_image.std(correction=0)
+
+
+def _accumulate(stats, loss, ce, s_mean, logits, target, spread=None, grad_norm=None):
+    """Add one micro-batch to the running sums (:data:`N_STATS`), on the device. ``spread`` and
+    ``grad_norm`` (heated stage): the batch's :func:`mask_spread` and, at an optimiser step, the
+    policy's gradient norm."""
     bs = target.shape[0]
     correct = (logits.detach().argmax(1) == target).sum()
     stats[:4] += torch.stack([loss.detach() * bs, ce.detach() * bs, s_mean * bs, correct.float()])
     stats[4] += bs
+    if spread is not None:
+        stats[5] += spread * bs
+    if grad_norm is not None:
+        stats[6] += grad_norm
+        stats[7] += 1
 
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (images, target, stats)
@@ -238,7 +262,18 @@ def train_one_epoch(step: Step, loader: BatchLoader, device: torch.device, epoch
     total = stats.tolist()
     n = max(total[4], 1.0)
     return global_step, {"loss": total[0] / n, "ce": total[1] / n, "S": total[2] / n,
-                         "train_top1": total[3] / n, "images": int(total[4])}
+                         "train_top1": total[3] / n, "images": int(total[4]),
+                         **(policy_movement(total) if heated else {})}
+
+
+def policy_movement(values: list[float]) -> dict:
+    """The heated stage's record of whether the policy moves, from the running sums: the mean
+    over the images of the batch :func:`mask_spread` (``mask_spread``) and the mean over the
+    optimiser steps of the policy's gradient 2-norm before clipping (``policy_grad_norm``; None
+    for a window without an optimiser step)."""
+    steps = values[7]
+    return {"mask_spread": values[5] / max(values[4], 1.0),
+            "policy_grad_norm": values[6] / steps if steps else None}
 
 
 def check_finite_weights(modules, epoch: int) -> None:
@@ -257,13 +292,15 @@ def _read_window(window, nonfinite, epoch, first, global_step, seconds):
     bad_policy = nonfinite is not None and bool(nonfinite)
     if bad_policy or not all(np.isfinite(values)):
         what = "the policy produced non-finite Beta parameters (a~ or b~)" if bad_policy \
-            else "the loss became non-finite"
+            else "the loss became non-finite" if not all(np.isfinite(values[:5])) \
+            else "the policy's gradient became non-finite"
         raise TrainingDiverged(f"training stopped at epoch {epoch}, steps {first + 1}-{global_step}: "
                                f"{what}; last.pt keeps the previous epoch (try a lower --lr)")
     n = max(values[4], 1.0)
     return {"kind": "step", "epoch": epoch, "step": global_step, "loss": values[0] / n,
             "ce": values[1] / n, "S": values[2] / n, "train_top1": values[3] / n,
-            "img_s": values[4] / max(seconds, 1e-9)}
+            "img_s": values[4] / max(seconds, 1e-9),
+            **(policy_movement(values) if nonfinite is not None else {})}
 
 
 @torch.inference_mode()

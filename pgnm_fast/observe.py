@@ -169,9 +169,11 @@ class RunObserver:
 
 STEP_TAGS = {"ce": "train/ce", "loss": "train/objective", "S": "train/S",
              "train_top1": "train/top1", "img_s": "speed/img_s", "lr": "lr/classifier",
-             "policy_lr": "lr/policy"}
+             "policy_lr": "lr/policy", "mask_spread": "policy/mask_spread",
+             "policy_grad_norm": "policy/grad_norm"}
 EPOCH_TAGS = {"train_ce": "epoch/train_ce", "train_loss": "epoch/train_objective",
-              "train_S": "epoch/train_S", "train_top1": "epoch/train_top1", "seconds": "epoch/seconds"}
+              "train_S": "epoch/train_S", "train_top1": "epoch/train_top1", "seconds": "epoch/seconds",
+              "train_mask_spread": "epoch/mask_spread", "train_policy_grad_norm": "epoch/policy_grad_norm"}
 MASK_TAGS = {"mask_mean": "masks/mean", "mask_entropy": "masks/entropy",
              "uncond_mask_mean": "masks/unconditional_mean"}
 

@@ -3,9 +3,11 @@
 - ``curves.png`` from ``metrics.jsonl``: train and validation cross-entropy, the heated objective
   mean(S) * CE and S, train/val top-1 and val macro F1, learning rates, img/s over the steps
   (epoch values are marked at the step that ends the epoch), and the mask mean and entropy of the
-  heated stage; only the panels the run has data for, every axis labelled;
+  heated stage, and whether its policy moves (the spread of the expected mask across images
+  and the policy's gradient norm); only the panels the run has data for, every axis labelled;
 - ``masks.png`` from ``masks.npz`` (heated stage): the gallery images, the policy's expected mask,
-  one sampled mask, the masked image, and the unconditional mask's mean and spread;
+  one sampled mask, the masked image, and the unconditional mask's mean and spread; the title
+  gives the expected masks' mean, spread across images and range (flat 0.5: an unmoved policy);
 - ``confusion.png`` from ``confusion.csv`` (the best checkpoint's validation; ``per_class.csv``
   beside it holds precision, recall, F1 and support per class).
 
@@ -157,6 +159,14 @@ def _mask_panel(ax, records):
           "mean Beta entropy (nats)", color="C1")
 
 
+def _policy_panel(ax, records):
+    _line(ax, records, "step", "mask_spread", "mask spread (steps)", lw=0.8, color="C0")
+    _line(ax, records, "epoch", "train_mask_spread", "mask spread (epoch)", color="C0")
+    ax.set(title="does the policy move?", ylabel="std over images of mean expected mask")
+    _twin(ax, records, "step", "policy_grad_norm", "policy gradient norm (right)",
+          "policy gradient 2-norm", lw=0.8, color="C1")
+
+
 def curve_panels(records: list[dict]) -> list:
     """The panels the records have data for: a fine-tune or baseline run has no objective and no
     masks; cross-entropy is always drawn (empty only for a log with no record yet)."""
@@ -168,6 +178,7 @@ def curve_panels(records: list[dict]) -> list:
         (_lr_panel, _has(records, "step", "lr")),
         (_speed_panel, _has(records, "step", "img_s")),
         (_mask_panel, _has(records, "masks", "mask_mean")),
+        (_policy_panel, _has(records, "step", "mask_spread")),
     ) if present]
 
 
@@ -248,8 +259,17 @@ def draw_masks(gallery: dict, path: Path) -> Path:
     if mask_im is not None:
         fig.colorbar(mask_im, cax=fig.add_axes([0.92, 0.42, 0.012, 0.3]), label="mask value")
     fig.suptitle(f"policy masks after epoch {int(gallery['epoch'])} (the same validation images "
-                 f"every epoch)", fontsize=10)
+                 f"every epoch)\n{_flatness(gallery['expected'])}", fontsize=10)
     return _save(fig, path)
+
+
+def _flatness(expected) -> str:
+    """Whether the expected masks say anything: their mean, the spread of the per-image means
+    across the gallery, and their range (a policy that has not moved gives 0.5 everywhere)."""
+    expected = np.asarray(expected, dtype=np.float64)
+    per_image = expected.reshape(len(expected), -1).mean(1)
+    return (f"expected mask: mean {expected.mean():.3f}, spread across images {per_image.std():.4f}, "
+            f"range {expected.min():.3f} to {expected.max():.3f}")
 
 
 def draw_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:

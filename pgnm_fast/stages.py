@@ -235,6 +235,10 @@ def _train(run: Run, log, show_progress) -> Path:
         write_config(run.out, cfg, run.data_root)
         metrics_log.keep_until(start_epoch - 1)
     write = metrics_log.write if info.is_main else (lambda record: None)
+    if info.is_main:  # one warning line if the train CE blows up
+        from .console import DivergenceWatch
+        write = DivergenceWatch(len(run.classes), log, heated=parts.policy is not None,
+                                first_epoch=DivergenceWatch.first_epoch_ce(metrics_log.path)).wrap(write)
     log(_announce(run, parts, train_loader, threads))
     observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 

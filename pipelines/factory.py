@@ -20,12 +20,13 @@ import os
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from pgnm_fast.distributed import torchrun_env
 from pgnm_fast.errors import ConfigError
 
-from . import check, startup
+from . import badfiles, check, startup
 from .badfiles import check_on_bad, drop_bad, report_bad
 from .contract import BatchLoader
 from .loader import build_cached_loader, build_loader, keeps_colour
@@ -192,8 +193,22 @@ def _checked(data: Split, kind: str, rank: int, world_size: int, recheck: bool,
     if time.perf_counter() - t0 > 5:
         log(f"checked {len(data.files)} image files in {time.perf_counter() - t0:.0f} s (a "
             f"cache made by `pgnm-fast pack` needs no check)")
-    converted = int((scan.kind == check.CONVERT).sum())
-    if kind == "dali" and converted:
-        log(f"{converted} of {len(data.files)} {data.name} files are not 8-bit grey PNGs: PIL "
-            f"decodes them for DALI on the fly (`pgnm-fast pack` decodes them once)")
+    if kind == "dali":
+        _note_converted(data, scan, log)
     return drop_bad(data, scan, on_bad_image, bad_list, log)
+
+
+def _note_converted(data: Split, scan: check.ScanResult, log) -> None:
+    """Say once per process how many files of ``data`` DALI cannot decode itself, with the
+    list of them in the data's start-up cache folder (:func:`~.badfiles.list_path`)."""
+    converted = np.flatnonzero(scan.kind == check.CONVERT)
+    if not len(converted):
+        return
+    path = badfiles.list_path(data.root, data.name, "not-grey8")
+    line = (f"{len(converted)} of {len(data.files)} {data.name} files are not 8-bit grey PNGs: "
+            f"PIL decodes them for DALI on the fly (`pgnm-fast pack` decodes them once)")
+    full = f"{line}; listed in {path}"
+    if badfiles.said(full):
+        return  # said, and listed, already
+    listed = badfiles.write_list(path, [(data.files[i], "not an 8-bit grey PNG") for i in converted])
+    badfiles.say_once(full if listed else line, log)

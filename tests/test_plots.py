@@ -109,6 +109,8 @@ def test_non_tty_output_has_step_lines_named_losses_and_fits_120_columns(heated)
                      r"eta \d+:\d\d:\d\d$", steps[0]), steps[0]
     epoch = [ln for ln in output.splitlines() if ln.startswith("epoch 1/1: train ce ")]
     assert epoch and " objective " in epoch[0] and " lr " in epoch[0] and " s (val " in epoch[0]
+    policy = [ln for ln in output.splitlines() if ln.startswith("  policy: mask spread ")]
+    assert len(policy) == 2 and all(re.search(r"grad norm \d", ln) for ln in policy)
     assert "  val (unconditional masks): top1 " in output
     no_path = [ln for ln in output.splitlines() if ln.strip() and "/" not in ln.split()[-1]]
     assert len(no_path) > 10 and all(len(ln) <= 120 for ln in no_path)
@@ -121,7 +123,7 @@ def test_tensorboard_events_hold_the_scalars_and_mask_images(heated):
     acc.Reload()
     tags = acc.Tags()
     for tag in ("train/ce", "train/objective", "train/S", "val/f1_macro", "lr/classifier",
-                "masks/entropy", "speed/img_s"):
+                "masks/entropy", "speed/img_s", "policy/mask_spread", "policy/grad_norm"):
         assert tag in tags["scalars"], tag
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(ln)["kind"] == "step"]
@@ -190,8 +192,8 @@ def test_curves_of_a_heated_run_have_every_panel_and_the_validation_loss(heated)
     assert bad == 0 and len(epochs) == 2 and all(r["val"]["loss"] > 0 for r in epochs)
     fig = plots.curves_figure(records)
     assert_panels(fig, ["cross-entropy", "heated objective and S", "accuracy", "learning rates",
-                        "throughput", "policy masks (gallery images)"])
-    assert len(fig.axes) == 8  # two right-hand axes: S and the mask entropy
+                        "throughput", "policy masks (gallery images)", "does the policy move?"])
+    assert len(fig.axes) == 10  # three right-hand axes: S, the mask entropy, the policy's gradient
     (val,) = [line for line in fig.axes[0].lines if line.get_label() == "val CE"]
     assert list(val.get_ydata()) == [r["val"]["loss"] for r in epochs]
 

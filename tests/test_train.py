@@ -43,6 +43,12 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert steps[-1]["step"] == last["step"] and all(s["S"] > 0 for s in steps)
     assert "policy_lr" in steps[0] and "heated stage done" in r.output
+    # whether the policy moves: the spread of its masks and its gradient norm, every record
+    for record in steps + epochs:
+        prefix = "train_" if record["kind"] == "epoch" else ""
+        spread, norm = record[prefix + "mask_spread"], record[prefix + "policy_grad_norm"]
+        assert 0 <= spread < 0.5 and 0 < norm < float("inf"), record
+    assert len({s["mask_spread"] for s in steps}) > 1 and len({s["policy_grad_norm"] for s in steps}) > 1
     assert "val images from " in r.output and " through DALI (CPU)" in r.output  # DALI is installed
     # the policy's base buffers moved by the EMA during training
     base = last["policy"]["base_alpha"]
@@ -129,6 +135,9 @@ def test_baseline_has_no_policy(data, tmp_path):
     state = load_checkpoint(out / "last.pt")
     assert state["stage"] == "baseline" and "policy" not in state
     assert all(s["S"] == 0 for s in records(out, "step"))
+    assert not any("mask_spread" in r or "policy_grad_norm" in r or "train_mask_spread" in r
+                   for r in records(out, "step") + records(out, "epoch"))
+    assert "  policy: " not in r.output
 
 
 def test_heated_validation_at_another_crop_size(data, tmp_path):
