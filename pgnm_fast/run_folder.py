@@ -12,12 +12,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from . import run_state
 from .atomic import atomic_open, remove_stale_temporaries, write_error, write_json_atomic
 from .config import TrainConfig
 from .errors import ConfigError, OutputError
 from .folders import lock_folder
 from .provenance import run_record
-from .run_state import RunState, save_run_state
+from .run_state import RunState
 
 
 def check_fresh(run_dir: Path, resume) -> None:
@@ -58,9 +59,9 @@ def save_epoch_states(state: RunState, out: Path, improved: bool,
     ``last.pt`` would take the room the resumed run needs."""
     check_room(state, out, improved)
     if improved:
-        save_run_state(state, out / "best.pt")
+        run_state.save_run_state(state, out / "best.pt")
     write_record()
-    save_run_state(state, out / "last.pt")
+    run_state.save_run_state(state, out / "last.pt")
 
 
 RECORD_ROOM = 1 << 20  # the epoch's metrics.jsonl record and the atomic writes' metadata
