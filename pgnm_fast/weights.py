@@ -372,11 +372,44 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
     from .model_card import check_license, write_model_card
     from .pipelines import MEAN, STD
     license = check_license(license)
+    if fmt not in ("safetensors", "torchscript"):
+        raise ConfigError(f"--format must be safetensors or torchscript, not {fmt!r}")
     w = read_weights(checkpoint)
     name = resolve_model(w, None)
-    chans = w.in_chans or 1
-    in_chans = in_chans or chans
-    state = dict(w.model)
+    in_chans = in_chans or w.in_chans or 1
+    model = _export_model(w, name, in_chans)
+    cfg = w.state.train_config if w.state is not None else None
+    mean = mean if mean is not None else (cfg.mean if cfg is not None and cfg.mean is not None else MEAN)
+    std = std if std is not None else (cfg.std if cfg is not None and cfg.std is not None else STD)
+    crop, resize = (cfg.val_crop_size, cfg.val_resize_size) if cfg is not None else (224, 256)
+    classes = w.classes or [str(i) for i in range(w.num_classes)]
+    card = dict(architecture=name, classes=classes, in_chans=in_chans, crop=crop, resize=resize,
+                mean=float(mean), std=float(std), format=fmt, license=license)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        with atomic_open(out / "model.pt", "wb") as f:
+            torch.jit.save(torch.jit.script(model), f)
+        written = f"{out / 'model.pt'} and the model card {out / 'README.md'} (TorchScript {name}"
+    else:
+        from safetensors.torch import save
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with atomic_open(out / "model.safetensors", "wb") as f:
+            f.write(save(tensors, metadata={"format": "pt"}))
+        with atomic_open(out / "config.json", "w") as f:
+            json.dump(_timm_config(card, model, w.num_classes), f, indent=2)
+            f.write("\n")
+        written = (f"{out / 'model.safetensors'}, {out / 'config.json'} and the model card "
+                   f"{out / 'README.md'} ({name}, {w.num_classes} classes")
+    write_model_card(out, card, w.state, w.kind)
+    log(f"wrote {written}, {in_chans}-channel input)")
+    return out
+
+
+def _export_model(w: Weights, name: str, in_chans: int) -> torch.nn.Module:
+    """The classifier of ``w`` with an ``in_chans``-channel stem, in eval mode; non-finite
+    weights are refused (never exported)."""
+    state, chans = dict(w.model), w.in_chans or 1
     bad = first_nonfinite(state)
     if bad is not None:
         raise CheckpointError(f"weights in {w.path}: {bad} is not finite (NaN or inf): "
@@ -389,53 +422,28 @@ def export(checkpoint, out, in_chans: int | None = None, fmt: str = "safetensors
             state = convert_to_grey(state, name)
         else:
             raise ConfigError(f"--in-chans must be 1 or 3, not {in_chans}")
-    classes = w.classes or [str(i) for i in range(w.num_classes)]
     model = create_model(name, w.num_classes, in_chans=in_chans)
     model.load_state_dict(state)
-    model.eval()
-    cfg = w.state.config if w.state is not None else {}
-    mean = mean if mean is not None else cfg.get("mean") or MEAN
-    std = std if std is not None else cfg.get("std") or STD
-    crop, resize = cfg.get("val_crop_size", 224), cfg.get("val_resize_size", 256)
-    card = dict(architecture=name, classes=classes, in_chans=in_chans, crop=crop, resize=resize,
-                mean=float(mean), std=float(std), format=fmt, license=license)
-    out = Path(out)
-    if fmt not in ("safetensors", "torchscript"):
-        raise ConfigError(f"--format must be safetensors or torchscript, not {fmt!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "torchscript":
-        scripted = torch.jit.script(model)
-        with atomic_open(out / "model.pt", "wb") as f:
-            torch.jit.save(scripted, f)
-        write_model_card(out, card, w.state, w.kind)
-        log(f"wrote {out / 'model.pt'} and the model card {out / 'README.md'} (TorchScript "
-            f"{name}, {in_chans}-channel input)")
-        return out
-    from safetensors.torch import save
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return model.eval()
+
+
+def _timm_config(card: dict, model: torch.nn.Module, num_classes: int) -> dict:
+    """timm's ``config.json`` of an export (``card``: its architecture, input and classes)."""
+    chans, crop = card["in_chans"], card["crop"]
     config = {
-        "architecture": name, "num_classes": w.num_classes, "num_features": model.num_features,
-        "global_pool": "avg", "model_args": {"in_chans": in_chans},
+        "architecture": card["architecture"], "num_classes": num_classes,
+        "num_features": model.num_features, "global_pool": "avg", "model_args": {"in_chans": chans},
         "pretrained_cfg": {
-            "input_size": [in_chans, crop, crop], "interpolation": "bilinear",
-            "crop_pct": round(crop / resize, 4), "crop_mode": "center",
-            "mean": [float(mean)] * in_chans, "std": [float(std)] * in_chans,
-            "num_classes": w.num_classes, "first_conv": FIRST_CONV[name], "classifier": "fc",
-            "fixed_input_size": False},
-        "label_names": list(classes),
+            "input_size": [chans, crop, crop], "interpolation": "bilinear",
+            "crop_pct": round(crop / card["resize"], 4), "crop_mode": "center",
+            "mean": [card["mean"]] * chans, "std": [card["std"]] * chans,
+            "num_classes": num_classes, "first_conv": FIRST_CONV[card["architecture"]],
+            "classifier": "fc", "fixed_input_size": False},
+        "label_names": list(card["classes"]),
     }
-    if license:
-        config["pretrained_cfg"]["license"] = license
-    with atomic_open(out / "model.safetensors", "wb") as f:
-        f.write(save(tensors, metadata={"format": "pt"}))
-    with atomic_open(out / "config.json", "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    write_model_card(out, card, w.state, w.kind)
-    log(f"wrote {out / 'model.safetensors'}, {out / 'config.json'} and the model card "
-        f"{out / 'README.md'} ({name}, "
-        f"{w.num_classes} classes, {in_chans}-channel input)")
-    return out
+    if card["license"]:
+        config["pretrained_cfg"]["license"] = card["license"]
+    return config
 
 
 __all__ = ["Weights", "read_weights", "fit_classifier", "fit_policy", "resolve_model",
