@@ -89,8 +89,12 @@ def _tidy_seed(entry: dict, keys) -> dict:
 
 
 def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
-                 match_budget, seconds, layout=None) -> dict:
-    """``compare.json`` (docs/outputs.md) from each seed's record and both arms' test logits."""
+                 match_budget, seconds, layout=None, setup=None) -> dict:
+    """``compare.json`` (docs/outputs.md) from each seed's record and both arms' test logits.
+    ``setup``: ``stage_settings``, ``lr_per_image``, ``arms_differ_in_lr``,
+    ``initial_checkpoint`` (``{"path", "sha256"}`` or None) and, for scored runs, ``scored``."""
+    setup = {"stage_settings": {}, "lr_per_image": None, "arms_differ_in_lr": False,
+             "initial_checkpoint": None, "scored": None, **(setup or {})}
     classes = int(np.asarray(logits["baseline"][0]).shape[1])
     keys = report_keys(classes)
     per_seed = {s: _tidy_seed(e, keys) for s, e in per_seed.items()}
@@ -118,7 +122,7 @@ def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_
         "epochs": {"pgnm": {"heated": h.epochs, "finetune": f.epochs,
                             "total": h.epochs + f.epochs},
                    "baseline": {"total": b.epochs}},
-        "resamples": resamples, "per_seed": per_seed,
+        "resamples": resamples, **setup, "per_seed": per_seed,
         "reference": REFERENCE if radimagenet else None,
         "reference_note": None if radimagenet else reference_note(layout, classes),
         "seconds": seconds}
@@ -130,6 +134,24 @@ def _fmt(v, sign=False):
 
 def _ci(ci) -> str:
     return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "[n/a]"
+
+
+def _setup_lines(report: dict) -> list[str]:
+    """The starting weights, per-stage settings and lr per image, where there are any."""
+    lines = []
+    start = report.get("initial_checkpoint")
+    if start:
+        lines.append(f"both arms start from {start['path']} (sha256 {start['sha256']})")
+    sets = [f"{stage}.{k}={v}" for stage, kv in (report.get("stage_settings") or {}).items()
+            for k, v in kv.items()]
+    if sets:
+        lines.append("per-stage settings: " + ", ".join(sets))
+    lrs = report.get("lr_per_image")
+    if lrs:
+        lines.append("lr per image: " + ", ".join(f"{k} {v:.4g}" for k, v in lrs.items())
+                     + ("; THE ARMS DIFFER IN LR (--allow-unequal-lr): a difference may be the "
+                        "lr's, not PGNM's" if report.get("arms_differ_in_lr") else ""))
+    return lines
 
 
 def _header(report: dict) -> list[str]:
@@ -203,7 +225,7 @@ def _wall_times(seconds: dict) -> list[str]:
 def format_report(report: dict) -> list[str]:
     """The printed report: setup, the table, the reference line (or why there is none), wall
     times per seed."""
-    lines = _header(report) + _table(report)
+    lines = _header(report) + _setup_lines(report) + _table(report)
     ref = report.get("reference")
     if ref:
         for arm, name in (("baseline", "baseline"), ("pgnm", "PGNM")):
