@@ -322,14 +322,22 @@ EXECUTION = ("batch_size", "workers", "threads", "loader", "amp", "graphs") + CR
 @click.option("--allow-unequal-lr", is_flag=True,
               help="Let the heated stage and the baseline train at different lr per image (the "
                    "report then says so).")
+@click.option("--score", is_flag=True, help="No training: score the runs given as pairs "
+              "PGNM_RUN BASELINE_RUN ... (or a list file of them) with the same report.")
+@click.argument("runs", nargs=-1)
 @click.pass_context
 def compare(ctx, data, out, preset, device, finetune_epochs, seed, seeds, finetune_from,
             match_budget, resamples, initial_checkpoint, stage_set, heated_lr, finetune_lr,
-            baseline_lr, allow_unequal_lr, **settings):
+            baseline_lr, allow_unequal_lr, score, runs, **settings):
     """Does PGNM beat plain training here? Heated + fine-tune vs baseline over seeds, paired on
     the test split, with 95% intervals over seeds and test images."""
     from .compare import compare as run_compare
+    from .compare import score as score_runs
     from .compare_settings import stage_sets
+    if score or runs:
+        if not score:
+            raise ConfigError(f"compare takes runs ({runs[0]} ...) only with --score")
+        return score_runs(runs, data, out, device, resamples, log=click.echo)
     sets = stage_sets(stage_set, heated_lr, finetune_lr, baseline_lr)
     settings = resolve(ctx, settings)
     shared = {k: settings.pop(k) for k in EXECUTION}

@@ -313,6 +313,10 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
         return {}
     report = build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
                           match_budget, seconds, layout=open_source(data).layout, setup=setup)
+    return _write_report(report, out, log)
+
+
+def _write_report(report: dict, out: Path, log) -> dict:
     write_json_atomic(report, out / "compare.json")
     for line in format_report(report):
         log(line)
@@ -320,3 +324,19 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
     log(f"compare: report written to {out / 'compare.json'}"
         + (f", chart to {chart}" if chart else ""))
     return report
+
+
+def score(runs, data=None, out=None, device=None, resamples: int = 1000, log=print) -> dict:
+    """`compare --score`: the report over hand-run stages (:mod:`pgnm_fast.compare_score`)."""
+    from .compare_score import default_out, parse_pairs, score_pairs
+    if resamples < 1:
+        raise ConfigError(f"--resamples must be positive, not {resamples}")
+    pairs = parse_pairs(runs)
+    out = Path(out) if out else default_out()
+    check_output_dir(out, "--out")
+    per_seed, logits, labels, seed_list, described, data = score_pairs(
+        pairs, data, device, resamples, log)
+    report = build_report(per_seed, logits, labels, resamples, seed_list, None, None, None,
+                          {}, layout=open_source(data).layout, setup={"scored": described})
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_report(report, out, log)

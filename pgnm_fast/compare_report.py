@@ -88,6 +88,14 @@ def _tidy_seed(entry: dict, keys) -> dict:
     return {**entry, "test": test, "bootstrap": boot}
 
 
+def _epochs(plan: dict | None) -> dict | None:
+    if plan is None:  # scored runs: each run's epochs are in ``scored``
+        return None
+    h, f, b = plan["heated"], plan["finetune"], plan["baseline"]
+    return {"pgnm": {"heated": h.epochs, "finetune": f.epochs, "total": h.epochs + f.epochs},
+            "baseline": {"total": b.epochs}}
+
+
 def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
                  match_budget, seconds, layout=None, setup=None) -> dict:
     """``compare.json`` (docs/outputs.md) from each seed's record and both arms' test logits.
@@ -108,7 +116,6 @@ def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_
     for key in keys:
         if key not in difference:
             difference[key] = _seed_only_difference(per_seed, seed_list, key)
-    h, f, b = plan["heated"], plan["finetune"], plan["baseline"]
     radimagenet = is_radimagenet(layout, classes)
     return {
         "seeds": seed_list, "n_images": len(labels), "classes": classes, "layout": layout,
@@ -119,9 +126,7 @@ def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_
                     "(pgnm_fast.metrics.seeds_and_images_interval)",
         "interval_over_seeds_informative": len(seed_list) >= MIN_FOR_INTERVAL,
         "finetune_from": finetune_from, "match_budget": match_budget,
-        "epochs": {"pgnm": {"heated": h.epochs, "finetune": f.epochs,
-                            "total": h.epochs + f.epochs},
-                   "baseline": {"total": b.epochs}},
+        "epochs": _epochs(plan),
         "resamples": resamples, **setup, "per_seed": per_seed,
         "reference": REFERENCE if radimagenet else None,
         "reference_note": None if radimagenet else reference_note(layout, classes),
@@ -154,7 +159,21 @@ def _setup_lines(report: dict) -> list[str]:
     return lines
 
 
+def _scored_header(report: dict) -> list[str]:
+    n = len(report["seeds"])
+    lines = [f"test split, {report['n_images']} images, {report.get('classes', '?')} classes, "
+             f"{n} pair(s) of runs scored as seeds ({', '.join(map(str, report['seeds']))}): "
+             f"baseline vs PGNM, no training"]
+    for s, pair in zip(report["seeds"], report["scored"]):
+        lines.append(f"seed {s}: PGNM " + ", baseline ".join(
+            f"{r['checkpoint']} ({r['stage']}, {r['epochs']} epochs)"
+            for r in (pair["pgnm"], pair["baseline"])))
+    return lines
+
+
 def _header(report: dict) -> list[str]:
+    if report.get("scored"):
+        return _scored_header(report)
     n, ep = len(report["seeds"]), report["epochs"]
     start = {"last": "the heated stage's last epoch (the authors' protocol)",
              "best": "the heated stage's best.pt (masked validation)"}[report["finetune_from"]]
@@ -233,7 +252,7 @@ def format_report(report: dict) -> list[str]:
                 f"{k} {v:.4f}" for k, v in ref[arm].items()))
     elif report.get("reference_note"):
         lines.append(report["reference_note"])
-    return lines + _wall_times(report["seconds"])
+    return lines + (_wall_times(report["seconds"]) if report["seconds"] else [])
 
 
 def chart_intervals(report: dict, keys) -> tuple[dict, np.ndarray]:
