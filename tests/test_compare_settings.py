@@ -128,3 +128,25 @@ def test_compare_from_initial_checkpoint_with_stage_settings(data, tmp_path):
         r = CliRunner().invoke(main, swap)
         assert r.exit_code != 0 and "made from the weights" in r.output, r.output
         assert r.output.count("Error:") == 1 and "Traceback" not in r.output
+
+
+def test_start_settings_are_those_a_stage_from_the_weights_takes(tmp_path):
+    """What compare expects of a stage started from weights is what the stage records, for a
+    timm folder and for a pgnm-fast checkpoint with its own normalisation and a 3-channel stem."""
+    from pgnm_fast.compare_settings import start_overrides
+    from pgnm_fast.prepare import _config
+    from pgnm_fast.weights import read_weights
+    folder, _ = _start(tmp_path, 1)
+    torch.manual_seed(2)
+    model = create_model("resnet10t", len(CLASSES), in_chans=3)
+    cfg = make_config("baseline", "tiny", channels=3, mean=0.3, std=0.2)
+    ckpt = tmp_path / "three" / "best.pt"
+    ckpt_io.save_checkpoint({"stage": "baseline", "epoch": 0, "model_name": "resnet10t",
+                             "classes": list(CLASSES), "in_chans": 3,
+                             "model": model.state_dict(), "config": dataclasses.asdict(cfg)}, ckpt)
+    for path, given in ((folder, {}), (ckpt, {}), (ckpt, {"channels": 1, "model": None})):
+        w = read_weights(path)
+        for stage in ("heated", "baseline"):
+            expected = make_config(stage, "tiny", **start_overrides(w, given))
+            assert expected == _config(stage, "tiny", dict(given), None, None, w), (path, stage)
+    assert make_config("heated", "tiny", **start_overrides(read_weights(ckpt), {})).mean == 0.3
