@@ -335,8 +335,9 @@ def compare(ctx, data, out, preset, device, finetune_epochs, seed, seeds, finetu
     from .compare import score as score_runs
     from .compare_settings import stage_sets
     if score or runs:
-        if not score:
-            raise ConfigError(f"compare takes runs ({runs[0]} ...) only with --score")
+        if not score or initial_checkpoint or stage_set or heated_lr or finetune_lr or baseline_lr:
+            raise ConfigError("compare takes runs only with --score, which trains nothing (no "
+                              "--initial-checkpoint, --stage-set or --<stage>-lr)")
         return score_runs(runs, data, out, device, resamples, log=click.echo)
     sets = stage_sets(stage_set, heated_lr, finetune_lr, baseline_lr)
     settings = resolve(ctx, settings)

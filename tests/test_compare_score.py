@@ -55,3 +55,5 @@ def test_score_refuses_odd_runs_and_folders_without_checkpoints(tmp_path):
         assert r.exit_code != 0 and said in r.output and r.output.count("Error:") == 1, r.output
     r = cli("compare", "a", "b")
     assert r.exit_code != 0 and "only with --score" in r.output, r.output
+    r = cli("compare", "--score", "a", "b", "--heated-lr", "0.1")
+    assert r.exit_code != 0 and "trains nothing" in r.output, r.output
