@@ -356,8 +356,8 @@ def _shots(ctx, param, value):
 
 @main.command()
 @click.option("--from", "froms", type=str, multiple=True, required=True,
-              help="Starting checkpoint (repeat the flag for each), e.g. compare's "
-                   "seed-0/finetune/best.pt and seed-0/baseline/best.pt.")
+              help="Starting weights, any form --initial-checkpoint reads (repeat the flag for "
+                   "each), e.g. compare's seed-0/finetune/best.pt, or an exported folder.")
 @click.option("--label", "labels", type=str, multiple=True,
               help="A name per --from, in order (default: the checkpoint's folder).")
 @click.option("--reference", type=str, default=None, metavar="LABEL",
