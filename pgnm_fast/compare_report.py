@@ -166,7 +166,7 @@ def _scored_header(report: dict) -> list[str]:
              f"baseline vs PGNM, no training"]
     for s, pair in zip(report["seeds"], report["scored"]):
         lines.append(f"seed {s}: PGNM " + ", baseline ".join(
-            f"{r['checkpoint']} ({r['stage']}, {r['epochs']} epochs)"
+            f"{r['checkpoint']} ({r['stage']}, {r['epochs']} epoch{'s' * (r['epochs'] != 1)})"
             for r in (pair["pgnm"], pair["baseline"])))
     return lines
 
