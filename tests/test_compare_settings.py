@@ -89,6 +89,7 @@ FAST = ["--epochs", "1", "--finetune-epochs", "1", "-b", "16", "-j", "0", "--gri
         "--resamples", "50"]
 
 
+@pytest.mark.slow
 def test_compare_from_initial_checkpoint_with_stage_settings(data, tmp_path):
     start, weights = _start(tmp_path, 5)
     out = tmp_path / "cmp"
