@@ -309,18 +309,43 @@ EXECUTION = ("batch_size", "workers", "threads", "loader", "amp", "graphs") + CR
               help="Train the baseline as many epochs in all as heated + fine-tune.")
 @click.option("--resamples", type=int, default=1000, callback=checked("positive"),
               help="Bootstrap resamples of the test images.")
+@click.option("--initial-checkpoint", type=str, default=None, metavar="PATH",
+              help="Weights both arms start from (the heated stage and the baseline): any form "
+                   "train's --initial-checkpoint reads.")
+@click.option("--stage-set", "stage_set", type=str, multiple=True, metavar="STAGE.KEY=VALUE",
+              help="A setting for one stage (heated, finetune, baseline) alone, e.g. "
+                   "heated.lr=0.0125 or baseline.epochs=8; repeat for more.")
+@click.option("--heated-lr", type=float, default=None, help="The heated stage's --lr.")
+@click.option("--finetune-lr", type=float, default=None, help="The fine-tune's --lr.")
+@click.option("--baseline-lr", type=float, default=None, help="The baseline's --lr.")
+@click.option("--allow-unequal-lr", is_flag=True,
+              help="Let the heated stage and the baseline train at different lr per image (the "
+                   "report then says so).")
+@click.option("--score", is_flag=True, help="No training: score the runs given as pairs "
+              "PGNM_RUN BASELINE_RUN ... (or a list file of them) with the same report.")
+@click.argument("runs", nargs=-1)
 @click.pass_context
 def compare(ctx, data, out, preset, device, finetune_epochs, seed, seeds, finetune_from,
-            match_budget, resamples, **settings):
+            match_budget, resamples, initial_checkpoint, stage_set, heated_lr, finetune_lr,
+            baseline_lr, allow_unequal_lr, score, runs, **settings):
     """Does PGNM beat plain training here? Heated + fine-tune vs baseline over seeds, paired on
     the test split, with 95% intervals over seeds and test images."""
     from .compare import compare as run_compare
+    from .compare import score as score_runs
+    from .compare_settings import stage_sets
+    if score or runs:
+        if not score or initial_checkpoint or stage_set or heated_lr or finetune_lr or baseline_lr:
+            raise ConfigError("compare takes runs only with --score, which trains nothing (no "
+                              "--initial-checkpoint, --stage-set or --<stage>-lr)")
+        return score_runs(runs, data, out, device, resamples, log=click.echo)
+    sets = stage_sets(stage_set, heated_lr, finetune_lr, baseline_lr)
     settings = resolve(ctx, settings)
     shared = {k: settings.pop(k) for k in EXECUTION}
     run_compare(data, out, preset, overrides=dict(shared, **settings),
                 finetune_overrides=dict(shared, epochs=finetune_epochs), device=device,
                 resamples=resamples, seed=seed, seeds=seeds, finetune_from=finetune_from,
-                match_budget=match_budget, log=click.echo)
+                match_budget=match_budget, log=click.echo, stage_settings=sets,
+                initial_checkpoint=initial_checkpoint, allow_unequal_lr=allow_unequal_lr)
 
 
 def _shots(ctx, param, value):
@@ -330,8 +355,8 @@ def _shots(ctx, param, value):
 
 @main.command()
 @click.option("--from", "froms", type=str, multiple=True, required=True,
-              help="Starting checkpoint (repeat the flag for each), e.g. compare's "
-                   "seed-0/finetune/best.pt and seed-0/baseline/best.pt.")
+              help="Starting weights, any form --initial-checkpoint reads (repeat the flag for "
+                   "each), e.g. compare's seed-0/finetune/best.pt, or an exported folder.")
 @click.option("--label", "labels", type=str, multiple=True,
               help="A name per --from, in order (default: the checkpoint's folder).")
 @click.option("--reference", type=str, default=None, metavar="LABEL",

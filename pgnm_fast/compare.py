@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ import numpy as np
 
 from .atomic import write_json_atomic
 from .compare_report import build_report, format_report, write_compare_chart
+from .compare_settings import stage_sets, start_overrides
 from .config import make_config
 from .distributed import shutdown, torchrun_env
 from .errors import ConfigError, DataError
@@ -53,10 +55,14 @@ FINETUNE_FROM = ("last", "best")
 POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl")
 # settings not compared when a folder is reused: they do not change what a stage computes, or
 # (threads) a stage records the count it chose and keeps it when resumed
-NOT_COMPARED = ("workers", "print_freq", "threads")
+NOT_COMPARED = ("workers", "print_freq", "threads", "initial_checkpoint")
+# what a fine-tune takes from the heated checkpoint it starts from (pgnm_fast.prepare)
+CARRIED = ("channels", "mean", "std", "stem_lr_scale", "policy_stem_lr_scale")
 FLAGS = {"heated.epochs": "--epochs", "baseline.epochs": "--epochs / --match-budget",
          "finetune.epochs": "--finetune-epochs", "finetune_from": "--finetune-from",
-         "data": "--data", "preset": "--preset", "match_budget": "--match-budget"}
+         "data": "--data", "preset": "--preset", "match_budget": "--match-budget",
+         "stage_settings": "--stage-set / --heated-lr / --finetune-lr / --baseline-lr",
+         "initial_checkpoint_sha256": "--initial-checkpoint"}
 
 
 def _flag(name: str) -> str:
@@ -101,8 +107,13 @@ def _stage(stage, folder: Path, expected: dict, log, **kwargs) -> tuple[Path, fl
 
 def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrides=None,
             device=None, resamples: int = 1000, seed: int = 0, seeds: int = 1,
-            finetune_from: str = "last", match_budget: bool = False, log=print) -> dict:
-    """Run the three stages per seed and the paired test comparison (module docstring)."""
+            finetune_from: str = "last", match_budget: bool = False, log=print,
+            stage_settings=None, initial_checkpoint=None, allow_unequal_lr: bool = False) -> dict:
+    """Run the three stages per seed and the paired test comparison (module docstring).
+    ``stage_settings``: ``{stage: {setting: value}}`` for one stage alone
+    (:func:`pgnm_fast.compare_settings.stage_sets`); ``initial_checkpoint``: weights (any form
+    :func:`pgnm_fast.weights.read_weights` reads) both the heated stage and the baseline start
+    from; the arms must train at the same lr per image unless ``allow_unequal_lr``."""
     if torchrun_env().rank != 0:  # torchrun: rank 0 speaks
         log = (lambda *_: None)
     if resamples < 1:
@@ -112,7 +123,15 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
     if finetune_from not in FINETUNE_FROM:
         raise ConfigError(f"--finetune-from must be one of {', '.join(FINETUNE_FROM)}, "
                           f"not {finetune_from!r}")
-    plan = make_plan(preset, overrides, finetune_overrides, match_budget)
+    sets = stage_settings or stage_sets()
+    start = _start(initial_checkpoint)
+    if start:  # both arms take the settings the weights bring, and the fine-tune after them
+        overrides = start_overrides(start.pop("weights"), overrides or {})
+        finetune_overrides = {**{k: v for k, v in overrides.items() if k in CARRIED},
+                              **{k: v for k, v in (finetune_overrides or {}).items()
+                                 if v is not None}}
+    plan = stage_plan(preset, overrides, finetune_overrides, match_budget, sets)
+    lrs = check_lr(plan, allow_unequal_lr)
     data = resolve_data(data, (), plan["heated"], log)  # before any training: the test split must exist
     if "test" not in open_source(data).splits:
         raise DataError(f"data at {data} has no test split: compare scores both models on it")
@@ -122,18 +141,92 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
     out = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(out, "--out")
     experiment = {"data": str(data), "preset": preset, "finetune_from": finetune_from,
-                  "match_budget": match_budget}
-    stored = out / "experiment.json"
-    if stored.exists():
-        _check_same(out, json.loads(stored.read_text()), experiment)
-    elif torchrun_env().rank == 0:
-        write_json_atomic(experiment, stored)
+                  "match_budget": match_budget, "stage_settings": sets,
+                  "initial_checkpoint": start.get("path"),
+                  "initial_checkpoint_sha256": start.get("sha256")}
+    _check_experiment(out, experiment)
     common = dict(preset=preset, data=data, device=device, keep_process_group=True)
+    setup = {"stage_settings": sets, "lr_per_image": lrs, "initial_checkpoint": start or None,
+             "arms_differ_in_lr": not math.isclose(lrs["heated"], lrs["baseline"],
+                                                   rel_tol=1e-9)}
     try:
         return _compare(out, plan, common, data, device, resamples, list(range(seed, seed + seeds)),
-                        finetune_from, match_budget, log)
+                        finetune_from, match_budget, log, setup)
     finally:
         shutdown()  # the process group the stages kept (torchrun)
+
+
+def _start(initial_checkpoint) -> dict:
+    """``{"path", "sha256", "weights"}`` of ``--initial-checkpoint`` (read and checked now), or
+    {} without one."""
+    if initial_checkpoint is None:
+        return {}
+    from .transfer import weights_sha256
+    from .weights import read_weights
+    path = Path(initial_checkpoint)
+    weights = read_weights(path)
+    return {"path": str(path.resolve()), "sha256": weights_sha256(path), "weights": weights}
+
+
+def _check_experiment(out: Path, experiment: dict) -> None:
+    """Refuse a folder made with other settings or from other starting weights; record them in
+    a new one."""
+    stored = out / "experiment.json"
+    if not stored.exists():
+        if torchrun_env().rank == 0:
+            write_json_atomic(experiment, stored)
+        return
+    old = json.loads(stored.read_text())
+    before = old.get("initial_checkpoint_sha256")
+    if before != experiment["initial_checkpoint_sha256"] and (
+            before or experiment["initial_checkpoint_sha256"]):
+        made = (f"from the weights {old.get('initial_checkpoint')} (sha256 {before[:12]}...)"
+                if before else "without --initial-checkpoint")
+        now = (f"--initial-checkpoint {experiment['initial_checkpoint']} has other content"
+               if experiment["initial_checkpoint"] else "this run gives no --initial-checkpoint")
+        raise ConfigError(f"{out} was made {made}; {now}: start from the same weights to "
+                          f"continue it, or choose another --out")
+    _check_same(out, old, experiment)
+
+
+def lr_per_image(cfg) -> float:
+    """A stage's peak classifier lr per image of its global batch: lr / (batch x processes)."""
+    return cfg.lr / (cfg.batch_size * torchrun_env().world_size)
+
+
+def check_lr(plan: dict, allow_unequal: bool) -> dict:
+    """Each stage's lr per image; the heated stage and the baseline must train at the same one
+    (one line naming both, unless ``allow_unequal``)."""
+    lrs = {stage: lr_per_image(plan[stage]) for stage in ("heated", "finetune", "baseline")}
+    if not allow_unequal and not math.isclose(lrs["heated"], lrs["baseline"], rel_tol=1e-9):
+        h, b = plan["heated"], plan["baseline"]
+        raise ConfigError(
+            f"the arms would train at different lr per image: heated {h.lr:g} / {h.batch_size} "
+            f"images = {lrs['heated']:.4g}, baseline {b.lr:g} / {b.batch_size} = "
+            f"{lrs['baseline']:.4g}; set both (--heated-lr, --baseline-lr or --stage-set "
+            f"STAGE.lr=...), or pass --allow-unequal-lr")
+    return lrs
+
+
+def stage_plan(preset, overrides=None, finetune_overrides=None, match_budget=False,
+               sets=None) -> dict:
+    """:func:`make_plan` with the per-stage settings ``sets`` (``{stage: {key: value}}``), each
+    for its stage alone."""
+    sets = sets or {}
+    heated_set, baseline_set = sets.get("heated", {}), sets.get("baseline", {})
+    shared = {k: v for k, v in (overrides or {}).items() if v is not None and k != "seed"}
+    if match_budget and "epochs" in baseline_set:
+        raise ConfigError("--match-budget sets the baseline's epochs: drop --stage-set "
+                          "baseline.epochs, or --match-budget")
+    plan = make_plan(preset, {**shared, **heated_set},
+                     {**(finetune_overrides or {}), **sets.get("finetune", {})}, match_budget)
+    if heated_set or baseline_set:  # the baseline takes the shared settings, not the heated ones
+        plain = {**{k: v for k, v in shared.items() if k not in POLICY_ONLY}, **baseline_set}
+        if match_budget:
+            plain["epochs"] = plan["heated"].epochs + plan["finetune"].epochs
+        plan["baseline"] = make_config("baseline", preset, **plain)
+        plan["overrides"]["baseline"] = plain
+    return plan
 
 
 def make_plan(preset, overrides=None, finetune_overrides=None, match_budget=False) -> dict:
@@ -154,14 +247,18 @@ def make_plan(preset, overrides=None, finetune_overrides=None, match_budget=Fals
                 overrides=dict(heated=overrides, finetune=finetune_overrides, baseline=plain))
 
 
-def _run_seed(folder: Path, s: int, plan: dict, common: dict, finetune_from: str, log):
-    """The three stages of seed ``s``; returns ({stage: folder}, {stage: seconds})."""
+def _run_seed(folder: Path, s: int, plan: dict, common: dict, finetune_from: str, log,
+              start=None):
+    """The three stages of seed ``s`` (the heated one and the baseline from the weights
+    ``start`` when given); returns ({stage: folder}, {stage: seconds})."""
     runs, seconds = {}, {}
     for stage in ("heated", "finetune", "baseline"):
         cfg = plan[stage].replace(seed=s)
         extra = {}
         if stage == "finetune":
             extra["init_from"] = runs["heated"] / f"{finetune_from}.pt"
+        elif start is not None:
+            extra["init_from"] = start
         runs[stage], seconds[stage] = _stage(
             stage, folder / stage, dataclasses.asdict(cfg), log,
             overrides=dict(plan["overrides"][stage], seed=s), **extra, **common)
@@ -189,7 +286,7 @@ def _score_seed(folder: Path, runs: dict, fresh: bool, data, device, log):
 
 
 def _compare(out, plan, common, data, device, resamples, seed_list, finetune_from,
-             match_budget, log):
+             match_budget, log, setup):
     main = torchrun_env().rank == 0
     per_seed, logits, seconds = {}, {"baseline": [], "pgnm": []}, {}
     labels = None
@@ -197,7 +294,8 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
         folder = out / f"seed-{s}"
         if len(seed_list) > 1:
             log(f"compare: seed {s} ({seed_list.index(s) + 1} of {len(seed_list)}) -> {folder}")
-        runs, seconds[str(s)] = _run_seed(folder, s, plan, common, finetune_from, log)
+        start = (setup["initial_checkpoint"] or {}).get("path")
+        runs, seconds[str(s)] = _run_seed(folder, s, plan, common, finetune_from, log, start)
         if not main:  # torchrun: rank 0 scores and reports
             continue
         a, b, lab = _score_seed(folder, runs, any(seconds[str(s)].values()), data, device, log)
@@ -214,7 +312,11 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
     if not main:
         return {}
     report = build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
-                          match_budget, seconds, layout=open_source(data).layout)
+                          match_budget, seconds, layout=open_source(data).layout, setup=setup)
+    return _write_report(report, out, log)
+
+
+def _write_report(report: dict, out: Path, log) -> dict:
     write_json_atomic(report, out / "compare.json")
     for line in format_report(report):
         log(line)
@@ -222,3 +324,19 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
     log(f"compare: report written to {out / 'compare.json'}"
         + (f", chart to {chart}" if chart else ""))
     return report
+
+
+def score(runs, data=None, out=None, device=None, resamples: int = 1000, log=print) -> dict:
+    """`compare --score`: the report over hand-run stages (:mod:`pgnm_fast.compare_score`)."""
+    from .compare_score import default_out, parse_pairs, score_pairs
+    if resamples < 1:
+        raise ConfigError(f"--resamples must be positive, not {resamples}")
+    pairs = parse_pairs(runs)
+    out = Path(out) if out else default_out()
+    check_output_dir(out, "--out")
+    per_seed, logits, labels, seed_list, described, data = score_pairs(
+        pairs, data, device, resamples, log)
+    report = build_report(per_seed, logits, labels, resamples, seed_list, None, None, None,
+                          {}, layout=open_source(data).layout, setup={"scored": described})
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_report(report, out, log)

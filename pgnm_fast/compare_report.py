@@ -88,9 +88,21 @@ def _tidy_seed(entry: dict, keys) -> dict:
     return {**entry, "test": test, "bootstrap": boot}
 
 
+def _epochs(plan: dict | None) -> dict | None:
+    if plan is None:  # scored runs: each run's epochs are in ``scored``
+        return None
+    h, f, b = plan["heated"], plan["finetune"], plan["baseline"]
+    return {"pgnm": {"heated": h.epochs, "finetune": f.epochs, "total": h.epochs + f.epochs},
+            "baseline": {"total": b.epochs}}
+
+
 def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,
-                 match_budget, seconds, layout=None) -> dict:
-    """``compare.json`` (docs/outputs.md) from each seed's record and both arms' test logits."""
+                 match_budget, seconds, layout=None, setup=None) -> dict:
+    """``compare.json`` (docs/outputs.md) from each seed's record and both arms' test logits.
+    ``setup``: ``stage_settings``, ``lr_per_image``, ``arms_differ_in_lr``,
+    ``initial_checkpoint`` (``{"path", "sha256"}`` or None) and, for scored runs, ``scored``."""
+    setup = {"stage_settings": {}, "lr_per_image": None, "arms_differ_in_lr": False,
+             "initial_checkpoint": None, "scored": None, **(setup or {})}
     classes = int(np.asarray(logits["baseline"][0]).shape[1])
     keys = report_keys(classes)
     per_seed = {s: _tidy_seed(e, keys) for s, e in per_seed.items()}
@@ -104,7 +116,6 @@ def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_
     for key in keys:
         if key not in difference:
             difference[key] = _seed_only_difference(per_seed, seed_list, key)
-    h, f, b = plan["heated"], plan["finetune"], plan["baseline"]
     radimagenet = is_radimagenet(layout, classes)
     return {
         "seeds": seed_list, "n_images": len(labels), "classes": classes, "layout": layout,
@@ -115,10 +126,8 @@ def build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_
                     "(pgnm_fast.metrics.seeds_and_images_interval)",
         "interval_over_seeds_informative": len(seed_list) >= MIN_FOR_INTERVAL,
         "finetune_from": finetune_from, "match_budget": match_budget,
-        "epochs": {"pgnm": {"heated": h.epochs, "finetune": f.epochs,
-                            "total": h.epochs + f.epochs},
-                   "baseline": {"total": b.epochs}},
-        "resamples": resamples, "per_seed": per_seed,
+        "epochs": _epochs(plan),
+        "resamples": resamples, **setup, "per_seed": per_seed,
         "reference": REFERENCE if radimagenet else None,
         "reference_note": None if radimagenet else reference_note(layout, classes),
         "seconds": seconds}
@@ -132,7 +141,39 @@ def _ci(ci) -> str:
     return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "[n/a]"
 
 
+def _setup_lines(report: dict) -> list[str]:
+    """The starting weights, per-stage settings and lr per image, where there are any."""
+    lines = []
+    start = report.get("initial_checkpoint")
+    if start:
+        lines.append(f"both arms start from {start['path']} (sha256 {start['sha256']})")
+    sets = [f"{stage}.{k}={v}" for stage, kv in (report.get("stage_settings") or {}).items()
+            for k, v in kv.items()]
+    if sets:
+        lines.append("per-stage settings: " + ", ".join(sets))
+    lrs = report.get("lr_per_image")
+    if lrs:
+        lines.append("lr per image: " + ", ".join(f"{k} {v:.4g}" for k, v in lrs.items())
+                     + ("; THE ARMS DIFFER IN LR (--allow-unequal-lr): a difference may be the "
+                        "lr's, not PGNM's" if report.get("arms_differ_in_lr") else ""))
+    return lines
+
+
+def _scored_header(report: dict) -> list[str]:
+    n = len(report["seeds"])
+    lines = [f"test split, {report['n_images']} images, {report.get('classes', '?')} classes, "
+             f"{n} pair(s) of runs scored as seeds ({', '.join(map(str, report['seeds']))}): "
+             f"baseline vs PGNM, no training"]
+    for s, pair in zip(report["seeds"], report["scored"]):
+        lines.append(f"seed {s}: PGNM " + ", baseline ".join(
+            f"{r['checkpoint']} ({r['stage']}, {r['epochs']} epoch{'s' * (r['epochs'] != 1)})"
+            for r in (pair["pgnm"], pair["baseline"])))
+    return lines
+
+
 def _header(report: dict) -> list[str]:
+    if report.get("scored"):
+        return _scored_header(report)
     n, ep = len(report["seeds"]), report["epochs"]
     start = {"last": "the heated stage's last epoch (the authors' protocol)",
              "best": "the heated stage's best.pt (masked validation)"}[report["finetune_from"]]
@@ -203,7 +244,7 @@ def _wall_times(seconds: dict) -> list[str]:
 def format_report(report: dict) -> list[str]:
     """The printed report: setup, the table, the reference line (or why there is none), wall
     times per seed."""
-    lines = _header(report) + _table(report)
+    lines = _header(report) + _setup_lines(report) + _table(report)
     ref = report.get("reference")
     if ref:
         for arm, name in (("baseline", "baseline"), ("pgnm", "PGNM")):
@@ -211,7 +252,7 @@ def format_report(report: dict) -> list[str]:
                 f"{k} {v:.4f}" for k, v in ref[arm].items()))
     elif report.get("reference_note"):
         lines.append(report["reference_note"])
-    return lines + _wall_times(report["seconds"])
+    return lines + (_wall_times(report["seconds"]) if report["seconds"] else [])
 
 
 def chart_intervals(report: dict, keys) -> tuple[dict, np.ndarray]:

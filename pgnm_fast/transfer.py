@@ -11,6 +11,12 @@ The protocol (also written into ``transfer.json``):
   A shot count that a class cannot supply (it has fewer than ceil(n / C) training images) is
   skipped with a line naming the class and its count, and the other shot counts run; with none
   left the command stops with one ``Error:`` line.
+- A ``--from`` is any form ``--initial-checkpoint`` reads (:func:`pgnm_fast.weights.read_weights`:
+  a pgnm-fast checkpoint, a plain state dict in ``.pth`` or ``.safetensors``, a timm / Hugging
+  Face folder, the authors' files). A pgnm-fast checkpoint brings its crops, normalisation and
+  channels; other weights are fed grey images (a 3-channel stem summed) at 224 / 256 with
+  RadImageNet's normalisation, or a timm folder's ``pretrained_cfg`` input size, crop fraction,
+  mean and std (:func:`input_config`). A label used twice, or one file given twice, is refused.
 - Each run starts from the checkpoint's classifier; a checkpoint whose classes differ from the
   downstream set gets a new head and keeps its trunk. It trains ``--steps`` SGD steps (momentum
   0.9, weight decay 1e-4, cosine from ``--lr`` to 0) on batches of min(n, ``--batch-size``)
@@ -47,6 +53,7 @@ import numpy as np
 import torch
 
 from .atomic import write_json_atomic
+from .config import TrainConfig
 from .distributed import init_distributed
 from .engine import N_STATS, PlainStep, TrainingDiverged, predict
 from .errors import ConfigError, DataError
@@ -59,7 +66,7 @@ from .pipelines.packed import sha256_file
 from .pipelines.samplers import split_key
 from .pipelines.sources import Split, open_source
 from .pipelines.transforms import build_transform
-from .run_state import RunState, load_run_state
+from .run_state import RunState
 from .state_checks import json_type
 from .transfer_report import (  # noqa: F401  (score_limits: part of this module's interface)
     SCORE_KEYS,
@@ -68,7 +75,7 @@ from .transfer_report import (  # noqa: F401  (score_limits: part of this module
     summaries,
     write_transfer_chart,
 )
-from .weights import Weights, fit_classifier
+from .weights import Weights, fit_classifier, read_weights, resolve_model
 
 DEFAULT_SHOTS = (16, 32, 64, 128, 256)
 TEST_CACHE_BYTES = 2 << 30  # keep the preprocessed test split in memory up to this size
@@ -139,7 +146,8 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
     TEST_CACHE_BYTES, else the loader itself (iterated once per run)."""
     test = make_loader(split, train=False, batch_size=128, crop_size=cfg.val_crop_size,
                        resize_size=cfg.val_resize_size, channels=cfg.channels, workers=workers,
-                       rank=0, world_size=1, device=device, backend=loader, log=log)
+                       rank=0, world_size=1, device=device, backend=loader, log=log,
+                       **cfg.normalisation())
     size = len(split) * cfg.channels * cfg.val_crop_size ** 2 * 4
     if size > TEST_CACHE_BYTES:
         return test
@@ -147,10 +155,30 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
     return [(x.to("cpu", copy=True), y.to("cpu", copy=True)) for x, y in test]
 
 
-def _model(state: RunState, classes: list, device, probe: bool):
-    model = create_model(state.model_name, len(classes), in_chans=state.in_chans)
-    fit_classifier(model, Weights.from_run_state(state), state.model_name, classes,
-                   log=lambda *_: None)
+def input_config(w: Weights, sizes: dict | None = None) -> TrainConfig:
+    """The crops, normalisation and channels a start is fine-tuned and scored with: a pgnm-fast
+    checkpoint's own; for outside weights the defaults (1 channel, RadImageNet's normalisation,
+    224 / 256), or a timm folder's ``pretrained_cfg`` input size, crop fraction, mean and std;
+    then ``sizes`` (``--train-crop-size`` ...)."""
+    if w.state is not None:
+        return w.state.train_config.replace(**(sizes or {}))
+    cfg, pretrained = TrainConfig(channels=1), w.meta.get("pretrained_cfg", {})
+    if pretrained.get("input_size"):
+        crop = int(pretrained["input_size"][-1])
+        resize = int(round(crop / pretrained.get("crop_pct", crop / cfg.val_resize_size)))
+        cfg = cfg.replace(train_crop_size=crop, val_crop_size=crop, val_resize_size=resize)
+    if pretrained.get("mean") and pretrained.get("std"):
+        cfg = cfg.replace(mean=float(pretrained["mean"][0]), std=float(pretrained["std"][0]))
+    return cfg.replace(**(sizes or {}))
+
+
+def _model(w: Weights | RunState, classes: list, device, probe: bool, channels: int = 1):
+    if isinstance(w, RunState):
+        w = Weights.from_run_state(w)
+    name = resolve_model(w, None)
+    channels = w.state.in_chans if w.state is not None else channels
+    model = create_model(name, len(classes), in_chans=channels)
+    fit_classifier(model, w, name, classes, log=lambda *_: None)
     model.to(device).train()
     head = model.get_classifier() if hasattr(model, "get_classifier") else model.fc
     if not probe:
@@ -170,11 +198,11 @@ def fine_tune(state, classes, images, labels, cfg, *, steps: int, lr: float, bat
     """One run: the checkpoint's classifier with a head for ``classes``, ``steps`` SGD steps on
     the decoded ``images``; returns (model, mean train loss)."""
     torch.manual_seed(seed)  # the new head and, with an in-process loader, the augmentation
-    model, params = _model(state, classes, device, probe)
+    model, params = _model(state, classes, device, probe, cfg.channels)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     data = _Decoded(images, labels, build_transform(True, crop_size=cfg.train_crop_size,
-                                                    channels=cfg.channels))
+                                                    channels=cfg.channels, **cfg.normalisation()))
     loader = batch_loader(data, "few-shot", train=True, batch_size=min(batch_size, len(data)),
                           workers=0, seed=seed, rank=0, world_size=1, device=device)
     step = PlainStep(model, optimizer, amp, device)
@@ -192,8 +220,44 @@ def fine_tune(state, classes, images, labels, cfg, *, steps: int, lr: float, bat
 
 
 def _label(path: Path, paths: list[Path]) -> str:
-    names = [p.parent.name for p in paths]
-    return path.parent.name if names.count(path.parent.name) == 1 else str(path)
+    """A start's default label: its folder's name (a model folder's own name), or its path
+    where two share that name."""
+    def name(p):
+        return p.name if p.is_dir() else p.parent.name
+    names = [name(p) for p in paths]
+    return name(path) if names.count(name(path)) == 1 else str(path)
+
+
+def weights_sha256(path) -> str:
+    """sha256 of a weights file; of a model folder, over its weights file and config.json."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    import hashlib
+    digest = hashlib.sha256()
+    for part in ("model.safetensors", "pytorch_model.bin", "config.json"):
+        if (path / part).is_file():
+            digest.update(f"{part}:{sha256_file(path / part)}\n".encode())
+    return digest.hexdigest()
+
+
+def read_starts(froms: list[Path], labels) -> tuple[list[str], list[Weights], dict]:
+    """Each ``--from`` read (any form :func:`pgnm_fast.weights.read_weights` reads), its label
+    and ``{label: sha256}``; a label used twice, or one file given twice (the same resolved path
+    or the same content), is refused before any run."""
+    names = list(labels) if labels else [_label(f, froms) for f in froms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--label {twice[0]!r} names two --from checkpoints: give each its own "
+                          f"label")
+    starts = [read_weights(f) for f in froms]  # a bad checkpoint fails before training
+    sums = [weights_sha256(f) for f in froms]
+    for i, (f, digest) in enumerate(zip(froms, sums)):
+        for g, other in zip(froms[:i], sums[:i]):
+            if f.resolve() == g.resolve() or digest == other:
+                how = "is" if f.resolve() == g.resolve() else "has the same content as"
+                raise ConfigError(f"--from {f} {how} --from {g}: each checkpoint once")
+    return names, starts, dict(zip(names, sums))
 
 
 def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe: bool = False,
@@ -215,8 +279,7 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
     lr = lr if lr is not None else (0.1 if probe else 0.01)
     if lr <= 0:
         raise ConfigError(f"--lr must be positive, not {lr}")
-    states = [load_run_state(f) for f in froms]  # a bad checkpoint fails before training
-    names = list(labels) if labels else [_label(f, froms) for f in froms]
+    names, states, sums = read_starts(froms, labels)
     if reference is not None and reference not in names:
         raise ConfigError(f"--reference {reference!r} names no checkpoint: the labels are "
                           f"{', '.join(names)}")
@@ -247,7 +310,9 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
                 "interval": "95% t-interval over repeats (logit scale for scores, Fisher's z "
                             "for paired differences)",
                 "checkpoints": {n: str(f) for n, f in zip(names, froms)},
-                "checkpoint_sha256": {n: sha256_file(f) for n, f in zip(names, froms)}}
+                "checkpoint_sha256": sums,
+                "checkpoint_kinds": {n: w.kind for n, w in zip(names, states)},
+                "inputs": {n: _inputs(input_config(w, sizes)) for n, w in zip(names, states)}}
     log(f"transfer: {len(froms)} checkpoint(s) x n in {shots} x {repeats} repeats onto "
         f"{len(classes)} classes of {data} ({len(test)} test images); "
         f"{'--probe: new head only, BatchNorm frozen' if probe else 'whole network fine-tuned'}"
@@ -259,8 +324,8 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         kept = [run for key, run in stored.items() if key not in in_grid]
         runs, tests, t0 = [], {}, time.perf_counter()
         for name, state in zip(names, states):
-            cfg = state.train_config.replace(**(sizes or {}))
-            key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels)
+            cfg = input_config(state, sizes)
+            key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels, cfg.mean, cfg.std)
             for n in shots:
                 for r in range(repeats):
                     if (name, n, r) in stored:
@@ -294,6 +359,12 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         f"{report['seconds']:.0f} s; written to "
         f"{out / 'transfer.json'}" + (f" and {chart}" if chart else ""))
     return report
+
+
+def _inputs(cfg: TrainConfig) -> dict:
+    return {"train_crop_size": cfg.train_crop_size, "val_crop_size": cfg.val_crop_size,
+            "val_resize_size": cfg.val_resize_size, "channels": cfg.channels,
+            **cfg.normalisation()}
 
 
 def _run(name, state, cfg, classes, images, labels, test, n, r, *, steps, lr, batch_size, probe,
@@ -351,4 +422,6 @@ def _stored_runs(path: Path, settings: dict) -> dict:
     # the runs of a checkpoint not asked for this time stay, and so does its record
     settings["checkpoints"] = {**old.get("checkpoints", {}), **settings["checkpoints"]}
     settings["checkpoint_sha256"] = {**sums, **settings["checkpoint_sha256"]}
+    for key in ("checkpoint_kinds", "inputs"):
+        settings[key] = {**old.get(key, {}), **settings[key]}
     return done

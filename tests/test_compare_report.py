@@ -130,3 +130,20 @@ def test_every_key_of_the_eval_json_is_documented():
     doc = _documented()
     keys = set(record) | set(record["transforms"])
     assert not sorted(k for k in keys if f"`{k}`" not in doc)
+
+
+def test_report_names_the_starting_weights_stage_settings_and_unequal_lr():
+    from pgnm_fast.compare_report import format_report as fmt
+    report = _report(4, 3, "folders")
+    assert report["initial_checkpoint"] is None and report["arms_differ_in_lr"] is False
+    report.update(initial_checkpoint={"path": "/w/model", "sha256": "ab" * 32},
+                  stage_settings={"heated": {"lr": 0.05}, "finetune": {}, "baseline": {}},
+                  lr_per_image={"heated": 0.05 / 32, "finetune": 0.01 / 32, "baseline": 0.1 / 32},
+                  arms_differ_in_lr=True)
+    text = "\n".join(fmt(report))
+    assert f"both arms start from /w/model (sha256 {'ab' * 32})" in text
+    assert "per-stage settings: heated.lr=0.05" in text
+    assert "lr per image: heated 0.001563, finetune 0.0003125, baseline 0.003125" in text
+    assert "THE ARMS DIFFER IN LR" in text
+    report["arms_differ_in_lr"] = False
+    assert "DIFFER" not in "\n".join(fmt(report))

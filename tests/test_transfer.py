@@ -171,3 +171,60 @@ def test_interrupted_transfer_continues_and_other_protocols_are_refused(unseen, 
                                            ((-0.05, 0.3), (0.0, 0.32))])
 def test_score_axis_stays_in_the_unit_interval_and_shows_equal_scores(auto, expected):
     assert score_limits(*auto) == pytest.approx(expected)
+
+
+def _export(checkpoint, folder):
+    r = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(folder)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return folder
+
+
+def test_transfer_reads_every_weights_form_side_by_side(unseen, tmp_path):
+    """A pgnm-fast checkpoint, a timm folder (`export`) and a plain .safetensors state dict
+    fine-tune in one transfer; the timm folder of b trains exactly as b's own checkpoint."""
+    import shutil
+    a, b = _checkpoint(tmp_path / "a" / "best.pt", 1), _checkpoint(tmp_path / "b" / "best.pt", 2)
+    timm = _export(b, tmp_path / "timm-b")
+    plain = tmp_path / "plain" / "model.safetensors"
+    plain.parent.mkdir()
+    shutil.copy(_export(_checkpoint(tmp_path / "c" / "best.pt", 3), tmp_path / "exp-c")
+                / "model.safetensors", plain)
+    out = tmp_path / "tr"
+    args = ["transfer", "--data", str(unseen), "--shots", "5", "--repeats", "1", "--steps", "2",
+            "-b", "5", "-j", "0", "--out", str(out)]
+    for path, label in ((a, "pgnm"), (b, "b"), (timm, "timm"), (plain, "plain")):
+        args += ["--from", str(path), "--label", label]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "transfer.json").read_text())
+    runs = {x["checkpoint"]: x for x in report["runs"]}
+    assert set(runs) == {"pgnm", "b", "timm", "plain"} and len(report["runs"]) == 4
+    settings = report["settings"]
+    assert settings["checkpoint_kinds"] == {"pgnm": "pgnm-fast", "b": "pgnm-fast",
+                                            "timm": "timm folder", "plain": "state dict"}
+    # the timm folder's pretrained_cfg gives b's crops; a bare state dict the defaults
+    assert settings["inputs"]["timm"] == settings["inputs"]["b"]
+    assert settings["inputs"]["timm"]["val_crop_size"] == 32
+    assert settings["inputs"]["plain"]["val_crop_size"] == 224
+    assert settings["inputs"]["plain"]["channels"] == 1
+    assert runs["timm"]["train_loss"] == pytest.approx(runs["b"]["train_loss"], rel=1e-5)
+    assert runs["timm"]["f1_macro"] == pytest.approx(runs["b"]["f1_macro"], abs=1e-9)
+    assert runs["pgnm"]["train_loss"] != pytest.approx(runs["b"]["train_loss"], rel=1e-3)
+    assert len(set(settings["checkpoint_sha256"].values())) == 4
+
+
+def test_transfer_refuses_a_label_or_a_file_given_twice(unseen, tmp_path):
+    a, b = _checkpoint(tmp_path / "a" / "best.pt", 1), _checkpoint(tmp_path / "b" / "best.pt", 2)
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(a.read_bytes())
+    base = ["transfer", "--data", str(unseen), "--out", str(tmp_path / "tr")]
+    for froms, labels, said in (
+            ((a, b), ("x", "x"), "--label 'x' names two"),
+            ((a, tmp_path / "a" / ".." / "a" / "best.pt"), ("x", "y"), "each checkpoint once"),
+            ((a, copy), ("x", "y"), "has the same content as")):
+        args = base + [w for f, n in zip(froms, labels) for w in ("--from", str(f), "--label", n)]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code != 0 and said in r.output, r.output
+        assert r.output.count("Error:") == 1 and "Traceback" not in r.output
+        assert not (tmp_path / "tr").exists()
