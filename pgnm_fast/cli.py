@@ -349,7 +349,7 @@ def compare(ctx, data, out, preset, device, finetune_epochs, seed, seeds, finetu
 
 
 def _shots(ctx, param, value):
-    from .transfer import parse_shots
+    from .transfer_subsets import parse_shots
     return parse_shots(value)
 
 

@@ -44,6 +44,7 @@ are left out of its table and chart.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -75,56 +76,11 @@ from .transfer_report import (  # noqa: F401  (score_limits: part of this module
     summaries,
     write_transfer_chart,
 )
+from .transfer_subsets import Subsets, feasible_shots, parse_shots
 from .weights import Weights, fit_classifier, read_weights, resolve_model
 
 DEFAULT_SHOTS = (16, 32, 64, 128, 256)
 TEST_CACHE_BYTES = 2 << 30  # keep the preprocessed test split in memory up to this size
-
-
-def parse_shots(text: str) -> list[int]:
-    try:
-        shots = sorted({int(x) for x in str(text).split(",") if x.strip()})
-    except ValueError:
-        shots = []
-    if not shots or shots[0] < 1:
-        raise ConfigError(f"--shots must be comma-separated positive integers, not {text!r}")
-    return shots
-
-
-def draw_subset(labels: np.ndarray, n: int, classes: int, seed: int, repeat: int) -> np.ndarray:
-    """Indices into ``labels`` (the training pool) of a class-stratified subset of ``n`` images
-    (module docstring), seeded by (seed, n, repeat). The caller checks that every class has
-    ceil(n / classes) images."""
-    rng = np.random.default_rng([seed, n, repeat])
-    per_class = np.full(classes, n // classes)
-    per_class[rng.choice(classes, n % classes, replace=False)] += 1
-    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
-              for c, k in enumerate(per_class) if k]
-    return np.sort(np.concatenate(picked))
-
-
-def feasible_shots(shots, labels: np.ndarray, class_names: list[str], log) -> list[int]:
-    """The shot counts every class can supply; a line per skipped one naming the short class."""
-    counts = np.bincount(labels, minlength=len(class_names))
-    keep = []
-    for n in shots:
-        need = math.ceil(n / len(class_names))
-        if n < len(class_names):
-            log(f"transfer: skipping n={n}: fewer images than the {len(class_names)} classes "
-                f"(each class needs at least one)")
-            continue
-        short = int(np.argmin(counts))
-        if counts[short] < need:
-            log(f"transfer: skipping n={n}: it needs up to {need} training images per class "
-                f"({n} over {len(class_names)} classes), and class {class_names[short]} has "
-                f"{counts[short]}")
-            continue
-        keep.append(n)
-    if not keep:
-        raise DataError(f"no requested --shots value can be drawn: class "
-                        f"{class_names[int(np.argmin(counts))]} has {int(counts.min())} training "
-                        f"images; ask for at most {int(counts.min()) * len(class_names)} images")
-    return keep
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -269,50 +225,20 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
     crop sizes (``train_crop_size``, ``val_crop_size``, ``val_resize_size``) instead of each
     checkpoint's."""
     froms = [Path(f) for f in froms]
-    if not froms:
-        raise ConfigError("transfer needs at least one --from checkpoint")
-    if labels and len(labels) != len(froms):
-        raise ConfigError(f"--label given {len(labels)} times for {len(froms)} --from checkpoints")
-    for name, value in (("--repeats", repeats), ("--steps", steps), ("--batch-size", batch_size)):
-        if value < 1:
-            raise ConfigError(f"{name} must be positive, not {value}")
-    lr = lr if lr is not None else (0.1 if probe else 0.01)
-    if lr <= 0:
-        raise ConfigError(f"--lr must be positive, not {lr}")
+    lr = _checked_lr(froms, labels, repeats, steps, batch_size, lr, probe)
     names, states, sums = read_starts(froms, labels)
     if reference is not None and reference not in names:
         raise ConfigError(f"--reference {reference!r} names no checkpoint: the labels are "
                           f"{', '.join(names)}")
-    source = open_source(data)
-    for split in ("train", "test"):
-        if split not in source.splits:
-            raise DataError(f"data at {data} has no {split} split: transfer draws its training "
-                            f"images from train and scores on test")
-    classes, train, test = source.classes, source.split("train"), source.split("test")
-    in_test = set(test.files)
-    pool = np.array([f not in in_test for f in train.files])
-    if not pool.all():
-        log(f"transfer: {int((~pool).sum())} train files are also in the test split: left out")
-    pool_at = np.flatnonzero(pool)  # the train index of each pool image
-    pool_labels = train.labels[pool]
+    classes, train, test, pool_at, pool_labels = _pool(data, log)
     shots = feasible_shots(parse_shots(",".join(map(str, shots))), pool_labels, classes, log)
-    subsets = {(n, r): draw_subset(pool_labels, n, len(classes), seed, r)
-               for n in shots for r in range(repeats)}
-    decoded: dict = {}  # pool index -> image, each decoded once, when a run first needs it
     info = init_distributed(device)
     out = Path(out) if out else Path("runs") / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(out, "--out")
     settings = {"data": str(Path(data).resolve()), "classes": classes, "shots": shots,
                 "repeats": repeats, "probe": probe, "steps": steps, "lr": lr,
-                "batch_size": batch_size, "seed": seed, "momentum": 0.9, "weight_decay": 1e-4,
-                "schedule": "cosine",
-                "shots_are": "training images in all, class-stratified, from the train split",
-                "interval": "95% t-interval over repeats (logit scale for scores, Fisher's z "
-                            "for paired differences)",
-                "checkpoints": {n: str(f) for n, f in zip(names, froms)},
-                "checkpoint_sha256": sums,
-                "checkpoint_kinds": {n: w.kind for n, w in zip(names, states)},
-                "inputs": {n: _inputs(input_config(w, sizes)) for n, w in zip(names, states)}}
+                "batch_size": batch_size, "seed": seed, **_starts_record(names, froms, states,
+                                                                          sums, sizes)}
     log(f"transfer: {len(froms)} checkpoint(s) x n in {shots} x {repeats} repeats onto "
         f"{len(classes)} classes of {data} ({len(test)} test images); "
         f"{'--probe: new head only, BatchNorm frozen' if probe else 'whole network fine-tuned'}"
@@ -322,26 +248,17 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         grid = [(name, n, r) for name in names for n in shots for r in range(repeats)]
         in_grid = set(grid)
         kept = [run for key, run in stored.items() if key not in in_grid]
-        runs, tests, t0 = [], {}, time.perf_counter()
-        for name, state in zip(names, states):
-            cfg = input_config(state, sizes)
-            key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels, cfg.mean, cfg.std)
-            for n in shots:
-                for r in range(repeats):
-                    if (name, n, r) in stored:
-                        runs.append(stored[(name, n, r)])
-                        continue
-                    if key not in tests:  # one test loader per preprocessing, built once
-                        tests[key] = _test_batches(test, cfg, info.device, workers, loader, log)
-                    idx = subsets[(n, r)]
-                    decoded.update({i: train.grey(int(pool_at[i])) for i in idx
-                                    if i not in decoded})
-                    runs.append(_run(name, state, cfg, classes, [decoded[i] for i in idx],
-                                     pool_labels[idx], tests[key], n, r, steps=steps, lr=lr,
-                                     batch_size=batch_size, probe=probe, seed=seed,
-                                     device=info.device, amp=amp, log=log))
-                    write_json_atomic({"settings": settings, "runs": runs + kept},
-                                      out / "transfer.json")
+        t0 = time.perf_counter()
+        train_one = functools.partial(_run, classes=classes, steps=steps, lr=lr,
+                                      batch_size=batch_size, probe=probe, seed=seed,
+                                      device=info.device, amp=amp, log=log)
+        test_of = functools.partial(_test_batches, test, device=info.device, workers=workers,
+                                    loader=loader, log=log)
+        images = Subsets(train, pool_at, pool_labels, shots, repeats, len(classes), seed)
+        runs = _train_grid([(n, w, input_config(w, sizes)) for n, w in zip(names, states)],
+                           shots, repeats, stored, images, test_of, train_one,
+                           save=lambda runs: write_json_atomic(
+                               {"settings": settings, "runs": runs + kept}, out / "transfer.json"))
         trained = sum(key not in stored for key in grid)
         report = {"settings": settings, "runs": runs + kept,
                   **summaries(runs, reference or names[0]),
@@ -359,6 +276,71 @@ def transfer(froms, data, shots=DEFAULT_SHOTS, repeats: int = 5, out=None, probe
         f"{report['seconds']:.0f} s; written to "
         f"{out / 'transfer.json'}" + (f" and {chart}" if chart else ""))
     return report
+
+
+def _train_grid(starts, shots, repeats, stored: dict, images: Subsets, test_of, train_one,
+                save) -> list:
+    """Every (start, n, repeat) run not in ``stored`` (reused as it is), in order; ``save``
+    records the runs so far after each one. One test loader per preprocessing, built once."""
+    runs, tests = [], {}
+    for name, state, cfg in starts:
+        key = (cfg.val_crop_size, cfg.val_resize_size, cfg.channels, cfg.mean, cfg.std)
+        for n in shots:
+            for r in range(repeats):
+                if (name, n, r) in stored:
+                    runs.append(stored[(name, n, r)])
+                    continue
+                if key not in tests:
+                    tests[key] = test_of(cfg)
+                subset, labels = images(n, r)
+                runs.append(train_one(name, state, cfg, images=subset, labels=labels,
+                                      test=tests[key], n=n, r=r))
+                save(runs)
+    return runs
+
+
+def _checked_lr(froms, labels, repeats, steps, batch_size, lr, probe) -> float:
+    """The arguments' checks (one line naming the flag); returns the lr (``--probe``: 0.1, else
+    0.01 when not given)."""
+    if not froms:
+        raise ConfigError("transfer needs at least one --from checkpoint")
+    if labels and len(labels) != len(froms):
+        raise ConfigError(f"--label given {len(labels)} times for {len(froms)} --from checkpoints")
+    for name, value in (("--repeats", repeats), ("--steps", steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be positive, not {value}")
+    lr = lr if lr is not None else (0.1 if probe else 0.01)
+    if lr <= 0:
+        raise ConfigError(f"--lr must be positive, not {lr}")
+    return lr
+
+
+def _pool(data, log):
+    """``(classes, train, test, pool_at, pool_labels)``: the data's splits and the train images
+    a subset may draw (those not also in the test split), by their train index and label."""
+    source = open_source(data)
+    for split in ("train", "test"):
+        if split not in source.splits:
+            raise DataError(f"data at {data} has no {split} split: transfer draws its training "
+                            f"images from train and scores on test")
+    classes, train, test = source.classes, source.split("train"), source.split("test")
+    in_test = set(test.files)
+    pool = np.array([f not in in_test for f in train.files])
+    if not pool.all():
+        log(f"transfer: {int((~pool).sum())} train files are also in the test split: left out")
+    return classes, train, test, np.flatnonzero(pool), train.labels[pool]
+
+
+def _starts_record(names, froms, states, sums, sizes) -> dict:
+    """The fixed part of ``transfer.json``'s settings and what it records of each start."""
+    return {"momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine",
+            "shots_are": "training images in all, class-stratified, from the train split",
+            "interval": "95% t-interval over repeats (logit scale for scores, Fisher's z "
+                        "for paired differences)",
+            "checkpoints": {n: str(f) for n, f in zip(names, froms)},
+            "checkpoint_sha256": sums,
+            "checkpoint_kinds": {n: w.kind for n, w in zip(names, states)},
+            "inputs": {n: _inputs(input_config(w, sizes)) for n, w in zip(names, states)}}
 
 
 def _inputs(cfg: TrainConfig) -> dict:

@@ -13,7 +13,8 @@ from pgnm_fast.config import make_config
 from pgnm_fast.models import create_model
 from pgnm_fast.pipelines.sources import open_source
 from pgnm_fast.synth import CLASSES, make_synthetic
-from pgnm_fast.transfer import _model, draw_subset, feasible_shots, parse_shots, score_limits
+from pgnm_fast.transfer import _model, score_limits
+from pgnm_fast.transfer_subsets import draw_subset, feasible_shots, parse_shots
 
 
 @pytest.fixture(scope="module")
