@@ -50,7 +50,7 @@ from .run_state import load_run_state
 from .stages import run_stage
 
 FINETUNE_FROM = ("last", "best")
-POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl")
+POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl", "reward_group")
 # settings not compared when a folder is reused: they do not change what a stage computes, or
 # (threads) a stage records the count it chose and keeps it when resumed
 NOT_COMPARED = ("workers", "print_freq", "threads")
@@ -136,20 +136,25 @@ def compare(data=None, out=None, preset="tiny", overrides=None, finetune_overrid
         shutdown()  # the process group the stages kept (torchrun)
 
 
-def make_plan(preset, overrides=None, finetune_overrides=None, match_budget=False) -> dict:
+def make_plan(preset, overrides=None, finetune_overrides=None, match_budget=False,
+              world_size: int | None = None) -> dict:
     """The three stages' configs (seed aside) and overrides: the fine-tune keeps the heated
     classifier; the baseline drops the policy settings and, with ``match_budget``, trains as many
-    epochs as heated + fine-tune."""
+    epochs as heated + fine-tune. Each stage has its preset's global batch and lr for it, on
+    ``world_size`` processes (default: torchrun's, else 1): the per-process batch and the
+    gradient accumulation are resolved per stage (:mod:`pgnm_fast.batching`), so both arms train
+    at the preset's lr per image (``TrainConfig.lr_per_image``)."""
+    world = torchrun_env().world_size if world_size is None else world_size
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None and k != "seed"}
     finetune_overrides = {k: v for k, v in (finetune_overrides or {}).items()
                           if v is not None and k != "seed"}
-    heated = make_config("heated", preset, **overrides)
+    heated = make_config("heated", preset, world, **overrides)
     finetune_overrides["model"] = heated.model
-    finetune = make_config("finetune", preset, **finetune_overrides)
+    finetune = make_config("finetune", preset, world, **finetune_overrides)
     plain = {k: v for k, v in overrides.items() if k not in POLICY_ONLY}
     if match_budget:
         plain["epochs"] = heated.epochs + finetune.epochs
-    baseline = make_config("baseline", preset, **plain)
+    baseline = make_config("baseline", preset, world, **plain)
     return dict(heated=heated, finetune=finetune, baseline=baseline,
                 overrides=dict(heated=overrides, finetune=finetune_overrides, baseline=plain))
 
