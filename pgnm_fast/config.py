@@ -100,7 +100,8 @@ class TrainConfig:
                                        "this many images of mean(S) x CE (the authors' per-GPU "
                                        "batch); must divide --batch-size (none: each "
                                        "micro-batch one group).", rule="positive",
-                                       heated_only=True)
+                                       heated_only=True,
+                                       default_text="paper 32, tiny the micro-batch")
     momentum: float = setting(0.9, "SGD momentum (classifier and policy).", rule="fraction")
     weight_decay: float = setting(1e-4, "Weight decay (classifier and policy).", "--wd",
                                   "--weight-decay", rule="non_negative")
