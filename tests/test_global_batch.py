@@ -160,3 +160,21 @@ def test_a_failing_fast_path_falls_back_through_the_stage(small_data, tmp_path, 
             "--epochs", "1", "-j", "0", "--impl", "fast", "--no-self-check")
     assert r.exit_code == 0 and "self-check" not in r.output, r.output
     assert json.loads((off / "config.json").read_text())["impl"] == "fast"
+
+
+def test_a_resumed_run_derives_again_what_a_changed_setting_moves():
+    import dataclasses
+
+    from pgnm_fast.batching import rebase
+    from pgnm_fast.config import finish
+    stored = dataclasses.asdict(make_config("heated", "paper", 1, batch_size=64))  # 64 x 4
+    again = finish(rebase(stored, {}, 1), 1)
+    assert (again.batch_size, again.accum_steps, again.lr) == (64, 4, 0.1)
+    on_two = finish(rebase(stored, {}, 2), 2)  # another number of processes: 128 each
+    assert (on_two.batch_size, on_two.accum_steps) == (128, 1)
+    smaller = finish(rebase(stored, dict(batch_size=32), 1), 1)
+    assert (smaller.batch_size, smaller.accum_steps) == (32, 8)
+    half = finish(rebase(stored, dict(global_batch=128), 1), 1)
+    assert half.lr == pytest.approx(0.05) and half.lr_per_image == pytest.approx(0.1 / 256)
+    kept = finish(rebase(stored, dict(global_batch=128, lr=0.2), 1), 1)
+    assert kept.lr == 0.2
