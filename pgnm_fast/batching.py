@@ -104,7 +104,7 @@ def batch_line(cfg, world_size: int) -> str:
     return (f"global batch {cfg.global_batch} = {cfg.batch_size} per process x "
             f"{_plural(world_size, 'process')} x {cfg.accum_steps} {steps}; lr {_num(cfg.lr)} "
             f"({_num(cfg.lr_per_image)} per image, "
-            + ("the preset's)" if same else f"the preset's {_num(preset)})"))
+            + ("the preset's)" if same else f"preset {_num(preset)})"))
 
 
 def norm_line(cfg, world_size: int, sync: bool) -> str:
@@ -121,17 +121,18 @@ def norm_line(cfg, world_size: int, sync: bool) -> str:
         where = f"BatchNorm over {over} images"
     if over == cfg.global_batch:
         return f"{where}: the global batch, as the authors' SyncBatchNorm"
-    return (f"{where} at a time, not over the global batch of {cfg.global_batch} as the "
-            f"authors' SyncBatchNorm")
+    return (f"{where} at a time; the authors' SyncBatchNorm: the global batch of "
+            f"{cfg.global_batch}")
 
 
-def reward_line(cfg) -> str:
-    """The reward groups and the classifier's effective step at the start of a heated run."""
-    group = cfg.reward_group or cfg.batch_size
+def reward_lines(cfg) -> str:
+    """The reward groups, and the classifier's effective step at the start of a heated run: its
+    CE gradient is multiplied by mean S, about log(G^2) before the policy has learnt."""
     s = math.log(cfg.grid ** 2)
-    return (f"reward groups of {min(group, cfg.batch_size)} images; effective classifier step at "
-            f"the start about log(G^2) x lr = {s:.2f} x {_num(cfg.lr)} = {_num(s * cfg.lr)} (an "
-            f"estimate: mean S is logged once steps run)")
+    return (f"reward groups of {cfg.reward_group or cfg.batch_size} images (the objective: the "
+            f"mean over groups of mean(S) x CE)\n  effective classifier step at the start about "
+            f"log(G^2) x lr = {s:.2f} x {_num(cfg.lr)} = {_num(s * cfg.lr)} (estimated; S is "
+            f"logged)")
 
 
-__all__ = ["resolve_batch", "shorten_warmup", "rebase", "batch_line", "norm_line", "reward_line"]
+__all__ = ["resolve_batch", "shorten_warmup", "rebase", "batch_line", "norm_line", "reward_lines"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .averaging import LastEpochsAverage
-from .batching import batch_line, norm_line, reward_line
+from .batching import batch_line, norm_line, reward_lines
 from .console import epoch_lines, format_val, resume_hint
 from .distributed import (
     all_reduce_mean,
@@ -211,7 +211,7 @@ def _announce(run: Run, parts: Parts, train_loader: BatchLoader, threads: str | 
             + f") on {info.device}, {cfg.epochs} epochs"
             + f"\n  {batch_line(cfg, info.world_size)}"
             + f"\n  {norm_line(cfg, info.world_size, _synced(cfg, info))}"
-            + (f"\n  {reward_line(cfg)}" if parts.policy else "")
+            + (f"\n  {reward_lines(cfg)}" if parts.policy else "")
             + (f"\n  {threads}" if threads is not None else "")
             + (f"\n  weights from {run.init_from}" if run.init_from else "")
             + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "

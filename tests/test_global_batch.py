@@ -58,7 +58,7 @@ def test_another_global_batch_scales_lr_base_and_an_explicit_lr_wins():
     _, cfg = printed("train", "--preset", "paper", "--global-batch", "64", "--lr-base-scale", "sqrt")
     assert cfg["lr"] == pytest.approx(0.05)
     notes, cfg = printed("train", "--preset", "paper", "--global-batch", "64", "--lr", "0.1")
-    assert cfg["lr"] == 0.1 and notes[0].endswith("(0.00156 per image, the preset's 3.91e-4)")
+    assert cfg["lr"] == 0.1 and notes[0].endswith("(0.00156 per image, preset 3.91e-4)")
 
 
 def test_tiny_preset_takes_the_authors_lr_per_image():
@@ -133,8 +133,11 @@ def test_a_paper_run_states_its_batch_and_accumulates(small_data, tmp_path):
     assert r.exit_code == 0, r.output
     assert ("global batch 64 = 32 per process x 1 process x 2 accumulation steps; lr 0.025 "
             "(3.91e-4 per image, the preset's)") in r.output
-    assert "BatchNorm over 32 images at a time, not over the global batch of 64" in r.output
-    assert "reward groups of 32 images; effective classifier step" in r.output
+    assert ("BatchNorm over 32 images at a time; the authors' SyncBatchNorm: the global batch "
+            "of 64") in r.output
+    assert "reward groups of 32 images (the objective" in r.output
+    assert "effective classifier step at the start about log(G^2) x lr = 4.16 x 0.025" in r.output
+    assert all(len(ln) <= 120 for ln in r.output.splitlines() if "/" not in ln), r.output
     saved = json.loads((out / "config.json").read_text())
     assert (saved["global_batch"], saved["batch_size"], saved["accum_steps"]) == (64, 32, 2)
 

@@ -28,7 +28,7 @@ from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--epochs", "1", "-b", "8", "--train-crop-size", "16", "--val-resize-size", "18",
+TINY = ["--epochs", "1", "--global-batch", "8", "--train-crop-size", "16", "--val-resize-size", "18",
         "--val-crop-size", "16", "--grid", "4", "-j", "0", "--impl", "reference"]
 FINETUNE = TINY[:-6] + ["-j", "0"]  # finetune has no --grid or --impl
 
