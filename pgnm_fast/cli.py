@@ -119,16 +119,18 @@ def _train(ctx, stage: str, kwargs: dict, resume, init_from) -> None:
         return
     data = run.get("data")
     world = torchrun_env().world_size
-    note = lambda line: click.echo(f"# {line}")  # noqa: E731 (a YAML comment)
+    notes = []  # YAML comments, printed once the settings resolve
     if resume:  # the checkpoint's settings, then the flags (as run_stage does)
         from .run_state import load_run_state
         state = load_run_state(resume)
         given_values = {k: v for k, v in overrides.items() if v is not None}
         stored = dataclasses.asdict(config_from_dict(state.config))
-        cfg = finish(rebase(stored, given_values, world), world, note)
+        cfg = finish(rebase(stored, given_values, world), world, notes.append)
         data = data or state.data
     else:
-        cfg = make_config(stage, run["preset"], world, note, **overrides)
+        cfg = make_config(stage, run["preset"], world, notes.append, **overrides)
+    for line in notes:
+        click.echo(f"# {line}")
     echo_config(cfg, data, world)
 
 

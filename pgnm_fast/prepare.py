@@ -38,6 +38,7 @@ class Run:
     init: Weights | None = None  # --initial-checkpoint / --from
     init_from: str | None = None  # the path of --initial-checkpoint / --from
     recheck: bool = False  # check the image files afresh (not the cached verdict)
+    notes: list = dataclasses.field(default_factory=list)  # said when the run starts
 
 
 def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
@@ -86,7 +87,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     resume_state = load_run_state(resume) if resume else None
     init = read_weights(init_from) if init_from else None  # any form (pgnm_fast.weights)
-    cfg = _config(stage, preset, overrides, resume_state, resume, init, log)
+    notes = []  # said when the run starts: a refused input is its one error line alone
+    cfg = _config(stage, preset, overrides, resume_state, resume, init, notes.append)
     info = init_distributed(device)
     if data is None and init is not None and init.state is not None:
         data = init.state.data or None  # the data the checkpoint was trained on
@@ -110,4 +112,4 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
                         f"one global batch of {cfg.global_batch}: lower --global-batch")
     return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init,
-               str(init_from) if init_from else None)
+               str(init_from) if init_from else None, notes=notes)

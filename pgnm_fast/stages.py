@@ -249,6 +249,8 @@ def _train(run: Run, log, show_progress) -> Path:
         write_config(run.out, cfg, run.data_root)
         metrics_log.keep_until(start_epoch - 1)
     write = metrics_log.write if info.is_main else (lambda record: None)
+    for note in run.notes:  # e.g. a shortened warm-up
+        log(note)
     log(_announce(run, parts, train_loader, threads))
     observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 

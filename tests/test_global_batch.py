@@ -158,6 +158,9 @@ def test_a_failing_fast_path_falls_back_through_the_stage(small_data, tmp_path, 
     assert len(lines) == 1 and "running with --impl reference" in lines[0]
     assert json.loads((out / "config.json").read_text())["impl"] == "reference"
     assert "reference mask step" in r.output
+    # the tiny preset's 1 warm-up epoch of a 1-epoch run: said once the inputs are checked
+    assert r.output.count("--lr-warmup-epochs 1 shortened to 0") == 1
+    assert json.loads((out / "config.json").read_text())["lr_warmup_epochs"] == 0
     off = tmp_path / "off"
     r = cli("train", "--data", small_data, "--out", off, "--img-size", "32", "--grid", "8",
             "--epochs", "1", "-j", "0", "--impl", "fast", "--no-self-check")
