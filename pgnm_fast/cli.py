@@ -11,6 +11,7 @@ Each command imports what it needs (torch, scipy, scikit-learn) when it runs, so
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -103,7 +104,9 @@ def _stage(settings: dict, stage: str, path) -> str:
 
 def _train(ctx, stage: str, kwargs: dict, resume, init_from) -> None:
     """train / finetune: the settings from --config and the flags, then run (or print) them."""
-    from .config import config_from_dict, make_config
+    from .batching import rebase
+    from .config import config_from_dict, finish, make_config
+    from .distributed import torchrun_env
     show = kwargs.pop("print_config")
     path = kwargs.get("config_file")
     settings = resolve(ctx, kwargs)
@@ -114,15 +117,20 @@ def _train(ctx, stage: str, kwargs: dict, resume, init_from) -> None:
         train(stage, resume=resume, init_from=init_from, log=click.echo, **run, **overrides)
         return
     data = run.get("data")
+    world = torchrun_env().world_size
+    notes = []  # YAML comments, printed once the settings resolve
     if resume:  # the checkpoint's settings, then the flags (as run_stage does)
         from .run_state import load_run_state
         state = load_run_state(resume)
         given_values = {k: v for k, v in overrides.items() if v is not None}
-        cfg = config_from_dict(state.config).replace(**given_values).check()
+        stored = dataclasses.asdict(config_from_dict(state.config))
+        cfg = finish(rebase(stored, given_values, world), world, notes.append)
         data = data or state.data
     else:
-        cfg = make_config(stage, run["preset"], **overrides)
-    echo_config(cfg, data)
+        cfg = make_config(stage, run["preset"], world, notes.append, **overrides)
+    for line in notes:
+        click.echo(f"# {line}")
+    echo_config(cfg, data, world)
 
 
 @main.command()

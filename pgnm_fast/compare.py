@@ -52,7 +52,7 @@ from .run_state import load_run_state
 from .stages import run_stage
 
 FINETUNE_FROM = ("last", "best")
-POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl")
+POLICY_ONLY = ("policy_model", "policy_lr", "grid", "impl", "reward_group")
 # settings not compared when a folder is reused: they do not change what a stage computes, or
 # (threads) a stage records the count it chose and keeps it when resumed
 NOT_COMPARED = ("workers", "print_freq", "threads", "initial_checkpoint")
@@ -190,8 +190,8 @@ def _check_experiment(out: Path, experiment: dict) -> None:
 
 
 def lr_per_image(cfg) -> float:
-    """A stage's peak classifier lr per image of its global batch: lr / (batch x processes)."""
-    return cfg.lr / (cfg.batch_size * torchrun_env().world_size)
+    """A stage's peak classifier lr per image of its global batch (``TrainConfig.lr_per_image``)."""
+    return cfg.lr_per_image
 
 
 def check_lr(plan: dict, allow_unequal: bool) -> dict:
@@ -201,15 +201,15 @@ def check_lr(plan: dict, allow_unequal: bool) -> dict:
     if not allow_unequal and not math.isclose(lrs["heated"], lrs["baseline"], rel_tol=1e-9):
         h, b = plan["heated"], plan["baseline"]
         raise ConfigError(
-            f"the arms would train at different lr per image: heated {h.lr:g} / {h.batch_size} "
-            f"images = {lrs['heated']:.4g}, baseline {b.lr:g} / {b.batch_size} = "
+            f"the arms would train at different lr per image: heated {h.lr:g} / {h.global_batch} "
+            f"images = {lrs['heated']:.4g}, baseline {b.lr:g} / {b.global_batch} = "
             f"{lrs['baseline']:.4g}; set both (--heated-lr, --baseline-lr or --stage-set "
             f"STAGE.lr=...), or pass --allow-unequal-lr")
     return lrs
 
 
 def stage_plan(preset, overrides=None, finetune_overrides=None, match_budget=False,
-               sets=None) -> dict:
+               sets=None, world_size: int | None = None) -> dict:
     """:func:`make_plan` with the per-stage settings ``sets`` (``{stage: {key: value}}``), each
     for its stage alone."""
     sets = sets or {}
@@ -219,30 +219,37 @@ def stage_plan(preset, overrides=None, finetune_overrides=None, match_budget=Fal
         raise ConfigError("--match-budget sets the baseline's epochs: drop --stage-set "
                           "baseline.epochs, or --match-budget")
     plan = make_plan(preset, {**shared, **heated_set},
-                     {**(finetune_overrides or {}), **sets.get("finetune", {})}, match_budget)
+                     {**(finetune_overrides or {}), **sets.get("finetune", {})}, match_budget,
+                     world_size)
     if heated_set or baseline_set:  # the baseline takes the shared settings, not the heated ones
         plain = {**{k: v for k, v in shared.items() if k not in POLICY_ONLY}, **baseline_set}
         if match_budget:
             plain["epochs"] = plan["heated"].epochs + plan["finetune"].epochs
-        plan["baseline"] = make_config("baseline", preset, **plain)
+        world = torchrun_env().world_size if world_size is None else world_size
+        plan["baseline"] = make_config("baseline", preset, world, **plain)
         plan["overrides"]["baseline"] = plain
     return plan
 
 
-def make_plan(preset, overrides=None, finetune_overrides=None, match_budget=False) -> dict:
+def make_plan(preset, overrides=None, finetune_overrides=None, match_budget=False,
+              world_size: int | None = None) -> dict:
     """The three stages' configs (seed aside) and overrides: the fine-tune keeps the heated
     classifier; the baseline drops the policy settings and, with ``match_budget``, trains as many
-    epochs as heated + fine-tune."""
+    epochs as heated + fine-tune. Each stage has its preset's global batch and lr for it, on
+    ``world_size`` processes (default: torchrun's, else 1): the per-process batch and the
+    gradient accumulation are resolved per stage (:mod:`pgnm_fast.batching`), so both arms train
+    at the preset's lr per image (``TrainConfig.lr_per_image``)."""
+    world = torchrun_env().world_size if world_size is None else world_size
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None and k != "seed"}
     finetune_overrides = {k: v for k, v in (finetune_overrides or {}).items()
                           if v is not None and k != "seed"}
-    heated = make_config("heated", preset, **overrides)
+    heated = make_config("heated", preset, world, **overrides)
     finetune_overrides["model"] = heated.model
-    finetune = make_config("finetune", preset, **finetune_overrides)
+    finetune = make_config("finetune", preset, world, **finetune_overrides)
     plain = {k: v for k, v in overrides.items() if k not in POLICY_ONLY}
     if match_budget:
         plain["epochs"] = heated.epochs + finetune.epochs
-    baseline = make_config("baseline", preset, **plain)
+    baseline = make_config("baseline", preset, world, **plain)
     return dict(heated=heated, finetune=finetune, baseline=baseline,
                 overrides=dict(heated=overrides, finetune=finetune_overrides, baseline=plain))
 

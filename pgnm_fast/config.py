@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .batching import resolve_batch, shorten_warmup
 from .errors import ConfigError
 from .names import IMPLS, LOADERS, MODELS, OPTIMIZERS, SCHEDULERS
 
@@ -75,9 +76,32 @@ class TrainConfig:
                                 heated_only=True)
     epochs: int = setting(90, "Epochs in all (a resumed run continues to this count).",
                           rule="positive")
-    batch_size: int = setting(32, "Images per process (torchrun: per GPU).", "-b", "--batch-size",
-                              rule="batch")
-    lr: float = setting(0.1, "Peak learning rate of the classifier.", rule="positive")
+    global_batch: int = setting(32, "Images per optimiser step over every process and "
+                                "accumulation step; the preset's lr is for its own (a new one "
+                                "scales --lr-base, unless --lr is given).", rule="batch")
+    batch_size: int | None = setting(None, "Images per process per forward pass (torchrun: per "
+                                     "GPU); smaller than --global-batch / processes: gradients "
+                                     "accumulate over --accum-steps of them.", "-b",
+                                     "--batch-size", rule="batch",
+                                     default_text="--global-batch / processes")
+    accum_steps: int | None = setting(None, "Micro-batches whose gradients make one optimiser "
+                                      "step: --global-batch / (--batch-size x processes).",
+                                      "--accum-steps", "--grad-accum-steps", rule="positive",
+                                      default_text="derived")
+    lr: float | None = setting(None, "Peak learning rate of the classifier (wins over "
+                               "--lr-base).", rule="positive",
+                               default_text="--lr-base at --global-batch")
+    lr_base: float = setting(0.1, "Peak learning rate for --lr-base-size images per step; scaled "
+                             "to --global-batch by --lr-base-scale.", rule="positive")
+    lr_base_size: int = setting(256, "The global batch --lr-base is for.", rule="positive")
+    lr_base_scale: str = setting("linear", "How --lr-base scales with --global-batch / "
+                                 "--lr-base-size (timm's rule).", choices=("linear", "sqrt"))
+    reward_group: int | None = setting(None, "Heated: the objective is the mean over groups of "
+                                       "this many images of mean(S) x CE (the authors' per-GPU "
+                                       "batch); must divide --batch-size (none: each "
+                                       "micro-batch one group).", rule="positive",
+                                       heated_only=True,
+                                       default_text="paper 32, tiny the micro-batch")
     momentum: float = setting(0.9, "SGD momentum (classifier and policy).", rule="fraction")
     weight_decay: float = setting(1e-4, "Weight decay (classifier and policy).", "--wd",
                                   "--weight-decay", rule="non_negative")
@@ -151,6 +175,9 @@ class TrainConfig:
     policy_stem_lr_scale: float = setting(1.0, "Learning-rate scale of the policy trunk's stem summed "
                                           "from 3 channels (3), set from the initial weights.",
                                           cli=False, rule="positive")
+    self_check: bool = setting(True, "On the first CUDA run with a device, driver, torch and "
+                               "Triton, compare the fast paths with their references (a few "
+                               "seconds, cached); a failing part falls back with one line.")
     synth_images: int = setting(2400, "Images of the embedded default data set.",
                                 cli=False, rule="positive")
     synth_size: int = setting(96, "Image side of the embedded default data set.",
@@ -159,6 +186,12 @@ class TrainConfig:
     @property
     def policy(self) -> bool:
         return self.stage == "heated"
+
+    @property
+    def lr_per_image(self) -> float:
+        """The classifier's peak learning rate per image of the global batch (lr / global
+        batch): equal in two runs, they take steps of the same size per image seen."""
+        return self.lr / self.global_batch
 
     def effective_policy_lr(self) -> float:
         return self.lr / 10 if self.policy_lr is None else self.policy_lr
@@ -209,35 +242,41 @@ class TrainConfig:
 
 
 # The authors' settings (docs/method.md §5): heated and baseline 90 epochs, fine-tune 10 with
-# warm-up.
-# Their global batch was 8 GPUs x 32 (heated) and 4 x 64 (fine-tune); our batch size is per
-# process, so `torchrun --nproc_per_node 8` with the paper preset reproduces it.
+# warm-up. Their global batch was 256 in every stage: 8 GPUs x 32 (heated, baseline; the reward
+# group is the per-GPU batch) and 4 x 64 (fine-tune). Here the global batch is the unit: each
+# process takes global / processes images, or accumulates gradients over smaller micro-batches.
+AUTHORS = dict(global_batch=256, lr_base_size=256)
 PAPER = {
-    "heated": dict(model="resnet50", epochs=90, batch_size=32, lr=0.1, lr_scheduler="steplr",
-                   lr_step_size=30, lr_gamma=0.1),
-    "baseline": dict(model="resnet50", epochs=90, batch_size=32, lr=0.1, lr_scheduler="steplr",
+    "heated": dict(AUTHORS, model="resnet50", epochs=90, lr_base=0.1, reward_group=32,
+                   lr_scheduler="steplr", lr_step_size=30, lr_gamma=0.1),
+    "baseline": dict(AUTHORS, model="resnet50", epochs=90, lr_base=0.1, lr_scheduler="steplr",
                      lr_step_size=30, lr_gamma=0.1),
-    "finetune": dict(model="resnet50", epochs=10, batch_size=64, lr=0.001, lr_scheduler="steplr",
+    "finetune": dict(AUTHORS, model="resnet50", epochs=10, lr_base=0.001, lr_scheduler="steplr",
                      lr_step_size=30, lr_gamma=0.1, lr_warmup_epochs=7, lr_warmup_decay=0.01),
 }
 
-# Sized for a 2-core CPU in minutes: small crops and grid, the light classifier.
-TINY_COMMON = dict(model="resnet10t", batch_size=32, grid=16, train_crop_size=64,
-                   val_resize_size=73, val_crop_size=64, workers=2, print_freq=10)
+# Sized for a 2-core CPU in minutes: small crops and grid, the light classifier, global batch 32
+# at the authors' lr per image (0.1 / 256 -> 0.0125; fine-tune 0.001 / 256 -> 1.25e-4).
+TINY_COMMON = dict(model="resnet10t", global_batch=32, lr_base_size=256, grid=16,
+                   train_crop_size=64, val_resize_size=73, val_crop_size=64, workers=2,
+                   print_freq=10)
 TINY = {
-    "heated": dict(TINY_COMMON, epochs=6, lr=0.1, lr_scheduler="cosineannealinglr",
+    "heated": dict(TINY_COMMON, epochs=6, lr_base=0.1, lr_scheduler="cosineannealinglr",
                    lr_warmup_epochs=1, lr_warmup_decay=0.1),
-    "baseline": dict(TINY_COMMON, epochs=6, lr=0.1, lr_scheduler="cosineannealinglr",
+    "baseline": dict(TINY_COMMON, epochs=6, lr_base=0.1, lr_scheduler="cosineannealinglr",
                      lr_warmup_epochs=1, lr_warmup_decay=0.1),
-    "finetune": dict(TINY_COMMON, epochs=2, lr=0.01, lr_scheduler="constant",
+    "finetune": dict(TINY_COMMON, epochs=2, lr_base=0.001, lr_scheduler="constant",
                      lr_warmup_epochs=1, lr_warmup_decay=0.01),
 }
 
 PRESETS = {"paper": PAPER, "tiny": TINY}
 
 
-def make_config(stage: str, preset: str = "tiny", **overrides) -> TrainConfig:
-    """The preset's settings for a stage, then every override that is not None."""
+def make_config(stage: str, preset: str = "tiny", world_size: int = 1, log=None,
+                **overrides) -> TrainConfig:
+    """The preset's settings for a stage, then every override that is not None; the per-process
+    batch, accumulation and lr resolved for ``world_size`` processes (:mod:`pgnm_fast.batching`),
+    a warm-up as long as the run shortened (said through ``log``)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown --preset {preset!r} (choose from {', '.join(PRESETS)})")
     if stage not in STAGES:
@@ -249,13 +288,23 @@ def make_config(stage: str, preset: str = "tiny", **overrides) -> TrainConfig:
             raise ConfigError(f"unknown setting {key!r}")
         if value is not None:
             values[key] = value
+    return finish(values, world_size, log)
+
+
+def finish(values: dict, world_size: int = 1, log=None) -> TrainConfig:
+    """The checked config of ``values`` with what derives from them resolved."""
+    values = dataclasses.asdict(TrainConfig(**values).check())  # in range before arithmetic
+    values = shorten_warmup(resolve_batch(values, world_size), log)
     return TrainConfig(**values).check()
 
 
 def config_from_dict(values: dict) -> TrainConfig:
     """Rebuild a config stored in a checkpoint, ignoring keys this version does not know."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in known})
+    values = {k: v for k, v in values.items() if k in known}
+    if "global_batch" not in values and values.get("batch_size"):  # from before the global batch
+        values.update(global_batch=values["batch_size"], accum_steps=1)
+    return TrainConfig(**values)
 
 
 def flag_of(name: str) -> str:

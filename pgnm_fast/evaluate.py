@@ -151,7 +151,7 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
         resize = int(round(crop / pretrained.get("crop_pct", crop / resize)))
     if not ours and pretrained.get("mean") and pretrained.get("std"):
         norm = dict(mean=float(pretrained["mean"][0]), std=float(pretrained["std"][0]))
-    loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size,
+    loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size or cfg.global_batch,
                          crop_size=crop, resize_size=resize, channels=channels,
                          workers=cfg.workers if workers is None else workers,
                          rank=0, world_size=1, device=info.device, log=log,

@@ -58,7 +58,8 @@ def _training(state: RunState | None, kind: str) -> list[str]:
     return ["## Training", "",
             f"- Data: `{data}` (the data folder's name)",
             f"- Stage: {STAGES.get(stage, stage)}",
-            f"- Epochs: {epochs}; batch size {cfg.batch_size} per process, "
+            f"- Epochs: {epochs}; global batch {cfg.global_batch} ({cfg.batch_size} per "
+            f"process), "
             f"lr {cfg.lr} ({cfg.lr_scheduler}), optimiser {cfg.opt}",
             f"- Trained with pgnm-fast (this card: pgnm-fast {__version__})", ""]
 

@@ -264,12 +264,16 @@ def split_run(values: dict, run_keys=("data", "out", "preset", "device", "rechec
     return run, values
 
 
-def echo_config(cfg: TrainConfig, data=None) -> None:
-    """The resolved settings as YAML that ``--config`` reads back."""
+def echo_config(cfg: TrainConfig, data=None, world_size: int = 1) -> None:
+    """The resolved settings as YAML that ``--config`` reads back, after a comment line with the
+    global batch, its accumulation and the lr per image (:func:`pgnm_fast.batching.batch_line`)."""
     import yaml
+
+    from .batching import batch_line
     record = dataclasses.asdict(cfg)
     if data is not None:
         record["data"] = str(data)
+    click.echo(f"# {batch_line(cfg, world_size)}")
     click.echo(yaml.safe_dump(record, sort_keys=False), nl=False)
 
 

@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .config import TrainConfig, make_config
-from .distributed import DistInfo, init_distributed
+from .batching import rebase
+from .config import TrainConfig, finish, make_config
+from .distributed import DistInfo, init_distributed, torchrun_env
 from .errors import ConfigError, DataError
 from .folders import check_output_dir
 from .optim import stem_lr_scales
@@ -37,6 +38,7 @@ class Run:
     init: Weights | None = None  # --initial-checkpoint / --from
     init_from: str | None = None  # the path of --initial-checkpoint / --from
     recheck: bool = False  # check the image files afresh (not the cached verdict)
+    notes: list = dataclasses.field(default_factory=list)  # said when the run starts
 
 
 def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | None],
@@ -52,13 +54,16 @@ def resolve_data(data: str | os.PathLike | None, states: Iterable[RunState | Non
 
 
 def _config(stage: str, preset: str, overrides: dict, resume_state: RunState | None, resume,
-            init: Weights | None) -> TrainConfig:
-    """The stage's config: a resumed run's own, else the preset's; both with the overrides. A
-    run from a pgnm-fast checkpoint keeps its input form (channels, normalisation)."""
+            init: Weights | None, log=None) -> TrainConfig:
+    """The stage's config: a resumed run's own, else the preset's; both with the overrides,
+    resolved for this many processes (:mod:`pgnm_fast.batching`). A run from a pgnm-fast
+    checkpoint keeps its input form (channels, normalisation)."""
+    world_size = torchrun_env().world_size
     if resume_state is not None:
         if resume_state.stage != stage:
             raise ConfigError(f"--resume {resume} is a {resume_state.stage} checkpoint, not {stage}")
-        cfg = resume_state.train_config.replace(**overrides).check()
+        stored = dataclasses.asdict(resume_state.train_config)
+        cfg = finish(rebase(stored, overrides, world_size), world_size, log)
         check_fits(resume_state, cfg, resume, "--resume")
         return cfg
     if init is not None:
@@ -71,7 +76,7 @@ def _config(stage: str, preset: str, overrides: dict, resume_state: RunState | N
                     overrides.setdefault(key, getattr(saved, key))
         for key, scale in stem_lr_scales(init, overrides.get("channels", 1)).items():
             overrides.setdefault(key, scale)
-    return make_config(stage, preset, **overrides)
+    return make_config(stage, preset, world_size, log, **overrides)
 
 
 def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
@@ -82,7 +87,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     resume_state = load_run_state(resume) if resume else None
     init = read_weights(init_from) if init_from else None  # any form (pgnm_fast.weights)
-    cfg = _config(stage, preset, overrides, resume_state, resume, init)
+    notes = []  # said when the run starts: a refused input is its one error line alone
+    cfg = _config(stage, preset, overrides, resume_state, resume, init, notes.append)
     info = init_distributed(device)
     if data is None and init is not None and init.state is not None:
         data = init.state.data or None  # the data the checkpoint was trained on
@@ -102,8 +108,8 @@ def prepare_run(stage: str, preset: str = "tiny", overrides: dict | None = None,
                                      Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_fresh(run_dir, resume)
     check_output_dir(run_dir, "--out")
-    if len(train_split) < cfg.batch_size * info.world_size:
+    if len(train_split) < cfg.global_batch:
         raise DataError(f"the train split of {data_root} has {len(train_split)} images, fewer than "
-                        f"one batch of {cfg.batch_size} x {info.world_size} process(es): lower --batch-size")
+                        f"one global batch of {cfg.global_batch}: lower --global-batch")
     return Run(cfg, info, data_root, classes, train_split, val_split, run_dir, resume_state, init,
-               str(init_from) if init_from else None)
+               str(init_from) if init_from else None, notes=notes)

@@ -40,6 +40,7 @@ CHECK_VERSION = 1  # of the checks themselves: a changed check runs again
 SEED = 20240601
 FULL_CHECK = "pgnm-fast validate --device cuda"
 # part -> (config field, the value that uses the part, the value that avoids it, in words)
+CHECKED_DEVICES = ("cuda",)  # where a training run checks its fast paths first
 FALLBACKS = {
     "sample_score": ("impl", "fast", "reference", "--impl reference"),
     "apply": ("impl", "fast", "reference", "--impl reference"),
@@ -346,7 +347,7 @@ def check_and_fall_back(cfg, device, log=print) -> dict:
     """The training run's call: on a CUDA device and unless ``cfg.self_check`` is off, check the
     parts ``cfg`` uses, log a line per fallback, and return the config changes to apply
     (``dataclasses.replace(cfg, **changes)``)."""
-    if torch.device(device).type != "cuda" or not getattr(cfg, "self_check", True):
+    if torch.device(device).type not in CHECKED_DEVICES or not getattr(cfg, "self_check", True):
         return {}
     parts = parts_for(cfg)
     if not parts:

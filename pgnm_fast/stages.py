@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .averaging import LastEpochsAverage
+from .batching import batch_line, norm_line, reward_lines
 from .console import epoch_lines, format_val, resume_hint
 from .distributed import (
     all_reduce_mean,
@@ -47,6 +48,7 @@ from .pipelines import BatchLoader, make_loader
 from .prepare import Run, prepare_run
 from .run_folder import MetricsLog, hold_run_folder, save_epoch_states, write_config
 from .run_state import RunState, save_run_state
+from .self_check import check_and_fall_back
 from .speed import ExecutionPlan, compile_modules, plan_execution, set_backends
 from .threads import set_threads
 from .weights import fit_classifier, fit_policy
@@ -121,18 +123,20 @@ def _build(run: Run, log) -> Parts:
         policy = _distribute(policy, cfg, info) if policy is not None else None
     optimizer = build_optimizer(param_groups(unwrap(model), cfg.stem_lr_scale, cfg.weight_decay),
                                 cfg, cfg.lr, dev, capturable=plan.graphs)
-    loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm)
+    loss = dict(label_smoothing=cfg.label_smoothing, clip_grad_norm=cfg.clip_grad_norm,
+                accum_steps=cfg.accum_steps)
     if policy is None:
         return Parts(model, optimizer, PlainStep(model, optimizer, cfg.amp, dev, **loss), plan)
     policy_optimizer = build_policy_optimizer(unwrap(policy), cfg, dev)
     step = HeatedStep(model, policy, masker, optimizer, policy_optimizer, cfg.amp, dev,
-                      ema_sync=all_reduce_mean if info.distributed else None, **loss)
+                      ema_sync=all_reduce_mean if info.distributed else None,
+                      reward_group=cfg.reward_group, **loss)
     val_masker = make_masker(cfg.impl, cfg.grid, cfg.val_crop_size, seed=cfg.seed + 1).to(dev)
     return Parts(model, optimizer, step, plan, policy, masker, policy_optimizer, val_masker)
 
 
 def _distribute(module, cfg, info):
-    if cfg.sync_bn and info.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
+    if _synced(cfg, info):  # SyncBatchNorm runs on GPUs only
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     ddp = dict(device_ids=[info.local_rank]) if info.device.type == "cuda" else {}
     return torch.nn.parallel.DistributedDataParallel(module, **ddp)
@@ -204,16 +208,26 @@ def _announce(run: Run, parts: Parts, train_loader: BatchLoader, threads: str | 
     return (f"{cfg.stage}: {cfg.model} ({len(run.classes)} classes"
             + (f", {cfg.policy_model} policy, grid {cfg.grid}, {cfg.impl} mask step"
                if parts.policy else "")
-            + f") on {info.device}, {cfg.epochs} epochs of batch {cfg.batch_size}"
-            + (f" x {info.world_size}" if info.distributed else "")
+            + f") on {info.device}, {cfg.epochs} epochs"
+            + f"\n  {batch_line(cfg, info.world_size)}"
+            + f"\n  {norm_line(cfg, info.world_size, _synced(cfg, info))}"
+            + (f"\n  {reward_lines(cfg)}" if parts.policy else "")
             + (f"\n  {threads}" if threads is not None else "")
             + (f"\n  weights from {run.init_from}" if run.init_from else "")
             + f"\n  data: {len(run.train_split)} train / {len(run.val_split)} val images from "
               f"{run.data_root} through {train_loader.name}\n  run folder: {run.out}")
 
 
+def _synced(cfg, info) -> bool:
+    """Whether BatchNorm runs as SyncBatchNorm across the processes (see ``_distribute``)."""
+    return info.distributed and cfg.sync_bn and info.device.type == "cuda"
+
+
 def _train(run: Run, log, show_progress) -> Path:
     cfg, info, dev = run.cfg, run.info, run.info.device
+    changes = check_and_fall_back(cfg, dev, log)  # the fast paths on this device, cached
+    if changes:
+        cfg = run.cfg = cfg.replace(**changes)  # config.json records what ran
     torch.manual_seed(cfg.seed + info.rank)
     parts = _build(run, log)
     start_epoch, global_step, best_f1 = _restore(run, parts, log)
@@ -239,6 +253,8 @@ def _train(run: Run, log, show_progress) -> Path:
         from .console import DivergenceWatch
         write = DivergenceWatch(len(run.classes), log, heated=parts.policy is not None,
                                 first_epoch=DivergenceWatch.first_epoch_ce(metrics_log.path)).wrap(write)
+    for note in run.notes:  # e.g. a shortened warm-up
+        log(note)
     log(_announce(run, parts, train_loader, threads))
     observer = RunObserver(run.out, run.classes, cfg, write, log) if info.is_main else None
 
@@ -253,7 +269,8 @@ def _train(run: Run, log, show_progress) -> Path:
         global_step, train_stats = train_one_epoch(
             step, train_loader, dev, epoch, global_step, cfg.print_freq,
             log_step=lambda rec, lrs=lrs: write(dict(rec, **lrs)),
-            show_progress=show_progress and info.is_main, log_line=log)
+            show_progress=show_progress and info.is_main, log_line=log,
+            accum_steps=cfg.accum_steps)
         images_seen += train_stats["images"] * info.world_size
         for scheduler in schedulers:
             scheduler.step()

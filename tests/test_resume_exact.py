@@ -23,7 +23,7 @@ from pgnm_fast.pipelines.sources import open_source
 from pgnm_fast.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["-b", "8", "--train-crop-size", "16", "--val-resize-size", "18", "--val-crop-size", "16",
+RUN = ["--global-batch", "8", "--train-crop-size", "16", "--val-resize-size", "18", "--val-crop-size", "16",
        "--grid", "4", "-j", "2", "--epochs", "2", "--print-freq", "1",
        "--threads", "1"]  # both runs sum in the same order (the resumed one keeps the count)
 

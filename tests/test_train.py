@@ -83,7 +83,7 @@ def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
     out = tmp_path / "run"
     assert cli("train", "--out", out, "--data", data, "--no-policy", *SMALL, "--epochs", "1",
                "--lr-scheduler", "steplr", "--lr-step-size", "1", "--lr-gamma", "0.5",
-               "--lr-warmup-epochs", "0").exit_code == 0
+               "--lr-warmup-epochs", "0", "--lr", "0.1").exit_code == 0
     r = cli("train", "--no-policy", "--resume", out / "last.pt", "--epochs", "3")
     assert r.exit_code == 0, r.output
     lrs = [e["lr"] for e in records(out, "epoch")]

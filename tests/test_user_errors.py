@@ -28,7 +28,7 @@ from pgnm_fast.run_state import load_checkpoint
 from pgnm_fast.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--epochs", "1", "-b", "8", "--train-crop-size", "16", "--val-resize-size", "18",
+TINY = ["--epochs", "1", "--global-batch", "8", "--train-crop-size", "16", "--val-resize-size", "18",
         "--val-crop-size", "16", "--grid", "4", "-j", "0", "--impl", "reference"]
 FINETUNE = TINY[:-6] + ["-j", "0"]  # finetune has no --grid or --impl
 
@@ -451,7 +451,7 @@ def test_divergence_in_the_last_update_of_an_epoch_stops_before_saving(data, tmp
     from pgnm_fast.pipelines.sources import open_source
     n_train = len(open_source(data).split("train"))
     out = tmp_path / "run"
-    refused(["train", "--no-policy", "--data", data, "--out", out, *TINY, "-b", n_train,
+    refused(["train", "--no-policy", "--data", data, "--out", out, *TINY, "--global-batch", n_train,
              "--lr", "1e30", "--momentum", "0"], "diverged", code=3)
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
