@@ -58,9 +58,9 @@ def test_unequal_lr_per_image_is_refused_unless_allowed():
     plan = stage_plan("tiny", {}, {}, sets=stage_sets(heated_lr=0.05))
     with pytest.raises(ConfigError, match="different lr per image.*--allow-unequal-lr"):
         check_lr(plan, False)
-    assert check_lr(plan, True)["baseline"] == pytest.approx(0.1 / 32)
-    # the same lr per image at another batch size is equal
-    same = stage_plan("tiny", {}, {}, sets=stage_sets(["heated.lr=0.05", "heated.batch_size=16"]))
+    assert check_lr(plan, True)["baseline"] == pytest.approx(0.1 / 256)  # the authors' per image
+    # the same lr per image at another global batch is equal
+    same = stage_plan("tiny", {}, {}, sets=stage_sets(["heated.lr=0.00625", "heated.global_batch=16"]))
     assert lr_per_image(same["heated"]) == lr_per_image(same["baseline"])
     check_lr(same, False)
 
