@@ -157,28 +157,6 @@ def finetune(ctx, init_from, resume, **kwargs):
     _train(ctx, "finetune", kwargs, resume, init_from)
 
 
-def _cpu_threads(threads, device: str):
-    """CPU runs of eval / transfer: the intra-op threads train would choose (``--threads``, else
-    the cores other processes leave). Returns the command's log: it says the count before its
-    first line, so that a command refused up front prints its one error line alone."""
-    import torch
-
-    from .config import TrainConfig
-    from .threads import intra_op_threads
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    chosen = intra_op_threads(TrainConfig(threads=threads or 0), torch.device("cpu" if cpu else "cuda"))
-    if chosen is None:
-        return click.echo
-    torch.set_num_threads(chosen[0])
-    pending = [f"{chosen[0]} intra-op thread{'s' if chosen[0] > 1 else ''} ({chosen[1]})"]
-
-    def log(line):
-        while pending:
-            click.echo(pending.pop())
-        click.echo(line)
-    return log
-
-
 def _sizes(ctx, values: dict, names) -> dict:
     """The crop sizes given (``--img-size`` expanded, explicit crop flags winning)."""
     resolved = resolve(ctx, values)
@@ -225,7 +203,8 @@ def evaluate(ctx, checkpoint, model, data, split, json_path, predictions_path, a
         _check_output_file(json_path, "--json")
     if all_scores and predictions_path is None:
         raise click.UsageError("--all-scores adds columns to --predictions FILE.csv: pass both")
-    log = _cpu_threads(threads, device)
+    from .threads import command_log
+    log = command_log(threads, device, click.echo)
     metrics = evaluate_checkpoint(checkpoint, data, split, json_path, batch_size, workers, device,
                                   bool(amp), log=log, warn=lambda s: click.echo(s, err=True),
                                   predictions_path=predictions_path, model_name=model,
@@ -405,9 +384,10 @@ def transfer(ctx, froms, labels, reference, data, shots, repeats, out, probe, st
              workers, threads, loader, amp, device, **crops):
     """Few-shot transfer: fine-tune each checkpoint on n images of a downstream set, score the
     test split; F1 against n with 95% intervals over repeats."""
+    from .threads import command_log
     from .transfer import transfer as run_transfer
     sizes = _sizes(ctx, crops, CROPS)
-    log = _cpu_threads(threads, device)
+    log = command_log(threads, device, click.echo)
     run_transfer(froms, data, shots, repeats=repeats, out=out, probe=probe, steps=steps, lr=lr,
                  batch_size=batch_size, seed=seed, labels=labels, workers=workers, loader=loader,
                  amp=amp, device=device, log=log, sizes=sizes, reference=reference)

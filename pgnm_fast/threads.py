@@ -82,3 +82,22 @@ def busy_elsewhere(window: float = 0.5, proc: str = "/proc") -> float | None:
     if elapsed <= 0:
         return None
     return max(0.0, (elapsed - (idle1 - idle0) - (mine1 - mine0)) / elapsed)
+
+
+def command_log(threads: int | None, device: str, echo):
+    """CPU runs of eval / transfer: set the intra-op threads train would choose (``--threads``,
+    else :func:`default_threads`); returns the command's log (``echo`` on a GPU). It says the
+    count before the command's first line, so a command refused up front prints its one error
+    line alone."""
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    chosen = intra_op_threads(TrainConfig(threads=threads or 0), torch.device("cpu" if cpu else "cuda"))
+    if chosen is None:
+        return echo
+    torch.set_num_threads(chosen[0])
+    pending = [f"{chosen[0]} intra-op thread{'s' if chosen[0] > 1 else ''} ({chosen[1]})"]
+
+    def log(line):
+        while pending:
+            echo(pending.pop())
+        echo(line)
+    return log
