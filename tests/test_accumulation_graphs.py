@@ -44,6 +44,7 @@ def _train(build, graphed, batches, lr_change_at):
     return {k: v.clone() for k, v in modules.state_dict().items()}, stats, runner
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [_plain, _heated], ids=["plain", "heated"])
 def test_replayed_accumulated_steps_equal_eager_ones(build):
     """12 micro-batches, 4 optimiser steps of 3: warm-up until the first step ends (3), a

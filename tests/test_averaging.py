@@ -39,6 +39,7 @@ def epoch_states(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_averaged_checkpoint_is_the_mean_of_the_last_epochs(data, tmp_path, epoch_states):
     out = tmp_path / "base"
     r = cli("train", "--no-policy", "--data", data, "--out", out, *SMALL, "--epochs", "3",
@@ -65,6 +66,7 @@ def test_averaged_checkpoint_is_the_mean_of_the_last_epochs(data, tmp_path, epoc
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow
 def test_average_survives_an_interrupted_fine_tune(data, tmp_path, ctrl_c_in_epoch):
     heated = tmp_path / "heated"
     assert cli("train", "--data", data, "--out", heated, "--grid", "8", *SMALL,

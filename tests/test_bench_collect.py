@@ -1,11 +1,15 @@
-"""`pytest bench --benchmark-only` (the README's benchmark command) finds the benchmarks."""
+"""`pytest bench --benchmark-only` (the benchmark command of docs/performance.md) finds the
+benchmarks."""
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_pytest_bench_collects_every_benchmark_module():
     p = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only",
                         "--collect-only", "-q", "-p", "no:cacheprovider"],

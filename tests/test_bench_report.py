@@ -98,12 +98,14 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_what_the_gpu_proof_imports_needs_no_scipy_sklearn_or_dali():
     p = subprocess.run([sys.executable, "-c", POISON], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_a_device_it_cannot_find():
     import torch
     if torch.cuda.is_available():

@@ -64,6 +64,7 @@ def test_csv_row_naming_a_missing_file(data, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["eval", "resume", "finetune"])
 def test_truncated_checkpoint(trained, tmp_path, command):
     bad = tmp_path / "bad.pt"

@@ -180,6 +180,7 @@ def test_an_empty_out_is_refused(args):
     one_error(cli(*args, "--out", ""), "--out")
 
 
+@pytest.mark.slow
 def test_a_runs_config_json_round_trips_through_config(small_data, tmp_path):
     """`train --config RUN/config.json` resolves to the run's settings and data; flags win."""
     import json

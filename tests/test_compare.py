@@ -87,6 +87,7 @@ FAST = ["--epochs", "1", "--finetune-epochs", "1", "-b", "16", "-j", "0", "--gri
         "--resamples", "200"]
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_two_seeds_resumes_reuses_and_refuses_other_settings(
         data, tmp_path, monkeypatch):
     from pgnm_fast import stages
@@ -170,6 +171,7 @@ def test_compare_refuses_data_without_a_test_split_before_training(data, tmp_pat
     assert "Traceback" not in r.output and not out.exists()
 
 
+@pytest.mark.slow
 def test_compare_under_torchrun_two_cpu_processes(data, tmp_path):
     import os
     import subprocess

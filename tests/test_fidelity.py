@@ -152,10 +152,12 @@ def test_accumulated_micro_batches_equal_one_grouped_batch(grouped):
     assert _gap(arrangement("accumulated"), grouped) < 1e-10
 
 
+@pytest.mark.slow
 def test_grouped_batch_equals_the_authors_objective(grouped):
     assert _gap(grouped, authors_objective()) < 1e-10
 
 
+@pytest.mark.slow
 def test_without_the_reward_group_the_step_differs(grouped):
     """The control: mean_256(S) * CE_256 differs from the mean over the groups by the
     covariance of S and CE across the groups, well above the comparisons' 1e-10."""

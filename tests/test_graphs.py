@@ -129,6 +129,7 @@ def _assert_same(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [_plain, _heated], ids=["plain", "heated"])
 def test_replayed_steps_equal_eager_steps_across_a_learning_rate_change(build):
     batches = _batches(7)

@@ -51,6 +51,7 @@ def heated(data, tmp_path_factory):
     return out, r.output, saved
 
 
+@pytest.mark.slow
 def test_a_heated_run_draws_its_pictures_and_tables(heated):
     out, _, _ = heated
     for name in ("curves.png", "masks.png", "confusion.png"):
@@ -131,6 +132,7 @@ def test_tensorboard_events_hold_the_scalars_and_mask_images(heated):
     assert any(t.startswith("masks/expected") for t in tags["images"])
 
 
+@pytest.mark.slow
 def test_plot_redraws_from_the_run_folder_and_from_metrics_jsonl_alone(heated, tmp_path):
     out, _, _ = heated
     run = tmp_path / "copy"

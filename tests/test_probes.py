@@ -178,6 +178,7 @@ def _use(command, path, data, tmp):
     return ["export", path, "--out", tmp / "out"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("make,needles", WEIGHTS, ids=[m.__name__ for m, _ in WEIGHTS])
 def test_weights_probe(data, tmp_path, make, needles, command):
@@ -253,6 +254,7 @@ def test_plot_leaves_a_damaged_file_out_in_one_line(run, tmp_path, damage):
     assert len(lines) == 1, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", RUN_FILES, ids=[d.__name__ for d in RUN_FILES])
 def test_resume_is_not_stopped_by_a_damaged_picture_file(run, tmp_path, damage):
     copy = shutil.copytree(run, tmp_path / "run")

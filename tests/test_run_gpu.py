@@ -134,6 +134,7 @@ def test_a_partial_run_keeps_the_earlier_records_parts(tmp_path):
     assert report.merge(dict(first, tag="other"), merged) is merged  # another tag: nothing kept
 
 
+@pytest.mark.slow
 def test_step_benchmark_appends_each_case_as_it_ends(tmp_path):
     rows = tmp_path / "rows.jsonl"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PGNM_BENCH_QUICK="1", PGNM_BENCH_ROWS=str(rows),

@@ -84,6 +84,7 @@ def test_a_heated_run_that_blows_up_warns_exactly_once(data, tmp_path):
     assert "mean(S) x lr = " in warning and warning.endswith("lower --lr") and len(warning) <= 120
 
 
+@pytest.mark.slow
 def test_a_normal_run_has_no_warning(data, tmp_path):
     r = cli("train", "--data", data, "--out", tmp_path / "calm", "--lr", "0.01", *SMALL)
     assert r.exit_code == 0, r.output

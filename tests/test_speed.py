@@ -73,6 +73,7 @@ def test_compile_compiles_classifier_and_policy_in_place(data, tmp_path, monkeyp
     assert not any("_orig_mod" in k for k in load_checkpoint(tmp_path / "r" / "last.pt")["model"])
 
 
+@pytest.mark.slow
 def test_channels_last_reaches_model_policy_and_batches(data, tmp_path, seen):
     r = cli("train", "--data", data, "--out", tmp_path / "r", "--channels-last", *SMALL)
     assert r.exit_code == 0, r.output

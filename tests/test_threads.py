@@ -99,6 +99,7 @@ def test_threads_flag_wins_and_gpu_keeps_the_default(load):
         make_config("heated", "tiny", threads=-1)
 
 
+@pytest.mark.slow
 def test_the_count_chosen_is_recorded_and_kept_when_the_run_resumes(small_data, tmp_path, load):
     """A resumed run sums in the order the interrupted one did: it keeps the recorded count
     whatever the load says now (exact resume)."""

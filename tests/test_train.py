@@ -55,6 +55,7 @@ def test_heated_stage_writes_run_folder_and_logs(data, tmp_path):
     assert base.shape == (1, 64) and not torch.equal(base, torch.zeros_like(base))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_interrupted_run_resumes_from_its_step_and_matches_an_uninterrupted_run(
         data, tmp_path, ctrl_c_in_epoch, impl):
@@ -79,6 +80,7 @@ def test_interrupted_run_resumes_from_its_step_and_matches_an_uninterrupted_run(
     torch.testing.assert_close(resumed["policy"]["base_alpha"], full["policy"]["base_alpha"])
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_follows_the_new_schedule(data, tmp_path):
     out = tmp_path / "run"
     assert cli("train", "--out", out, "--data", data, "--no-policy", *SMALL, "--epochs", "1",
@@ -107,6 +109,7 @@ def test_finetune_and_eval_a_heated_checkpoint(data, tmp_path):
     assert metrics["n_images"] > 0 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
 
 
+@pytest.mark.slow
 def test_finetune_on_other_classes_keeps_the_trunk_and_starts_a_new_head(data, tmp_path):
     """The paper's transfer to unseen concepts: a downstream set with other classes."""
     import shutil
@@ -140,6 +143,7 @@ def test_baseline_has_no_policy(data, tmp_path):
     assert "  policy: " not in r.output
 
 
+@pytest.mark.slow
 def test_heated_validation_at_another_crop_size(data, tmp_path):
     """Validation masks are drawn at the eval crop, which may differ from the train crop."""
     out = tmp_path / "crops"
@@ -207,6 +211,7 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     assert state["val_metrics"]["n_images"] == n_val == records(out, "epoch")[0]["val"]["n_images"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_average_and_validate_their_shards(data, tmp_path):
     """--average-last under torchrun: both processes average, each scores its val shard."""
     import os

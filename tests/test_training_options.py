@@ -110,6 +110,7 @@ SMALL = ["-b", "16", "--train-crop-size", "32", "--val-resize-size", "36", "--va
          "32", "-j", "0", "--print-freq", "4", "--seed", "3", "--loader", "torch"]
 
 
+@pytest.mark.slow
 def test_options_through_the_cli_and_a_resumed_summed_stem(synth_root, tmp_path):
     """A baseline with every option, then a fine-tune from a 3-channel state dict resumed: the
     stem's group keeps lr x3 and weight decay /3 after the resume resets the learning rates."""

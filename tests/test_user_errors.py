@@ -353,6 +353,7 @@ def test_a_killed_pack_takes_its_workers_with_it(data, tmp_path):
     assert not any(map(_alive, workers))
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume(data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pgnm_fast", "train", "--no-policy", "--data",

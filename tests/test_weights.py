@@ -157,6 +157,7 @@ def test_export_loads_through_timm_itself(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_key_state_dict_loads_and_finetunes(data, tmp_path, suffix):
     """A 3-channel, 1000-class state dict with timm's key names (random weights), as a user
@@ -190,6 +191,7 @@ def _authors_checkpoint(path, grid=8):
     return model
 
 
+@pytest.mark.slow
 def test_authors_checkpoint_loads_for_finetune_heated_and_eval(data, tmp_path):
     path = tmp_path / "checkpoint.pth"
     model = _authors_checkpoint(path)

@@ -64,6 +64,7 @@ def test_casting_the_masker_to_another_dtype_is_refused_clearly():
         masker.apply(torch.randn(1, 1, 32, 32), torch.rand(1, 64))
 
 
+@pytest.mark.slow
 def test_cpu_fast_path_sampler_follows_the_beta_law():
     """The torch path's sampler at n = 16384 (level 1e-3 per test, 4 tests)."""
     masker = FastMasker(64, 224, seed=4, backend="torch")
@@ -86,6 +87,7 @@ def test_gradients_do_not_depend_on_autocast():
     assert s_amp.dtype == torch.float32 and torch.equal(s, s_amp)
 
 
+@pytest.mark.slow
 def test_validate_passes_on_the_cpu_fast_path_and_writes_json(tmp_path):
     path = tmp_path / "v.json"
     result = CliRunner().invoke(validate, ["--device", "cpu", "--quick", "--seed", "7", "--json", str(path)])
@@ -100,6 +102,7 @@ def test_validate_passes_on_the_cpu_fast_path_and_writes_json(tmp_path):
     assert "resized crop (the device loader's resize against its integer reference): ok" in result.output
 
 
+@pytest.mark.slow
 def test_validate_fails_when_a_check_fails(monkeypatch, tmp_path):
     """Exit status 1 and "passed": false when one check fails (here: apply tolerance set to 0)."""
     import pgnm_fast.kernels.checks as v

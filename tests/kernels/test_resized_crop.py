@@ -160,6 +160,7 @@ def _kernel_inputs(rng, b, size, eval_like):
 
 @pytest.mark.parametrize("channels,channels_last,eval_like",
                          [(1, False, False), (3, True, False), (3, False, True)])
+@pytest.mark.slow
 def test_triton_kernel_equals_torch(channels, channels_last, eval_like):
     rng = np.random.default_rng()
     size = 40  # not a multiple of the kernel's 32-pixel tiles: partial tiles on both axes

@@ -55,6 +55,7 @@ def test_sampler_follows_beta_law_and_reference(alpha, beta):
 @pytest.mark.parametrize("alpha,beta,wrong", [(0.05, 5.0, "swapped"), (2.0, 30.0, "swapped"),
                                               (0.5, 0.2, "swapped"), (2.0, 30.0, "alpha x 1.15"),
                                               (0.2, 50.0, "alpha x 1.15")])
+@pytest.mark.slow
 def test_same_tests_reject_a_wrong_sampler(alpha, beta, wrong):
     """Power: the tests above, on draws from the wrong law, reject at the same level."""
     masker = FastMasker(GRID, 224, seed=5, backend="triton").to(DEVICE)
@@ -81,6 +82,7 @@ def test_triton_and_torch_paths_draw_the_same_law():
 
 @pytest.mark.parametrize("rows,grid,dtype", [(2, 64, torch.float32), (3, 16, torch.bfloat16),
                                              (2, 7, torch.float32), (4, 8, torch.float16)])
+@pytest.mark.slow
 def test_scores_and_gradients_match_float64_on_shared_samples(rows, grid, dtype):
     """log p, S and dS/da~, dS/db~ against float64 on the kernel's own samples; bounds are the
     float32 condition bounds of pgnm_fast.kernels.checks.score_reference (C = 32)."""
@@ -168,6 +170,7 @@ def test_kernel_writes_inside_its_outputs_only():
     assert not flag.item()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf - inf
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 100.0])
@@ -216,6 +219,7 @@ def test_grid_larger_than_crop_is_refused():
         FastMasker(40, (64, 32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", [{"block": 1024}, {"block": 256, "num_warps": 4}], ids=["gpu-default", "b256"])
 def test_the_compiled_block_walk_equals_one_block_per_row(monkeypatch, launch):
     """On a GPU each row is walked in blocks (an online logsumexp carried across them, and the

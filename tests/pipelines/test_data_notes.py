@@ -52,6 +52,7 @@ def test_a_different_note_is_said_again():
     assert logs == ["3 of 9 train files differ", "4 of 9 train files differ"]
 
 
+@pytest.mark.slow
 def test_two_training_stages_in_one_command_print_the_note_once(small_data, tmp_path):
     """As a compare runs its stages: two runs in one process on data with 16-bit PNGs."""
     import shutil

@@ -416,6 +416,7 @@ def test_a_cache_too_large_for_the_device_stops_or_falls_back(cache, monkeypatch
 
 
 # ----------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_resumed_run_through_the_device_loader_is_bit_identical(cache, tmp_path,
                                                                 ctrl_c_in_epoch):
     from click.testing import CliRunner

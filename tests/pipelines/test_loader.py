@@ -287,6 +287,7 @@ def test_workers_reproducible_and_first_pass_is_epoch_zero(synth_root):
     assert not torch.equal(next(iter(c))[0], xa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_corrupt_image_names_the_file(synth_copy, workers):
     split = open_source(synth_copy).split("val")

@@ -135,6 +135,7 @@ def _cli(*args, timeout=300):
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_on_an_npz_through_the_cli(medmnist_npz, tmp_path):
     out = tmp_path / "run"
     p = _cli("train", "--data", medmnist_npz, "--out", out, "--epochs", "1", "-b", "8",

@@ -245,6 +245,7 @@ def _rank_main(rank, world, init, files, root, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_checked_over_a_real_process_group(folders, tmp_path, probes):
     """Two gloo processes: each reads its half, both get the whole verdict, rank 0 caches it."""
     import torch.multiprocessing as mp
