@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cache_edits import EDITS
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
@@ -325,3 +326,61 @@ def test_a_checkpoint_whose_class_names_do_not_match_its_head(run, tmp_path):
     bad = save_checkpoint(dict(state, classes=["only"]), tmp_path / "c" / "last.pt")
     for args in (["eval", "--checkpoint", bad, "-j", "0"], ["export", bad, "--out", tmp_path / "o"]):
         refused(args, bad, "'classes' names 1", "13 classes", untouched=[tmp_path])
+
+
+# ----------------------------------------------------------------------------- transfer's starts
+@pytest.mark.parametrize("twice", ["label", "file"])
+def test_transfer_refuses_a_start_given_twice(data, run, tmp_path, twice):
+    """Two checkpoints under one label, or one file twice, would merge into one arm."""
+    other = tmp_path / "other.pt"
+    shutil.copy(run / "best.pt", other)
+    starts = (["--from", run / "last.pt", "--label", "a", "--from", other, "--label", "a"]
+              if twice == "label" else ["--from", run / "last.pt", "--from", run / "last.pt"])
+    refused(["transfer", *starts, "--data", data, "--out", tmp_path / "tr", "--shots", "13",
+             "--repeats", "1", "--steps", "1", "-j", "0"], "--from", untouched=[tmp_path])
+    assert not (tmp_path / "tr").exists()
+
+
+# ----------------------------------------------------------------------------- a packed cache
+@pytest.fixture(scope="module")
+def packed(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "cache"
+    clean(cli("pack", "--data", data, "--out", out, "-j", "0"))
+    return out
+
+
+@pytest.mark.parametrize("loader", ["torch", "device"])
+@pytest.mark.parametrize("edit", EDITS)
+def test_train_from_a_cache_edited_after_pack_stops_in_one_line(packed, tmp_path, edit, loader):
+    cache = Path(shutil.copytree(packed, tmp_path / "cache"))  # times kept: still sealed
+    EDITS[edit][0](cache)
+    refused(["train", "--no-policy", "--data", cache, "--out", tmp_path / "run", *TINY,
+             "--loader", loader], "pack --verify", untouched=[cache])
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- numeric flags
+@pytest.mark.parametrize("args,flag", [
+    (["transfer", "--lr", "nan"], "--lr"),
+    (["transfer", "--steps", "0"], "--steps"),
+    (["transfer", "--repeats", "-1"], "--repeats"),
+    (["train", "--lr", "inf"], "--lr"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["eval", "--batch-size", "0"], "--batch-size"),
+    (["compare", "--seeds", "0"], "--seeds"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_number_out_of_range_is_refused_before_anything_runs(data, run, tmp_path, args, flag):
+    needed = {"transfer": ["--from", run / "last.pt", "--data", data],
+              "train": ["--data", data], "eval": ["--checkpoint", run / "last.pt"],
+              "compare": ["--data", data]}[args[0]]
+    refused([*args, *needed, "--out" if args[0] != "eval" else "--json",
+             tmp_path / ("o" if args[0] != "eval" else "o.json")], flag, untouched=[tmp_path])
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "transfer", "synth", "export"])
+def test_an_empty_out_is_refused(data, run, tmp_path, command):
+    needed = {"transfer": ["--from", run / "last.pt", "--data", data], "train": ["--data", data],
+              "compare": ["--data", data], "synth": [], "export": [run / "last.pt"]}[command]
+    here = sorted(os.listdir())  # an empty --out would have meant the current folder
+    refused([command, *needed, "--out", ""], "--out", untouched=[tmp_path])
+    assert sorted(os.listdir()) == here
