@@ -74,8 +74,17 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="pgnm-fast")
-def main():
+@click.option("--allow-nonfinite-weights", is_flag=True,
+              help="Load outside weights that hold NaN or inf anyway, to inspect them (given "
+                   "before the command; PGNM_FAST_ALLOW_NONFINITE_WEIGHTS=1 does the same); "
+                   "export never writes them.")
+def main(allow_nonfinite_weights):
     """PGNM pretraining for medical image classifiers: heated stage, fine-tune, evaluation."""
+    if allow_nonfinite_weights:
+        import os
+
+        from .state_checks import NONFINITE_ENV
+        os.environ[NONFINITE_ENV] = "1"
 
 
 def _check_output_file(path, flag: str) -> None:

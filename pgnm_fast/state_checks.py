@@ -197,5 +197,6 @@ def check_finite_weights(state: dict, where, allow: bool | None = None) -> None:
         allow = allow_nonfinite()
     name = None if allow else first_nonfinite(state)
     if name is not None:
-        raise CheckpointError(f"weights in {where}: {name} is not finite (NaN or inf); set "
-                              f"{NONFINITE_ENV}=1 to load it anyway for inspection")
+        raise CheckpointError(f"weights in {where}: {name} is not finite (NaN or inf); "
+                              f"`pgnm-fast --allow-nonfinite-weights ...` loads it anyway for "
+                              f"inspection")

@@ -199,6 +199,11 @@ def test_non_finite_weights_load_for_inspection_but_are_never_exported(data, tmp
     r = cli("export", path, "--out", tmp_path / "out", env=env)
     assert r.exit_code == 2 and "layer1.0.conv1.weight" in r.output, r.output
     assert not (tmp_path / "out").exists()
+    # the same through the flag, given before the command
+    out = clean(cli("--allow-nonfinite-weights", "eval", "--checkpoint", path, "--data", data,
+                    "--model", "resnet10t", "-j", "0", env={"PGNM_FAST_ALLOW_NONFINITE_WEIGHTS": ""}),
+                code=3)
+    assert "not finite" in out or "NaN" in out
 
 
 # ----------------------------------------------------------------------------- transfer.json
