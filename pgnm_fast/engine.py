@@ -118,6 +118,7 @@ class HeatedStep:
         if not last:
             return None, None
         return (self._head_sums[0] / self._head_sums[2], self._head_sums[1] / self._head_sums[2])
+
     @property
     def nonfinite(self) -> torch.Tensor:
         """The masker's device-side flag: the policy produced a non-finite a~ or b~."""
