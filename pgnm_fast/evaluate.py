@@ -112,15 +112,32 @@ def predict_checkpoint(checkpoint, data=None, split="test", batch_size=None, wor
                         show_progress, model_name)[:3]
 
 
+def input_config(w, sizes: dict | None = None) -> TrainConfig:
+    """The crops, normalisation and channels weights ``w`` (:class:`~pgnm_fast.weights.Weights`)
+    are scored and fine-tuned with (eval, transfer): a pgnm-fast checkpoint's own; for outside
+    weights the defaults (1 channel, RadImageNet's normalisation, 224 / 256), or a timm folder's
+    ``pretrained_cfg`` input size, crop fraction, mean and std; then ``sizes``
+    (``--train-crop-size`` ...: a crop flag given wins)."""
+    if w.state is not None:
+        return w.state.train_config.replace(**(sizes or {}))
+    cfg, pretrained = TrainConfig(channels=1), w.meta.get("pretrained_cfg", {})
+    if pretrained.get("input_size"):
+        crop = int(pretrained["input_size"][-1])
+        resize = int(round(crop / pretrained.get("crop_pct", crop / cfg.val_resize_size)))
+        cfg = cfg.replace(train_crop_size=crop, val_crop_size=crop, val_resize_size=resize)
+    if pretrained.get("mean") and pretrained.get("std"):
+        cfg = cfg.replace(mean=float(pretrained["mean"][0]), std=float(pretrained["std"][0]))
+    return cfg.replace(**(sizes or {}))
+
+
 def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log, show_progress,
                  model_name=None, backend=None, sizes=None):
     """:func:`predict_checkpoint`'s result, the split's file paths and the inputs it read
     (``{"data", "transforms"}``)."""
     w = read_weights(checkpoint)
     name = resolve_model(w, model_name)
-    ours = w.state is not None  # a pgnm-fast checkpoint: its settings and data
-    cfg = (w.state.train_config if ours else TrainConfig()).replace(**(sizes or {}))
-    saved_data = w.state.data if ours else None
+    cfg = input_config(w, sizes)
+    saved_data = w.state.data if w.state is not None else None
     if data is None and not saved_data:
         raise DataError(f"{checkpoint} does not name its data set: pass --data")
     root = Path(data) if data is not None else Path(saved_data)
@@ -140,17 +157,11 @@ def _score_split(checkpoint, data, split, batch_size, workers, device, amp, log,
                         f"trained on: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
     remap = np.array([index.get(name, -1) for name in source.classes], dtype=np.int64)
     info = init_distributed(device)
-    channels = cfg.channels if ours else 1
+    channels = cfg.channels
     model = create_model(name, len(classes), in_chans=channels)
     fit_classifier(model, w, name, classes, log, training=False)
     model.to(info.device)
     crop, resize, norm = cfg.val_crop_size, cfg.val_resize_size, cfg.normalisation()
-    pretrained = w.meta.get("pretrained_cfg", {})
-    if not ours and pretrained.get("input_size"):
-        crop = int(pretrained["input_size"][-1])
-        resize = int(round(crop / pretrained.get("crop_pct", crop / resize)))
-    if not ours and pretrained.get("mean") and pretrained.get("std"):
-        norm = dict(mean=float(pretrained["mean"][0]), std=float(pretrained["std"][0]))
     loader = make_loader(part, train=False, batch_size=batch_size or cfg.batch_size or cfg.global_batch,
                          crop_size=crop, resize_size=resize, channels=channels,
                          workers=cfg.workers if workers is None else workers,

@@ -16,7 +16,7 @@ The protocol (also written into ``transfer.json``):
   Face folder, the authors' files). A pgnm-fast checkpoint brings its crops, normalisation and
   channels; other weights are fed grey images (a 3-channel stem summed) at 224 / 256 with
   RadImageNet's normalisation, or a timm folder's ``pretrained_cfg`` input size, crop fraction,
-  mean and std (:func:`input_config`). A label used twice, or one file given twice, is refused.
+  mean and std (:func:`pgnm_fast.evaluate.input_config`). A label used twice, or one file given twice, is refused.
 - Each run starts from the checkpoint's classifier; a checkpoint whose classes differ from the
   downstream set gets a new head and keeps its trunk. It trains ``--steps`` SGD steps (momentum
   0.9, weight decay 1e-4, cosine from ``--lr`` to 0) on batches of min(n, ``--batch-size``)
@@ -58,6 +58,7 @@ from .config import TrainConfig
 from .distributed import init_distributed
 from .engine import N_STATS, PlainStep, TrainingDiverged, predict
 from .errors import ConfigError, DataError
+from .evaluate import input_config
 from .folders import check_output_dir, lock_folder
 from .metrics import classification_metrics, json_safe
 from .models import create_model
@@ -109,23 +110,6 @@ def _test_batches(split: Split, cfg, device, workers: int, loader: str, log):
         return test
     # copies: a loader may yield the same buffers every batch (DALI's outputs)
     return [(x.to("cpu", copy=True), y.to("cpu", copy=True)) for x, y in test]
-
-
-def input_config(w: Weights, sizes: dict | None = None) -> TrainConfig:
-    """The crops, normalisation and channels a start is fine-tuned and scored with: a pgnm-fast
-    checkpoint's own; for outside weights the defaults (1 channel, RadImageNet's normalisation,
-    224 / 256), or a timm folder's ``pretrained_cfg`` input size, crop fraction, mean and std;
-    then ``sizes`` (``--train-crop-size`` ...)."""
-    if w.state is not None:
-        return w.state.train_config.replace(**(sizes or {}))
-    cfg, pretrained = TrainConfig(channels=1), w.meta.get("pretrained_cfg", {})
-    if pretrained.get("input_size"):
-        crop = int(pretrained["input_size"][-1])
-        resize = int(round(crop / pretrained.get("crop_pct", crop / cfg.val_resize_size)))
-        cfg = cfg.replace(train_crop_size=crop, val_crop_size=crop, val_resize_size=resize)
-    if pretrained.get("mean") and pretrained.get("std"):
-        cfg = cfg.replace(mean=float(pretrained["mean"][0]), std=float(pretrained["std"][0]))
-    return cfg.replace(**(sizes or {}))
 
 
 def _model(w: Weights | RunState, classes: list, device, probe: bool, channels: int = 1):
