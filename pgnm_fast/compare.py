@@ -38,14 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json_atomic
-from .compare_report import build_report, format_report, write_compare_chart
+from .compare_report import build_report, format_report, record_seed, write_compare_chart
 from .compare_settings import stage_sets, start_overrides
 from .config import make_config
 from .distributed import shutdown, torchrun_env
 from .errors import ConfigError, DataError
 from .evaluate import predict_checkpoint
 from .folders import check_output_dir
-from .metrics import classification_metrics, json_safe, paired_bootstrap
 from .pipelines.sources import open_source
 from .prepare import resolve_data
 from .run_state import load_run_state
@@ -309,13 +308,7 @@ def _compare(out, plan, common, data, device, resamples, seed_list, finetune_fro
         if labels is not None and not np.array_equal(labels, lab):
             raise DataError(f"seed {s} was scored on other test images than seed {seed_list[0]}")
         labels = lab
-        logits["baseline"].append(a)
-        logits["pgnm"].append(b)
-        per_seed[str(s)] = {
-            "test": {name: json_safe(classification_metrics(x, lab)[0])
-                     for name, x in (("baseline", a), ("pgnm", b))},
-            "bootstrap": paired_bootstrap(a, b, lab, resamples, s),
-            "runs": {k: str(v) for k, v in runs.items()}}
+        record_seed(per_seed, logits, s, a, b, lab, resamples, {k: str(v) for k, v in runs.items()})
     if not main:
         return {}
     report = build_report(per_seed, logits, labels, resamples, seed_list, plan, finetune_from,

@@ -21,6 +21,9 @@ from .metrics import (
     MIN_FOR_INTERVAL,
     SCORE_RANGE,
     TOP_K,
+    classification_metrics,
+    json_safe,
+    paired_bootstrap,
     seeds_and_images_interval,
     t_interval,
 )
@@ -328,3 +331,17 @@ def write_compare_chart(report: dict, path) -> Path | None:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def record_seed(per_seed: dict, logits: dict, seed: int, baseline, pgnm, labels, resamples: int,
+                runs: dict) -> None:
+    """Seed ``seed``'s part of the report: both arms' test logits into ``logits``, and into
+    ``per_seed`` their metrics, the seed's paired bootstrap over the test images and its run
+    folders (``runs``)."""
+    logits["baseline"].append(baseline)
+    logits["pgnm"].append(pgnm)
+    per_seed[str(seed)] = {
+        "test": {name: json_safe(classification_metrics(x, labels)[0])
+                 for name, x in (("baseline", baseline), ("pgnm", pgnm))},
+        "bootstrap": paired_bootstrap(baseline, pgnm, labels, resamples, seed),
+        "runs": runs}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare_report import record_seed
 from .errors import ConfigError, DataError
 from .evaluate import predict_checkpoint
-from .metrics import classification_metrics, json_safe, paired_bootstrap
 from .run_state import load_run_state
 
 LISTS = (".txt", ".csv", ".list")
@@ -83,13 +83,8 @@ def score_pairs(pairs, data=None, device=None, resamples: int = 1000, log=print)
             raise DataError(f"{a} and {b} were not scored on the same test images (trained on "
                             f"different data, or other classes?)")
         labels = lab
-        logits["baseline"].append(x_b)
-        logits["pgnm"].append(x_a)
-        per_seed[str(s)] = {
-            "test": {name: json_safe(classification_metrics(x, lab)[0])
-                     for name, x in (("baseline", x_b), ("pgnm", x_a))},
-            "bootstrap": paired_bootstrap(x_b, x_a, lab, resamples, s),
-            "runs": {"pgnm": str(a.parent), "baseline": str(b.parent)}}
+        record_seed(per_seed, logits, s, x_b, x_a, lab, resamples,
+                    {"pgnm": str(a.parent), "baseline": str(b.parent)})
         described.append({"pgnm": _describe(a, sa), "baseline": _describe(b, sb)})
     return per_seed, logits, labels, seed_list, described, data
 

@@ -110,11 +110,12 @@ class HeatedStep:
             return h_a, h_b
         dtype = unwrap(self.policy).base_alpha.dtype
         sums = [torch.sum(h, 0, keepdim=True, dtype=dtype) for h in (h_a, h_b)]
-        sums.append(torch.full((), h_a.shape[0], dtype=dtype, device=h_a.device))  # images
-        if self._head_sums is None:
-            self._head_sums = [torch.zeros_like(s) for s in sums]
+        if self._head_sums is None:  # the two head sums and the image count
+            self._head_sums = [torch.zeros_like(s) for s in sums] + [sums[0].new_zeros(())]
         for buffer, s in zip(self._head_sums, sums):
             buffer.copy_(s) if first else buffer.add_(s)
+        images = self._head_sums[2]  # counted in place: no tensor made per micro-batch
+        images.fill_(h_a.shape[0]) if first else images.add_(h_a.shape[0])
         if not last:
             return None, None
         return (self._head_sums[0] / self._head_sums[2], self._head_sums[1] / self._head_sums[2])

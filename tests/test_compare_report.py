@@ -3,19 +3,11 @@ import json
 
 import numpy as np
 import pytest
+from test_compare import _logits
 
 from pgnm_fast.compare import make_plan
 from pgnm_fast.compare_report import build_report, chart_intervals, format_report, write_compare_chart
 from pgnm_fast.metrics import classification_metrics, json_safe, paired_bootstrap
-
-
-def _logits(labels, accuracy, classes, rng):
-    n = len(labels)
-    logits = rng.normal(size=(n, classes))
-    right = rng.random(n) < accuracy
-    wrong = (labels + rng.integers(1, classes, n)) % classes
-    logits[np.arange(n), np.where(right, labels, wrong)] += 10.0
-    return logits
 
 
 def _report(classes, seeds, layout, accuracy=(0.6, 0.7), images=200, seconds=None):
